@@ -1,0 +1,175 @@
+"""Command line: `python -m moonbase <command>` (also installed as `moonbase`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import MoonbaseError
+
+NOTES = {
+    "tiny-random": "note: the default model is a tiny randomly initialized model (the trained nano model has not "
+                   "shipped yet), so its answers are meaningless; pass --model DIR for real weights.",
+}
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="built-in name, model directory or hub id (default: the embedded model)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU, bf16 on CUDA)")
+
+
+def _settings_args(p: argparse.ArgumentParser, objects: bool = False) -> None:
+    if objects:
+        p.add_argument("--max-objects", type=int, default=None)
+    else:
+        p.add_argument("--temperature", type=float, default=None)
+        p.add_argument("--top-p", type=float, default=None)
+        p.add_argument("--max-tokens", type=int, default=None)
+        p.add_argument("--seed", type=int, default=None)
+        p.add_argument("--stream", action="store_true", help="print text as it is generated")
+
+
+def _settings(a: argparse.Namespace) -> dict[str, Any]:
+    keys = ("temperature", "top_p", "max_tokens", "seed", "max_objects")
+    return {k: getattr(a, k) for k in keys if getattr(a, k, None) is not None}
+
+
+def _vl(a: argparse.Namespace):
+    from . import vl
+
+    model = vl(a.model, a.device, a.dtype)
+    if model.model.name in NOTES:
+        print(NOTES[model.model.name], file=sys.stderr)
+    return model
+
+
+def _print(result: dict[str, Any], stream: bool = False) -> None:
+    key = next((k for k in ("caption", "answer") if k in result and not isinstance(result[k], str)), None)
+    if stream and key:
+        if "reasoning" in result:
+            print(json.dumps({"reasoning": result["reasoning"]}, indent=2))
+        for piece in result[key]:
+            print(piece, end="", flush=True)
+        print()
+        return
+    print(json.dumps(result, indent=2))
+
+
+def cmd_caption(a: argparse.Namespace) -> int:
+    _print(_vl(a).caption(a.image, a.length, a.stream, _settings(a)), a.stream)
+    return 0
+
+
+def cmd_query(a: argparse.Namespace) -> int:
+    image = None if a.image == "-" else a.image
+    refs = json.loads(a.spatial_refs) if a.spatial_refs else None
+    _print(_vl(a).query(image, a.question, a.stream, _settings(a), a.reasoning, refs), a.stream)
+    return 0
+
+
+def cmd_locate(a: argparse.Namespace) -> int:
+    from .draw import annotate
+
+    result = getattr(_vl(a), a.command)(a.image, a.object, _settings(a))
+    print(json.dumps(result, indent=2))
+    if a.draw:
+        annotate(a.image, result.get("objects", []), result.get("points", []), a.draw)
+        print(f"wrote {a.draw}", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    """The main job: every skill on one image, results as JSON, boxes and points drawn into a PNG."""
+    from .data.shapes import render_scene
+    from .draw import annotate
+
+    model = _vl(a)
+    image = a.image
+    if image is None:
+        scene = render_scene(seed=7, n_objects=4, size=(384, 384))
+        image = Path(a.out).with_name("demo-input.png")
+        image.parent.mkdir(parents=True, exist_ok=True)
+        scene.image.save(image)
+        print(f"no image given: rendered a sample scene to {image} ({', '.join(s.label for s in scene.shapes)})", file=sys.stderr)
+    t0 = time.perf_counter()
+    encoded = model.encode_image(image)
+    settings = {"temperature": 0.0, "max_tokens": a.max_tokens}
+    result = {
+        "image": str(image),
+        "caption": model.caption(encoded, "normal", settings=settings)["caption"],
+        "question": a.question,
+        "answer": model.query(encoded, a.question, settings=settings)["answer"],
+        "object": a.object,
+        "objects": model.detect(encoded, a.object)["objects"],
+        "points": model.point(encoded, a.object)["points"],
+    }
+    result["seconds"] = round(time.perf_counter() - t0, 3)
+    print(json.dumps(result, indent=2))
+    annotate(image, result["objects"], result["points"], a.out)
+    print(f"wrote {a.out} (boxes in magenta, points in cyan)", file=sys.stderr)
+    return 0
+
+
+def cmd_parity(a: argparse.Namespace) -> int:
+    from .eval.parity import main as parity_main
+
+    return parity_main(a.directory, a.json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moonbase", description="Run Moondream vision-language models locally.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="caption, query, detect and point on one image; writes an annotated PNG")
+    p.add_argument("image", nargs="?", default=None, help="image file (default: a rendered sample scene)")
+    p.add_argument("--question", default="How many shapes are there?")
+    p.add_argument("--object", default="circle")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--out", default="out/demo.png")
+    _model_args(p)
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("caption", help="describe an image")
+    p.add_argument("image")
+    p.add_argument("--length", default="normal", choices=("short", "normal", "long"))
+    _model_args(p), _settings_args(p)
+    p.set_defaults(fn=cmd_caption)
+
+    p = sub.add_parser("query", help="answer a question about an image ('-' for no image)")
+    p.add_argument("image")
+    p.add_argument("question")
+    p.add_argument("--reasoning", action="store_true")
+    p.add_argument("--spatial-refs", default=None, help='JSON list of [x, y] or [x1, y1, x2, y2], e.g. "[[0.5, 0.5]]"')
+    _model_args(p), _settings_args(p)
+    p.set_defaults(fn=cmd_query)
+
+    for name, what in (("detect", "bounding boxes"), ("point", "points")):
+        p = sub.add_parser(name, help=f"{what} of an object in an image")
+        p.add_argument("image")
+        p.add_argument("object")
+        p.add_argument("--draw", default=None, metavar="OUT.png", help="write the image with the results drawn on it")
+        _model_args(p), _settings_args(p, objects=True)
+        p.set_defaults(fn=cmd_locate)
+
+    p = sub.add_parser("parity", help="check numerical parity against reference golden outputs")
+    p.add_argument("directory")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_parity)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.fn(args)
+    except MoonbaseError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

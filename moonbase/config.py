@@ -1,0 +1,281 @@
+"""Model configuration: frozen dataclasses, presets, and the reference `config.json` format.
+
+Field names follow the reference `MoondreamConfig` so a reference `config.json` loads as is. Every
+number the reference hard-codes (crop 378, grid 27, prefix 730, context 2048, rotary 32, 1024 bins)
+is either a field here or derived from one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    enc_dim: int = 1152
+    enc_patch_size: int = 14
+    enc_n_layers: int = 27
+    enc_ff_dim: int = 4304
+    enc_n_heads: int = 16
+    proj_inner_dim: int = 8192
+    proj_out_dim: int = 2048
+    crop_size: int = 378
+    in_channels: int = 3
+    max_crops: int = 12
+    overlap_margin: int = 4  # in patches
+    layer_norm_eps: float = 1e-5
+
+    @property
+    def grid(self) -> int:
+        return self.crop_size // self.enc_patch_size
+
+    @property
+    def n_patches(self) -> int:
+        return self.grid**2
+
+    @property
+    def patch_dim(self) -> int:
+        return self.in_channels * self.enc_patch_size**2
+
+    @property
+    def head_dim(self) -> int:
+        return self.enc_dim // self.enc_n_heads
+
+    @property
+    def margin_px(self) -> int:
+        return self.overlap_margin * self.enc_patch_size
+
+    @property
+    def window_px(self) -> int:
+        """Stride between local tiles: a crop minus the margin on both sides."""
+        return self.crop_size - 2 * self.margin_px
+
+    def validate(self) -> None:
+        if self.crop_size % self.enc_patch_size:
+            raise ConfigError(f"crop_size {self.crop_size} is not a multiple of patch {self.enc_patch_size}")
+        if self.enc_dim % self.enc_n_heads:
+            raise ConfigError(f"vision enc_dim {self.enc_dim} not divisible by {self.enc_n_heads} heads")
+        if self.window_px <= 0:
+            raise ConfigError(f"overlap_margin {self.overlap_margin} leaves no window in a {self.grid}-patch crop")
+        if self.max_crops < 1:
+            raise ConfigError("max_crops must be >= 1")
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    dim: int = 2048
+    ff_dim: int = 8192
+    n_layers: int = 24
+    vocab_size: int = 51200
+    max_context: int = 2048
+    n_heads: int = 32
+    n_kv_heads: int = 32
+    head_dim: int | None = None  # None: dim // n_heads
+    rotary_dim: int = 32
+    rope_theta: float = 10000.0
+    group_size: int | None = None  # int4 checkpoints: quantization group (128)
+    layer_norm_eps: float = 1e-5
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.dim // self.n_heads
+
+    @property
+    def qkv_dim(self) -> int:
+        return (self.n_heads + 2 * self.n_kv_heads) * self.hd
+
+    def validate(self) -> None:
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        if self.head_dim is None and self.dim % self.n_heads:
+            raise ConfigError(f"text dim {self.dim} not divisible by {self.n_heads} heads")
+        if self.rotary_dim % 2 or self.rotary_dim > self.hd:
+            raise ConfigError(f"rotary_dim {self.rotary_dim} must be even and <= head dim {self.hd}")
+
+
+@dataclass(frozen=True)
+class RegionConfig:
+    dim: int = 2048
+    coord_feat_dim: int = 256
+    coord_out_dim: int = 1024  # coordinate bins
+    size_feat_dim: int = 512
+    size_out_dim: int = 2048  # 2 x size bins (w, h)
+    inner_dim: int = 8192
+    group_size: int | None = None
+    size_decoding: str = "log"  # "linear" for checkpoints before 2025-03-27
+    size_min_log2: float = -10.0  # smallest decodable size is 2**size_min_log2
+
+    @property
+    def coord_bins(self) -> int:
+        return self.coord_out_dim
+
+    @property
+    def size_bins(self) -> int:
+        return self.size_out_dim // 2
+
+    def validate(self) -> None:
+        if self.size_out_dim % 2:
+            raise ConfigError("size_out_dim must hold two halves (w, h)")
+        if self.coord_feat_dim % 2 or self.size_feat_dim % 4:
+            raise ConfigError("Fourier feature dims must split into cos/sin halves")
+        if self.size_decoding not in ("log", "linear"):
+            raise ConfigError(f"size_decoding must be 'log' or 'linear', got {self.size_decoding!r}")
+
+
+def _ids(x: Any) -> tuple[int, ...]:
+    return tuple(int(i) for i in x)
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    bos_id: int = 0
+    eos_id: int = 0
+    answer_id: int = 3
+    thinking_id: int = 4
+    coord_id: int = 5
+    size_id: int = 6
+    start_ground_points_id: int = 7
+    end_ground_id: int = 9
+    caption: dict[str, tuple[int, ...]] = field(
+        default_factory=lambda: {"short": (1, 32708, 2, 12492, 3), "normal": (1, 32708, 2, 6382, 3), "long": (1, 32708, 2, 4059, 3)}
+    )
+    query_prefix: tuple[int, ...] = (1, 15381, 2)
+    query_suffix: tuple[int, ...] = (3,)
+    detect_prefix: tuple[int, ...] = (1, 7235, 476, 2)
+    detect_suffix: tuple[int, ...] = (3,)
+    point_prefix: tuple[int, ...] = (1, 2581, 2)
+    point_suffix: tuple[int, ...] = (3,)
+    # The reference appends the query suffix twice for non-reasoning queries (spec decision D1).
+    repeat_query_suffix: bool = True
+    # Detect/point prompts encode " " + object, as the reference does.
+    object_leading_space: bool = True
+
+    def all_ids(self) -> list[int]:
+        ids = [self.bos_id, self.eos_id, self.answer_id, self.thinking_id, self.coord_id, self.size_id,
+               self.start_ground_points_id, self.end_ground_id]
+        for t in (*self.caption.values(), self.query_prefix, self.query_suffix, self.detect_prefix,
+                  self.detect_suffix, self.point_prefix, self.point_suffix):
+            ids.extend(t)
+        return ids
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TokenizerConfig:
+        d = dict(d)
+        t = d.pop("templates", None)
+        if t is not None:
+            d["caption"] = {k: _ids(v) for k, v in t["caption"].items()}
+            for task in ("query", "detect", "point"):
+                d[f"{task}_prefix"] = _ids(t[task]["prefix"])
+                d[f"{task}_suffix"] = _ids(t[task]["suffix"])
+        for task in ("query", "detect", "point"):
+            for part in ("prefix", "suffix"):
+                if f"{task}_{part}" in d:
+                    d[f"{task}_{part}"] = _ids(d[f"{task}_{part}"])
+        if "caption" in d:
+            d["caption"] = {n: _ids(x) for n, x in d["caption"].items()}
+        return _build(cls, d, "tokenizer")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["templates"] = {"caption": {k: list(v) for k, v in d.pop("caption").items()}}
+        for task in ("query", "detect", "point"):
+            d["templates"][task] = {"prefix": list(d.pop(f"{task}_prefix")), "suffix": list(d.pop(f"{task}_suffix"))}
+        return d
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Per-model default generation settings (reference MD2 defaults)."""
+
+    temperature: float = 0.5
+    top_p: float = 0.3
+    max_tokens: int = 768
+    max_objects: int = 50
+
+
+# Keys of a reference config.json that we read but deliberately ignore: the reference never reads
+# prefix_attn either; we derive the prefix length from the vision grid.
+_IGNORED = {"text": {"prefix_attn"}, "vision": set(), "region": set(), "tokenizer": set(), "defaults": set()}
+
+
+def _build(cls: type, d: dict[str, Any], section: str) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names - _IGNORED[section]
+    if unknown:
+        raise ConfigError(f"unknown {section} config keys: {sorted(unknown)}")
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    region: RegionConfig = field(default_factory=RegionConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    defaults: Defaults = field(default_factory=Defaults)
+
+    @property
+    def prefix_len(self) -> int:
+        """BOS + one token per vision patch of the (pooled) grid."""
+        return 1 + self.vision.n_patches
+
+    def validate(self) -> ModelConfig:
+        self.vision.validate()
+        self.text.validate()
+        self.region.validate()
+        if self.vision.proj_out_dim != self.text.dim or self.region.dim != self.text.dim:
+            raise ConfigError(
+                f"projection dim {self.vision.proj_out_dim} and region dim {self.region.dim} must equal text dim {self.text.dim}"
+            )
+        top = max(self.tokenizer.all_ids())
+        if top >= self.text.vocab_size:
+            raise ConfigError(f"template id {top} does not fit vocab_size {self.text.vocab_size}")
+        if self.prefix_len >= self.text.max_context:
+            raise ConfigError(f"image prefix ({self.prefix_len}) does not fit max_context {self.text.max_context}")
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        unknown = set(d) - {"text", "vision", "region", "tokenizer", "defaults"}
+        if unknown:
+            raise ConfigError(f"unknown config sections: {sorted(unknown)}")
+        return cls(
+            vision=_build(VisionConfig, d.get("vision", {}), "vision"),
+            text=_build(TextConfig, d.get("text", {}), "text"),
+            region=_build(RegionConfig, d.get("region", {}), "region"),
+            tokenizer=TokenizerConfig.from_dict(d.get("tokenizer", {})),
+            defaults=_build(Defaults, d.get("defaults", {}), "defaults"),
+        ).validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "vision": dataclasses.asdict(self.vision),
+            "text": dataclasses.asdict(self.text),
+            "region": dataclasses.asdict(self.region),
+            "tokenizer": self.tokenizer.to_dict(),
+            "defaults": dataclasses.asdict(self.defaults),
+        }
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelConfig:
+        d = json.loads(Path(path).read_text())
+        if "config" in d and "model_type" in d and not set(d) & {"text", "vision", "region"}:
+            # The Hugging Face wrapper's config.json: the reference discards its contents and uses
+            # the default config, so do we (shapes are still validated against the checkpoint).
+            return md2()
+        return cls.from_dict(d)
+
+
+def md2() -> ModelConfig:
+    """Moondream 2 (2B), the 2025-06-21 generation with the starmie-v1 tokenizer."""
+    return ModelConfig().validate()
+
+
+PRESETS = {"moondream2": md2}
+

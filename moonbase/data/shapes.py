@@ -1,0 +1,102 @@
+"""Procedural shape scenes with exact labels: coloured circles, squares, triangles and stars on plain,
+gradient or noisy backgrounds. Seeded and reproducible: the same seed always gives the same scene."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle", "star")
+COLORS = {
+    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
+    "purple": (140, 60, 180), "orange": (245, 130, 20), "white": (245, 245, 245), "black": (20, 20, 20),
+}
+
+
+@dataclass(frozen=True)
+class Shape:
+    kind: str
+    color: str
+    cx: float  # normalized centre
+    cy: float
+    w: float  # normalized box size
+    h: float
+
+    @property
+    def label(self) -> str:
+        return f"{self.color} {self.kind}"
+
+    @property
+    def box(self) -> tuple[float, float, float, float]:
+        return (self.cx - self.w / 2, self.cy - self.h / 2, self.cx + self.w / 2, self.cy + self.h / 2)
+
+
+@dataclass(frozen=True)
+class Scene:
+    image: Image.Image
+    shapes: tuple[Shape, ...]
+    background: str
+
+
+def _background(rng: random.Random, w: int, h: int, avoid: set[str]) -> tuple[Image.Image, str]:
+    kind = rng.choice(("plain", "gradient", "noise"))
+    palette = [c for n, c in COLORS.items() if n not in avoid] or list(COLORS.values())
+    base = np.array(rng.choice(palette), dtype=np.float32) * 0.35 + 150
+    if kind == "plain":
+        arr = np.broadcast_to(base, (h, w, 3)).copy()
+    elif kind == "gradient":
+        other = np.array([rng.randint(120, 235) for _ in range(3)], dtype=np.float32)
+        t = np.linspace(0, 1, w if rng.random() < 0.5 else h, dtype=np.float32)
+        t = t[None, :, None] if t.shape[0] == w else t[:, None, None]
+        arr = np.broadcast_to(base * (1 - t) + other * t, (h, w, 3)).copy()
+    else:
+        noise = np.random.default_rng(rng.getrandbits(32)).normal(0, 18, (h, w, 3)).astype(np.float32)
+        arr = base + noise
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)), kind
+
+
+def _draw(d: ImageDraw.ImageDraw, kind: str, x0: float, y0: float, x1: float, y1: float, fill: tuple[int, int, int]) -> None:
+    if kind == "circle":
+        d.ellipse((x0, y0, x1, y1), fill=fill)
+    elif kind == "square":
+        d.rectangle((x0, y0, x1, y1), fill=fill)
+    elif kind == "triangle":
+        d.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+    else:
+        cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2
+        pts = []
+        for i in range(10):
+            a = -math.pi / 2 + i * math.pi / 5
+            rad = r if i % 2 == 0 else r * 0.45
+            pts.append((cx + rad * math.cos(a), cy + rad * math.sin(a)))
+        d.polygon(pts, fill=fill)
+
+
+def render_scene(seed: int, n_objects: int | None = None, size: tuple[int, int] | None = None) -> Scene:
+    """A scene of 1-8 non-overlapping shapes. Boxes are the drawn extents, normalized to the image."""
+    rng = random.Random(seed)
+    w, h = size or (rng.choice((256, 320, 384, 448, 512)), rng.choice((256, 320, 384, 448, 512)))
+    n = n_objects if n_objects is not None else rng.randint(1, 8)
+    colors = [rng.choice(list(COLORS)) for _ in range(n)]
+    image, bg = _background(rng, w, h, set(colors))
+    draw = ImageDraw.Draw(image)
+    placed: list[tuple[float, float, float, float]] = []
+    shapes = []
+    for color in colors:
+        for _ in range(50):  # rejection sampling for a free spot
+            side = rng.uniform(0.08, 0.28) * min(w, h)
+            x0, y0 = rng.uniform(0, w - side), rng.uniform(0, h - side)
+            box = (x0, y0, x0 + side, y0 + side)
+            if all(box[2] + 4 < p[0] or p[2] + 4 < box[0] or box[3] + 4 < p[1] or p[3] + 4 < box[1] for p in placed):
+                break
+        else:
+            continue
+        kind = rng.choice(SHAPES)
+        _draw(draw, kind, *box, COLORS[color])
+        placed.append(box)
+        shapes.append(Shape(kind, color, (box[0] + box[2]) / 2 / w, (box[1] + box[3]) / 2 / h, side / w, side / h))
+    return Scene(image, tuple(shapes), bg)

@@ -1,0 +1,25 @@
+"""Typed errors. Every user-facing failure is one of these, with a message that says what to do."""
+
+
+class MoonbaseError(Exception):
+    """Base class for moonbase errors."""
+
+
+class ConfigError(MoonbaseError, ValueError):
+    """A model configuration is inconsistent or malformed."""
+
+
+class CheckpointError(MoonbaseError):
+    """A checkpoint does not match the model it is loaded into."""
+
+
+class ModelNotFoundError(MoonbaseError, LookupError):
+    """A model name, directory or hub id could not be resolved."""
+
+
+class ImageError(MoonbaseError, ValueError):
+    """An image could not be decoded or is not acceptable (empty, truncated, too large)."""
+
+
+class SettingsError(MoonbaseError, ValueError):
+    """Generation settings or skill arguments are invalid."""

@@ -1,0 +1,134 @@
+"""Find and load models: built-in names, local model directories, and Hugging Face hub ids.
+
+A model directory holds `model.safetensors` (or `model.pt`), `tokenizer.json` and optionally
+`config.json` (our format or the reference `MoondreamConfig` format; the Hugging Face wrapper's config
+means "Moondream 2 defaults").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig, RegionConfig, TextConfig, TokenizerConfig, VisionConfig, md2
+from .device import pick_device, pick_dtype
+from .errors import ModelNotFoundError
+from .model.init import init_weights
+from .model.moondream import Moondream, build_model
+from .tokenizer import Tokenizer, byte_level_tokenizer
+from .weights import load_weights, read_header
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "tiny-random"
+WEIGHT_FILES = ("model.safetensors", "model.pt")
+
+
+def model_config_for(directory: Path) -> ModelConfig:
+    cfg_file = directory / "config.json"
+    cfg = ModelConfig.from_file(cfg_file) if cfg_file.is_file() else md2()
+    weights = next((directory / f for f in WEIGHT_FILES if (directory / f).is_file()), None)
+    if weights is not None and cfg.text.group_size is None:
+        packed = [s for k, s in read_header(weights).items() if k.endswith("weight.packed")]
+        if packed:  # int4 checkpoint: the group size is the packed row width (D11)
+            g = int(packed[0][1])
+            cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, group_size=g),
+                                      region=dataclasses.replace(cfg.region, group_size=g))
+    return cfg
+
+
+def load_dir(directory: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> Moondream:
+    directory = Path(directory)
+    weights_file = next((directory / f for f in WEIGHT_FILES if (directory / f).is_file()), None)
+    if weights_file is None:
+        raise ModelNotFoundError(f"{directory} has no {' or '.join(WEIGHT_FILES)}")
+    if not (directory / "tokenizer.json").is_file():
+        raise ModelNotFoundError(f"{directory} has no tokenizer.json")
+    cfg = model_config_for(directory)
+    tokenizer = Tokenizer.from_file(directory / "tokenizer.json", cfg.tokenizer)
+    dev = pick_device(device)
+    with torch.device("meta"):
+        weights = build_model(cfg)
+    load_weights(weights, weights_file, dev, pick_dtype(dev, dtype))
+    return Moondream(cfg, weights, tokenizer, name=directory.name)
+
+
+TINY_TASKS = ["<|caption|>", "<|short|>", "<|normal|>", "<|long|>", "<|query|>", "<|detect|>", "<|point|>"]
+
+
+def tiny_config(vocab_size: int, n_kv_heads: int = 2, crop_size: int = 56, patch: int = 14, margin: int = 1) -> ModelConfig:
+    """A few-layer config of the MD2 architecture whose templates use the tiny tokenizer's task tokens."""
+    t = {name: 266 + i for i, name in enumerate(TINY_TASKS)}
+    tok = TokenizerConfig(
+        caption={k: (1, t["<|caption|>"], 2, t[f"<|{k}|>"], 3) for k in ("short", "normal", "long")},
+        query_prefix=(1, t["<|query|>"], 2), detect_prefix=(1, t["<|detect|>"], 2), point_prefix=(1, t["<|point|>"], 2),
+    )
+    return ModelConfig(
+        vision=VisionConfig(enc_dim=32, enc_patch_size=patch, enc_n_layers=2, enc_ff_dim=64, enc_n_heads=2,
+                            proj_inner_dim=64, proj_out_dim=64, crop_size=crop_size, max_crops=4, overlap_margin=margin),
+        text=TextConfig(dim=64, ff_dim=128, n_layers=2, vocab_size=vocab_size, max_context=512, n_heads=4,
+                        n_kv_heads=n_kv_heads, rotary_dim=8),
+        region=RegionConfig(dim=64, coord_feat_dim=32, coord_out_dim=256, size_feat_dim=32, size_out_dim=512, inner_dim=64,
+                            size_min_log2=-8.0),
+        tokenizer=tok,
+    ).validate()
+
+
+def tiny_random(seed: int = 0, device: str | torch.device | None = "cpu", **overrides) -> Moondream:
+    """A randomly initialized tiny model with a byte-level tokenizer: exercises every code path, knows nothing."""
+    hf_tok = byte_level_tokenizer(TINY_TASKS)
+    cfg = tiny_config(hf_tok.get_vocab_size(), **overrides)
+    dev = pick_device(device)
+    weights = init_weights(build_model(cfg), seed).to(device=dev, dtype=pick_dtype(dev))
+    return Moondream(cfg, weights, Tokenizer(hf_tok, cfg.tokenizer), name="tiny-random")
+
+
+BUILTIN = {"tiny-random": tiny_random}
+
+
+def load(model: str | Path | None = None, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> Moondream:
+    """Load a model by built-in name, local directory or Hugging Face hub id (from the local hub cache)."""
+    model = str(model or DEFAULT_MODEL)
+    if model in BUILTIN:
+        return BUILTIN[model](device=device)
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return load_dir(path, device, dtype)
+    if "/" in model and not path.exists():
+        return load_dir(hub_snapshot(model), device, dtype)
+    raise ModelNotFoundError(f"no model {model!r}: not a built-in ({', '.join(BUILTIN)}), a directory, or a hub id")
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The local snapshot of a hub repo; downloads only when huggingface_hub is installed and online."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:
+        raise ModelNotFoundError(f"{repo_id!r} looks like a hub id, but huggingface_hub is not installed "
+                                 "(pip install huggingface_hub), and it is not a local directory") from e
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"]))
+    except Exception as e:  # offline, unknown repo, auth: all end the same way for the user
+        raise ModelNotFoundError(f"cannot get {repo_id!r} from the Hugging Face hub: {e}") from e
+
+
+def save_dir(m: Moondream, directory: str | Path) -> Path:
+    """Write a model directory (Hugging Face key layout, our config.json, tokenizer.json), each file atomically."""
+    from safetensors.torch import save_file
+
+    from .atomic import atomic_path
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {"model." + k: v.detach().contiguous().cpu() for k, v in m.w.state_dict().items()}
+    with atomic_path(directory / "model.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    with atomic_path(directory / "config.json") as tmp:
+        tmp.write_text(json.dumps(m.cfg.to_dict(), indent=2))
+    with atomic_path(directory / "tokenizer.json") as tmp:
+        tmp.write_text(m.tokenizer.to_str())
+    return directory

@@ -1,0 +1,31 @@
+"""Weight containers and the few functional ops every model part shares."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def linear_weights(d_in: int, d_out: int) -> nn.Linear:
+    return nn.Linear(d_in, d_out)
+
+
+def mlp_weights(d_in: int, d_hidden: int, d_out: int) -> nn.ModuleDict:
+    return nn.ModuleDict({"fc1": nn.Linear(d_in, d_hidden), "fc2": nn.Linear(d_hidden, d_out)})
+
+
+def linear(x: torch.Tensor, w: nn.Linear) -> torch.Tensor:
+    return F.linear(x, w.weight, w.bias)
+
+
+def layer_norm(x: torch.Tensor, w: nn.LayerNorm) -> torch.Tensor:
+    return F.layer_norm(x, w.normalized_shape, w.weight, w.bias, w.eps)
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def mlp(x: torch.Tensor, w: nn.ModuleDict) -> torch.Tensor:
+    return linear(gelu(linear(x, w["fc1"])), w["fc2"])

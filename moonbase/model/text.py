@@ -1,0 +1,126 @@
+"""Phi-style text decoder with a prefix-LM mask: BOS + image tokens attend bidirectionally, text causally."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TextConfig
+from .layers import layer_norm, linear, mlp, mlp_weights
+from .rope import apply_rope
+
+
+def build_text(cfg: TextConfig) -> nn.Module:
+    m = nn.Module()
+    m.wte = nn.Parameter(torch.empty(cfg.vocab_size, cfg.dim))
+    m.blocks = nn.ModuleList(
+        nn.ModuleDict({
+            "ln": nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps),
+            "attn": nn.ModuleDict({"qkv": nn.Linear(cfg.dim, cfg.qkv_dim), "proj": nn.Linear(cfg.n_heads * cfg.hd, cfg.dim)}),
+            "mlp": mlp_weights(cfg.dim, cfg.ff_dim, cfg.dim),
+        })
+        for _ in range(cfg.n_layers)
+    )
+    m.post_ln = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
+    m.lm_head = nn.Linear(cfg.dim, cfg.vocab_size)
+    return m
+
+
+class KVCache:
+    """Contiguous K/V buffers for one batch of sequences that share positions (the single-request path).
+
+    K is stored after RoPE, in NeoX layout. Capacity grows in chunks up to max_context.
+    """
+
+    CHUNK = 256
+
+    def __init__(self, cfg: TextConfig, batch: int, device: torch.device, dtype: torch.dtype, prefix_len: int = 0):
+        # prefix_len: leading positions that attend to each other bidirectionally (BOS + image)
+        self.cfg, self.length, self.prefix_len = cfg, 0, prefix_len
+        shape = (batch, cfg.n_kv_heads, 0, cfg.hd)
+        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+
+    @classmethod
+    def from_prefix(cls, cfg: TextConfig, kv: tuple[tuple[torch.Tensor, torch.Tensor], ...]) -> KVCache:
+        k0 = kv[0][0]
+        cache = cls(cfg, k0.shape[0], k0.device, k0.dtype, prefix_len=k0.shape[2])
+        cache.reserve(k0.shape[2])
+        for i, (k, v) in enumerate(kv):
+            cache.k[i][:, :, : k.shape[2]] = k
+            cache.v[i][:, :, : v.shape[2]] = v
+        cache.length = k0.shape[2]
+        return cache
+
+    def reserve(self, total: int) -> None:
+        if total > self.cfg.max_context:
+            raise ValueError(f"sequence of {total} tokens exceeds max_context {self.cfg.max_context}")
+        cap = self.k[0].shape[2]
+        if total <= cap:
+            return
+        new_cap = min(self.cfg.max_context, -(-total // self.CHUNK) * self.CHUNK)
+        for buf in (self.k, self.v):
+            for i, t in enumerate(buf):
+                grown = t.new_empty(t.shape[0], t.shape[1], new_cap, t.shape[3])
+                grown[:, :, :cap] = t
+                buf[i] = grown
+
+    def prefix(self, length: int) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        """Copies of the first `length` positions of every layer (for an encoded image)."""
+        return tuple((k[:, :, :length].clone(), v[:, :, :length].clone()) for k, v in zip(self.k, self.v))
+
+
+def prefix_lm_mask(q_pos: torch.Tensor, n_keys: int, prefix_len: int) -> torch.Tensor | None:
+    """Boolean (T, n_keys) mask, True = may attend; None when plain causal attention sees every key."""
+    k_pos = torch.arange(n_keys, device=q_pos.device)
+    allowed = k_pos[None, :] <= q_pos[:, None]
+    allowed |= (q_pos[:, None] < prefix_len) & (k_pos[None, :] < prefix_len)
+    return None if bool(allowed.all()) else allowed
+
+
+def text_hidden(
+    x_BTC: torch.Tensor,
+    w: nn.Module,
+    cfg: TextConfig,
+    cache: KVCache,
+    rope: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """Run the decoder over T new input embeddings appended to `cache`; returns pre-`post_ln` hidden states."""
+    b, t, _ = x_BTC.shape
+    start = cache.length
+    cache.reserve(start + t)
+    pos = torch.arange(start, start + t, device=x_BTC.device)
+    cos, sin = rope[0][pos], rope[1][pos]
+    mask = prefix_lm_mask(pos, start + t, cache.prefix_len)
+    hd, nq, nkv = cfg.hd, cfg.n_heads, cfg.n_kv_heads
+    x = x_BTC
+    for i, block in enumerate(w.blocks):
+        h = layer_norm(x, block["ln"])
+        q, k, v = linear(h, block["attn"]["qkv"]).split([nq * hd, nkv * hd, nkv * hd], dim=-1)
+        q = apply_rope(q.view(b, t, nq, hd).transpose(1, 2), cos, sin)
+        k = apply_rope(k.view(b, t, nkv, hd).transpose(1, 2), cos, sin)
+        cache.k[i][:, :, start : start + t] = k
+        cache.v[i][:, :, start : start + t] = v.view(b, t, nkv, hd).transpose(1, 2)
+        keys, values = cache.k[i][:, :, : start + t], cache.v[i][:, :, : start + t]
+        a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=nq != nkv)
+        x = x + linear(a.transpose(1, 2).reshape(b, t, nq * hd), block["attn"]["proj"]) + mlp(h, block["mlp"])
+    cache.length = start + t
+    return x
+
+
+def lm_logits(hidden: torch.Tensor, w: nn.Module) -> torch.Tensor:
+    return linear(layer_norm(hidden, w.post_ln), w.lm_head)
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image run through the vision stack and prefilled: reusable across any number of questions."""
+
+    kv: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per layer (1, n_kv, prefix_len, head_dim)
+
+    @property
+    def length(self) -> int:
+        return self.kv[0][0].shape[2]

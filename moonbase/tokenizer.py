@@ -1,0 +1,98 @@
+"""Tokenizer wrapper (HF `tokenizers` JSON) and the streaming detokenizer the skills share."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+
+from .config import TokenizerConfig
+from .errors import CheckpointError
+
+
+class Tokenizer:
+    def __init__(self, tok: HFTokenizer, cfg: TokenizerConfig, source: str = "<memory>"):
+        self._tok, self.cfg = tok, cfg
+        eos = tok.id_to_token(cfg.eos_id)
+        special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
+        if eos is None or eos not in special:
+            raise CheckpointError(
+                f"{source}: token id {cfg.eos_id} is {eos!r}, not a special token, so this tokenizer does not have the "
+                "layout the model's templates expect (special ids 0-9 as in moondream/starmie-v1). The Hugging Face "
+                "moondream2 repo ships a stale GPT-2 tokenizer.json; use the starmie-v1 tokenizer.json instead."
+            )
+
+    @classmethod
+    def from_file(cls, path: str | Path, cfg: TokenizerConfig) -> Tokenizer:
+        try:
+            tok = HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+            raise CheckpointError(f"cannot read tokenizer {path}: {e}") from e
+        return cls(tok, cfg, str(path))
+
+    @property
+    def size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        """Special ids and ids the tokenizer does not know are dropped, as in the reference."""
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+    def to_str(self) -> str:
+        return self._tok.to_str()
+
+
+def _is_cjk(ch: str) -> bool:
+    c = ord(ch)
+    return (0x4E00 <= c <= 0x9FFF or 0x3400 <= c <= 0x4DBF or 0x20000 <= c <= 0x2A6DF or 0xF900 <= c <= 0xFAFF
+            or 0x2F800 <= c <= 0x2FA1F or 0x3040 <= c <= 0x30FF or 0xAC00 <= c <= 0xD7AF)
+
+
+class TextStream:
+    """Incremental detokenizer: text is released only up to the last space (or at a newline or CJK character),
+    so a multi-byte character split across tokens is never emitted half-decoded. The concatenation of all
+    pieces equals `decode(all ids)`."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer, self.ids, self.emitted = tokenizer, [], 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\n") or (text and _is_cjk(text[-1])):
+            end = len(text)
+        else:
+            end = text.rfind(" ")
+        if end <= self.emitted:
+            return ""
+        piece, self.emitted = text[self.emitted : end], end
+        return piece
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.ids)
+        piece, self.emitted = text[self.emitted :], len(text)
+        return piece
+
+
+SPECIAL_TOKENS = ["<|endoftext|>"] + [f"<|md_reserved_{i}|>" for i in range(9)]  # ids 0-9, starmie layout
+
+
+def byte_level_tokenizer(extra_special: list[str] = ()) -> HFTokenizer:
+    """A byte-level BPE with no merges: ids 0-9 are the starmie special tokens, then the 256 bytes, then
+    `extra_special`. Enough to run every code path of a model without a trained vocabulary."""
+    from tokenizers import decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    for ch in sorted(alphabet):
+        vocab[ch] = len(vocab)
+    for t in extra_special:
+        vocab[t] = len(vocab)
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIAL_TOKENS + list(extra_special))
+    return tok

@@ -1,0 +1,87 @@
+"""Every skill end to end on a tiny random model, through the public API."""
+
+import numpy as np
+import pytest
+
+from moonbase import VL, EncodedImage, ImageError, SettingsError
+from moonbase.data.shapes import render_scene
+
+GREEDY = {"temperature": 0, "max_tokens": 12}
+
+
+@pytest.fixture(scope="module")
+def vl(tiny):
+    return VL(tiny)
+
+
+@pytest.fixture(scope="module")
+def image():
+    return render_scene(seed=3, n_objects=3, size=(160, 120)).image
+
+
+def test_every_skill_returns_client_shapes(vl, image):
+    assert isinstance(vl.caption(image, "short", settings=GREEDY)["caption"], str)
+    assert isinstance(vl.query(image, "How many?", settings=GREEDY)["answer"], str)
+    assert isinstance(vl.query(None, "Hello?", settings=GREEDY)["answer"], str)
+    r = vl.query(image, "Where?", reasoning=True, settings=GREEDY)
+    assert set(r) == {"reasoning", "answer"} and set(r["reasoning"]) == {"text", "grounding"}
+    r = vl.query(image, "What is this?", spatial_refs=[[0.5, 0.5], [0.1, 0.1, 0.4, 0.6]], settings=GREEDY)
+    assert isinstance(r["answer"], str)
+    objects = vl.detect(image, "circle", settings={"max_objects": 4})["objects"]
+    assert len(objects) <= 4 and all(set(o) == {"x_min", "y_min", "x_max", "y_max"} for o in objects)
+    assert all(o["x_min"] <= o["x_max"] and o["y_min"] <= o["y_max"] for o in objects)
+    points = vl.point(image, "circle", settings={"max_objects": 3})["points"]
+    assert len(points) <= 3 and all(set(p) == {"x", "y"} and 0 <= p["x"] < 1 for p in points)
+    gaze = vl.detect_gaze(image, (0.3, 0.4))["gaze"]
+    assert gaze is None or set(gaze) == {"x", "y"}
+
+
+def test_stream_concatenates_to_the_full_text(vl, image):
+    full = vl.caption(image, settings=GREEDY)["caption"]
+    pieces = list(vl.caption(image, stream=True, settings=GREEDY)["caption"])
+    assert "".join(pieces) == full
+
+
+def test_encoded_image_is_reusable_and_equivalent(vl, image):
+    enc = vl.encode_image(image)
+    assert isinstance(enc, EncodedImage) and enc.length == vl.model.cfg.prefix_len
+    assert vl.query(enc, "What?", settings=GREEDY) == vl.query(image, "What?", settings=GREEDY)
+    assert vl.detect(enc, "star") == vl.detect(image, "star")
+    assert vl.query(enc, "What?", settings=GREEDY) == vl.query(enc, "What?", settings=GREEDY)
+
+
+def test_max_tokens_and_seeded_sampling(vl, image):
+    from moonbase import simple, skills
+
+    enc = vl.encode_image(image)
+    s = skills.resolve_settings({"temperature": 0, "max_tokens": 5}, vl.model.cfg.defaults)
+    run = simple.TextRun()
+    ids = list(simple.caption(vl.model, enc, "normal", s, run=run))
+    assert ids == run.ids and (len(ids) == 5 or run.stop_reason == "stop")
+    hot = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 16, "seed": 7}
+    assert vl.caption(enc, settings=hot) == vl.caption(enc, settings=hot)
+    assert vl.caption(enc, settings={**hot, "seed": 8}) != vl.caption(enc, settings=hot)
+
+
+def test_bad_arguments_raise_typed_errors(vl, image):
+    with pytest.raises(SettingsError):
+        vl.caption(image, "huge")
+    with pytest.raises(SettingsError):
+        vl.query(image, None)
+    with pytest.raises(SettingsError):
+        vl.query(None, "where?", spatial_refs=[[0.5, 0.5]])
+    with pytest.raises(SettingsError):
+        vl.detect(image, "")
+    with pytest.raises(SettingsError):
+        vl.point(image, "x", settings={"max_objects": 0})
+    with pytest.raises(SettingsError, match="not supported"):
+        vl.caption(image, settings={"variant": "abc"})
+    with pytest.raises(ImageError):
+        vl.caption(b"not an image")
+    with pytest.raises(ImageError):
+        vl.detect(np.zeros((0, 5, 3), np.uint8), "x")
+
+
+def test_context_overflow_is_a_clear_error(vl, image):
+    with pytest.raises(SettingsError, match="does not fit the context"):
+        vl.query(image, "word " * 2000, settings=GREEDY)
