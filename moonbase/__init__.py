@@ -14,11 +14,20 @@ from .model.text import EncodedImage
 __version__ = "0.1.0"
 
 
-def vl(model: str | Path | None = None, device: str | torch.device | None = None,
-       dtype: str | torch.dtype | None = None) -> VL:
+def vl(model: str | Path | None = None, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> VL:
     """A client-compatible model handle: `caption`, `query`, `detect`, `point`, `encode_image`."""
     return VL(load(model, device, dtype))
 
 
-__all__ = ["vl", "load", "VL", "EncodedImage", "MoonbaseError", "CheckpointError", "ConfigError", "ImageError",
-           "ModelNotFoundError", "SettingsError"]
+__all__ = [
+    "vl",
+    "load",
+    "VL",
+    "EncodedImage",
+    "MoonbaseError",
+    "CheckpointError",
+    "ConfigError",
+    "ImageError",
+    "ModelNotFoundError",
+    "SettingsError",
+]

@@ -1,11 +1,11 @@
 """The Python API: the same methods and result shapes as the official `moondream` client.
 
-    import moonbase
-    model = moonbase.vl()                       # the default model; or vl(model="path/or/hub-id")
-    model.caption("photo.jpg")["caption"]
-    model.query(image, "What is this?")["answer"]
-    model.detect(image, "face")["objects"]      # [{"x_min", "y_min", "x_max", "y_max"}], normalized
-    model.point(image, "face")["points"]        # [{"x", "y"}]
+import moonbase
+model = moonbase.vl()                       # the default model; or vl(model="path/or/hub-id")
+model.caption("photo.jpg")["caption"]
+model.query(image, "What is this?")["answer"]
+model.detect(image, "face")["objects"]      # [{"x_min", "y_min", "x_max", "y_max"}], normalized
+model.point(image, "face")["points"]        # [{"x", "y"}]
 """
 
 from __future__ import annotations
@@ -45,15 +45,27 @@ class VL:
             return self.model.tokenizer.decode(list(ids))
         return _stream(ids, TextStream(self.model.tokenizer))
 
-    def caption(self, image: ImageInput | EncodedImage, length: str = "normal", stream: bool = False,
-                settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    def caption(
+        self,
+        image: ImageInput | EncodedImage,
+        length: str = "normal",
+        stream: bool = False,
+        settings: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         s = self._settings(settings)
         skills.caption_prompt(self.model.cfg.tokenizer, length)  # validate before encoding the image
         ids = simple.caption(self.model, self.encode_image(image), length, s)
         return {"caption": self._text(ids, stream)}
 
-    def query(self, image: ImageInput | EncodedImage | None = None, question: str | None = None, stream: bool = False,
-              settings: dict[str, Any] | None = None, reasoning: bool = False, spatial_refs: Any = None) -> dict[str, Any]:
+    def query(
+        self,
+        image: ImageInput | EncodedImage | None = None,
+        question: str | None = None,
+        stream: bool = False,
+        settings: dict[str, Any] | None = None,
+        reasoning: bool = False,
+        spatial_refs: Any = None,
+    ) -> dict[str, Any]:
         s = self._settings(settings)
         if question is None:
             raise SettingsError("question is required")
@@ -73,15 +85,17 @@ class VL:
         objs = simple.locate(self.model, self.encode_image(image), "detect", object, s)
         return {"objects": [skills.region_output(o.x, o.y, *o.size) for o in objs]}
 
-    def point(self, image: ImageInput | EncodedImage, object: str, settings: dict[str, Any] | None = None,
-              spatial_refs: Any = None) -> dict[str, Any]:
+    def point(
+        self, image: ImageInput | EncodedImage, object: str, settings: dict[str, Any] | None = None, spatial_refs: Any = None
+    ) -> dict[str, Any]:
         s = self._settings(settings)
         skills.object_prompt(self.model.tokenizer, "point", object, spatial_refs)
         objs = simple.locate(self.model, self.encode_image(image), "point", object, s, spatial_refs)
         return {"points": [{"x": o.x, "y": o.y} for o in objs]}
 
-    def detect_gaze(self, image: ImageInput | EncodedImage, eye: tuple[float, float],
-                    settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    def detect_gaze(
+        self, image: ImageInput | EncodedImage, eye: tuple[float, float], settings: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Where the person whose eye is at `eye` is looking, Photon style: point(image, "gaze", [eye]).
         Unstable: the reference's own gaze prompt is stale for these weights (spec D6)."""
         points = self.point(image, "gaze", {**(settings or {}), "max_objects": 1}, spatial_refs=[list(eye)])["points"]

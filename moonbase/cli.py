@@ -14,7 +14,7 @@ from .errors import MoonbaseError
 
 NOTES = {
     "tiny-random": "note: the default model is a tiny randomly initialized model (the trained nano model has not "
-                   "shipped yet), so its answers are meaningless; pass --model DIR for real weights.",
+    "shipped yet), so its answers are meaningless; pass --model DIR for real weights.",
 }
 
 

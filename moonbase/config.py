@@ -143,7 +143,11 @@ class TokenizerConfig:
     start_ground_points_id: int = 7
     end_ground_id: int = 9
     caption: dict[str, tuple[int, ...]] = field(
-        default_factory=lambda: {"short": (1, 32708, 2, 12492, 3), "normal": (1, 32708, 2, 6382, 3), "long": (1, 32708, 2, 4059, 3)}
+        default_factory=lambda: {
+            "short": (1, 32708, 2, 12492, 3),
+            "normal": (1, 32708, 2, 6382, 3),
+            "long": (1, 32708, 2, 4059, 3),
+        }
     )
     query_prefix: tuple[int, ...] = (1, 15381, 2)
     query_suffix: tuple[int, ...] = (3,)
@@ -157,10 +161,25 @@ class TokenizerConfig:
     object_leading_space: bool = True
 
     def all_ids(self) -> list[int]:
-        ids = [self.bos_id, self.eos_id, self.answer_id, self.thinking_id, self.coord_id, self.size_id,
-               self.start_ground_points_id, self.end_ground_id]
-        for t in (*self.caption.values(), self.query_prefix, self.query_suffix, self.detect_prefix,
-                  self.detect_suffix, self.point_prefix, self.point_suffix):
+        ids = [
+            self.bos_id,
+            self.eos_id,
+            self.answer_id,
+            self.thinking_id,
+            self.coord_id,
+            self.size_id,
+            self.start_ground_points_id,
+            self.end_ground_id,
+        ]
+        for t in (
+            *self.caption.values(),
+            self.query_prefix,
+            self.query_suffix,
+            self.detect_prefix,
+            self.detect_suffix,
+            self.point_prefix,
+            self.point_suffix,
+        ):
             ids.extend(t)
         return ids
 
@@ -278,4 +297,3 @@ def md2() -> ModelConfig:
 
 
 PRESETS = {"moondream2": md2}
-

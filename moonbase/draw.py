@@ -11,8 +11,9 @@ from PIL import Image, ImageDraw
 from .image import ImageInput, load_image
 
 
-def annotate(image: ImageInput, objects: list[dict[str, float]] = (), points: list[dict[str, Any]] = (),
-             out: str | Path | None = None) -> Image.Image:
+def annotate(
+    image: ImageInput, objects: list[dict[str, float]] = (), points: list[dict[str, Any]] = (), out: str | Path | None = None
+) -> Image.Image:
     im = Image.fromarray(np.asarray(load_image(image)))
     d = ImageDraw.Draw(im)
     w, h = im.size

@@ -36,12 +36,15 @@ def model_config_for(directory: Path) -> ModelConfig:
         packed = [s for k, s in read_header(weights).items() if k.endswith("weight.packed")]
         if packed:  # int4 checkpoint: the group size is the packed row width (D11)
             g = int(packed[0][1])
-            cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, group_size=g),
-                                      region=dataclasses.replace(cfg.region, group_size=g))
+            cfg = dataclasses.replace(
+                cfg, text=dataclasses.replace(cfg.text, group_size=g), region=dataclasses.replace(cfg.region, group_size=g)
+            )
     return cfg
 
 
-def load_dir(directory: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> Moondream:
+def load_dir(
+    directory: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+) -> Moondream:
     directory = Path(directory)
     weights_file = next((directory / f for f in WEIGHT_FILES if (directory / f).is_file()), None)
     if weights_file is None:
@@ -65,15 +68,29 @@ def tiny_config(vocab_size: int, n_kv_heads: int = 2, crop_size: int = 56, patch
     t = {name: 266 + i for i, name in enumerate(TINY_TASKS)}
     tok = TokenizerConfig(
         caption={k: (1, t["<|caption|>"], 2, t[f"<|{k}|>"], 3) for k in ("short", "normal", "long")},
-        query_prefix=(1, t["<|query|>"], 2), detect_prefix=(1, t["<|detect|>"], 2), point_prefix=(1, t["<|point|>"], 2),
+        query_prefix=(1, t["<|query|>"], 2),
+        detect_prefix=(1, t["<|detect|>"], 2),
+        point_prefix=(1, t["<|point|>"], 2),
     )
     return ModelConfig(
-        vision=VisionConfig(enc_dim=32, enc_patch_size=patch, enc_n_layers=2, enc_ff_dim=64, enc_n_heads=2,
-                            proj_inner_dim=64, proj_out_dim=64, crop_size=crop_size, max_crops=4, overlap_margin=margin),
-        text=TextConfig(dim=64, ff_dim=128, n_layers=2, vocab_size=vocab_size, max_context=512, n_heads=4,
-                        n_kv_heads=n_kv_heads, rotary_dim=8),
-        region=RegionConfig(dim=64, coord_feat_dim=32, coord_out_dim=256, size_feat_dim=32, size_out_dim=512, inner_dim=64,
-                            size_min_log2=-8.0),
+        vision=VisionConfig(
+            enc_dim=32,
+            enc_patch_size=patch,
+            enc_n_layers=2,
+            enc_ff_dim=64,
+            enc_n_heads=2,
+            proj_inner_dim=64,
+            proj_out_dim=64,
+            crop_size=crop_size,
+            max_crops=4,
+            overlap_margin=margin,
+        ),
+        text=TextConfig(
+            dim=64, ff_dim=128, n_layers=2, vocab_size=vocab_size, max_context=512, n_heads=4, n_kv_heads=n_kv_heads, rotary_dim=8
+        ),
+        region=RegionConfig(
+            dim=64, coord_feat_dim=32, coord_out_dim=256, size_feat_dim=32, size_out_dim=512, inner_dim=64, size_min_log2=-8.0
+        ),
         tokenizer=tok,
     ).validate()
 
@@ -90,7 +107,9 @@ def tiny_random(seed: int = 0, device: str | torch.device | None = "cpu", **over
 BUILTIN = {"tiny-random": tiny_random}
 
 
-def load(model: str | Path | None = None, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> Moondream:
+def load(
+    model: str | Path | None = None, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+) -> Moondream:
     """Load a model by built-in name, local directory or Hugging Face hub id (from the local hub cache)."""
     model = str(model or DEFAULT_MODEL)
     if model in BUILTIN:
@@ -108,8 +127,10 @@ def hub_snapshot(repo_id: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError as e:
-        raise ModelNotFoundError(f"{repo_id!r} looks like a hub id, but huggingface_hub is not installed "
-                                 "(pip install huggingface_hub), and it is not a local directory") from e
+        raise ModelNotFoundError(
+            f"{repo_id!r} looks like a hub id, but huggingface_hub is not installed "
+            "(pip install huggingface_hub), and it is not a local directory"
+        ) from e
     try:
         return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"]))
     except Exception as e:  # offline, unknown repo, auth: all end the same way for the user

@@ -11,7 +11,6 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
@@ -24,7 +23,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 64_000_000  # refuse anything larger (decompression bombs); configurable per call
 
-ImageInput = Union[str, Path, bytes, bytearray, Image.Image, np.ndarray]
+ImageInput = str | Path | bytes | bytearray | Image.Image | np.ndarray
 
 try:  # probed once; `RESIZE_BACKEND` says which library makes the crops
     import pyvips
@@ -86,8 +85,9 @@ def resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
     h, w = img.shape[:2]
     if RESIZE_BACKEND == "pyvips":
         vimg = pyvips.Image.new_from_memory(np.ascontiguousarray(img).data, w, h, 3, "uchar")
-        out = np.ndarray(buffer=vimg.resize(width / w, vscale=height / h).write_to_memory(), dtype=np.uint8,
-                         shape=(height, width, 3))
+        out = np.ndarray(
+            buffer=vimg.resize(width / w, vscale=height / h).write_to_memory(), dtype=np.uint8, shape=(height, width, 3)
+        )
         return out
     return np.asarray(Image.fromarray(img).resize((width, height), Image.LANCZOS))
 

@@ -65,8 +65,14 @@ class SingleSequence:
 
 
 @torch.no_grad()
-def generate_text(seq: SingleSequence, *, decode_mask: tuple[int, ...], stop: tuple[int, ...], decode_coords: bool = False,
-                  run: TextRun | None = None) -> Iterator[int]:
+def generate_text(
+    seq: SingleSequence,
+    *,
+    decode_mask: tuple[int, ...],
+    stop: tuple[int, ...],
+    decode_coords: bool = False,
+    run: TextRun | None = None,
+) -> Iterator[int]:
     """Sample from the current logits until a stop id, max_tokens or the context end. The first token comes
     from the prefill logits unmasked; later steps mask `decode_mask`. With `decode_coords`, a coord token
     is followed by the coordinate decoded from the hidden state that produced it, fed as its embedding."""
@@ -139,8 +145,16 @@ def caption(m: Moondream, image: EncodedImage, length: str, settings: Settings, 
 
 
 @torch.no_grad()
-def query(m: Moondream, image: EncodedImage | None, question: str, settings: Settings, spatial_refs=None,
-          reasoning: bool = False, run: TextRun | None = None, reasoning_run: TextRun | None = None) -> Iterator[int]:
+def query(
+    m: Moondream,
+    image: EncodedImage | None,
+    question: str,
+    settings: Settings,
+    spatial_refs=None,
+    reasoning: bool = False,
+    run: TextRun | None = None,
+    reasoning_run: TextRun | None = None,
+) -> Iterator[int]:
     """Answer token ids; with `reasoning`, the trace is generated first, into `reasoning_run`."""
     tok = m.cfg.tokenizer
     if spatial_refs and image is None:

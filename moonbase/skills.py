@@ -81,8 +81,14 @@ def resolve_settings(settings: dict[str, Any] | None, defaults: Defaults) -> Set
     variant = s.get("variant")
     if variant is not None and not isinstance(variant, str):
         raise SettingsError(f"variant must be a string, got {variant!r}")
-    return Settings(temperature, top_p, _count(s, "max_tokens", defaults.max_tokens),
-                    _count(s, "max_objects", defaults.max_objects), seed, variant or None)
+    return Settings(
+        temperature,
+        top_p,
+        _count(s, "max_tokens", defaults.max_tokens),
+        _count(s, "max_objects", defaults.max_objects),
+        seed,
+        variant or None,
+    )
 
 
 def spatial_prompt(refs: Any, tok: TokenizerConfig) -> Prompt:
@@ -123,7 +129,11 @@ def query_prompt(tokenizer: Tokenizer, question: Any, spatial_refs: Any = None, 
     tok = tokenizer.cfg
     if not isinstance(question, str) or not question:
         raise SettingsError("question must be a non-empty string")
-    body = Prompt(tok.query_prefix) + spatial_prompt(spatial_refs, tok) + Prompt(tuple(tokenizer.encode(question)) + tok.query_suffix)
+    body = (
+        Prompt(tok.query_prefix)
+        + spatial_prompt(spatial_refs, tok)
+        + Prompt(tuple(tokenizer.encode(question)) + tok.query_suffix)
+    )
     if reasoning:
         return body + Prompt((tok.thinking_id,))
     return body + Prompt(tok.query_suffix) if tok.repeat_query_suffix else body

@@ -47,8 +47,15 @@ class Tokenizer:
 
 def _is_cjk(ch: str) -> bool:
     c = ord(ch)
-    return (0x4E00 <= c <= 0x9FFF or 0x3400 <= c <= 0x4DBF or 0x20000 <= c <= 0x2A6DF or 0xF900 <= c <= 0xFAFF
-            or 0x2F800 <= c <= 0x2FA1F or 0x3040 <= c <= 0x30FF or 0xAC00 <= c <= 0xD7AF)
+    return (
+        0x4E00 <= c <= 0x9FFF
+        or 0x3400 <= c <= 0x4DBF
+        or 0x20000 <= c <= 0x2A6DF
+        or 0xF900 <= c <= 0xFAFF
+        or 0x2F800 <= c <= 0x2FA1F
+        or 0x3040 <= c <= 0x30FF
+        or 0xAC00 <= c <= 0xD7AF
+    )
 
 
 class TextStream:

@@ -9,9 +9,9 @@ weights are stored as `weight.packed` / `weight.scale` / `weight.zero_point`.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -101,7 +101,9 @@ def plan_sources(header: dict[str, tuple[int, ...]]) -> tuple[dict[str, Source],
     return sources, problems
 
 
-def check_sources(sources: dict[str, Source], expected: dict[str, tuple[int, ...]], header: dict[str, tuple[int, ...]]) -> list[str]:
+def check_sources(
+    sources: dict[str, Source], expected: dict[str, tuple[int, ...]], header: dict[str, tuple[int, ...]]
+) -> list[str]:
     """Strict comparison with the model's parameter shapes; returns human-readable problems."""
     problems = []
     missing = sorted(set(expected) - set(sources))
@@ -113,7 +115,12 @@ def check_sources(sources: dict[str, Source], expected: dict[str, tuple[int, ...
             packed, scale, zero = (tuple(header[k]) for k in src.keys)
             out_in = want[0] * want[1] if len(want) == 2 else -1
             g = packed[1]
-            ok = len(want) == 2 and out_in % (2 * g) == 0 and packed == (out_in // (2 * g), g) and scale == zero == (out_in // g, 1)
+            ok = (
+                len(want) == 2
+                and out_in % (2 * g) == 0
+                and packed == (out_in // (2 * g), g)
+                and scale == zero == (out_in // g, 1)
+            )
             if not ok:
                 misshaped.append(f"{name}: int4 packed {packed}, scale {scale}, zero_point {zero} cannot form {want}")
         elif src.shape != want:

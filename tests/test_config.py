@@ -29,19 +29,24 @@ def test_reference_config_json_loads(directory):
 
 
 def test_hf_wrapper_config_means_md2(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["HfMoondream"], "config": {}, "model_type": "moondream1"}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"architectures": ["HfMoondream"], "config": {}, "model_type": "moondream1"})
+    )
     assert ModelConfig.from_file(tmp_path / "config.json") == md2()
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"text": {"dimm": 3}}, "unknown text config keys"),
-    ({"textt": {}}, "unknown config sections"),
-    ({"text": {"n_heads": 32, "n_kv_heads": 5}}, "multiple of n_kv_heads"),
-    ({"vision": {"crop_size": 380}}, "not a multiple of patch"),
-    ({"text": {"vocab_size": 1000}}, "does not fit vocab_size"),
-    ({"text": {"max_context": 700}}, "does not fit max_context"),
-    ({"region": {"size_decoding": "cubic"}}, "size_decoding"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"text": {"dimm": 3}}, "unknown text config keys"),
+        ({"textt": {}}, "unknown config sections"),
+        ({"text": {"n_heads": 32, "n_kv_heads": 5}}, "multiple of n_kv_heads"),
+        ({"vision": {"crop_size": 380}}, "not a multiple of patch"),
+        ({"text": {"vocab_size": 1000}}, "does not fit vocab_size"),
+        ({"text": {"max_context": 700}}, "does not fit max_context"),
+        ({"region": {"size_decoding": "cubic"}}, "size_decoding"),
+    ],
+)
 def test_invalid_configs_are_rejected(bad, message):
     with pytest.raises(ConfigError, match=message):
         ModelConfig.from_dict(bad)

@@ -14,9 +14,21 @@ from moonbase.model.vision import pool_grid, reconstruct
 
 # (H, W) -> tiling, from the spec's table (moondream2-spec.md section 3)
 TILING_TABLE = [
-    ((378, 378), (1, 1)), ((390, 390), (3, 3)), ((500, 500), (3, 3)), ((767, 773), (3, 3)), ((966, 822), (4, 3)),
-    ((480, 640), (2, 4)), ((600, 800), (2, 4)), ((720, 1280), (2, 4)), ((1080, 1920), (2, 4)), ((3000, 4000), (2, 4)),
-    ((768, 1024), (3, 4)), ((1024, 1024), (3, 3)), ((2048, 2048), (3, 3)), ((200, 3000), (1, 1)), ((4000, 400), (9, 1)),
+    ((378, 378), (1, 1)),
+    ((390, 390), (3, 3)),
+    ((500, 500), (3, 3)),
+    ((767, 773), (3, 3)),
+    ((966, 822), (4, 3)),
+    ((480, 640), (2, 4)),
+    ((600, 800), (2, 4)),
+    ((720, 1280), (2, 4)),
+    ((1080, 1920), (2, 4)),
+    ((3000, 4000), (2, 4)),
+    ((768, 1024), (3, 4)),
+    ((1024, 1024), (3, 3)),
+    ((2048, 2048), (3, 3)),
+    ((200, 3000), (1, 1)),
+    ((4000, 400), (9, 1)),
 ]
 
 
@@ -60,9 +72,9 @@ def test_reconstruct_and_pool_shapes(tiling):
     grid = reconstruct(tiles, tiling, m)
     assert grid.shape == (19 * th + 8, 19 * tw + 8, c)
     # each tile's interior lands at its stride offset; border margins come from border tiles
-    assert torch.equal(grid[:g - m, :g - m], tiles[0, :g - m, :g - m])
+    assert torch.equal(grid[: g - m, : g - m], tiles[0, : g - m, : g - m])
     last = tiles[-1]
-    assert torch.equal(grid[-(g - m):, -(g - m):], last[m:, m:])
+    assert torch.equal(grid[-(g - m) :, -(g - m) :], last[m:, m:])
     assert pool_grid(grid, g).shape == (g * g, c)
 
 
@@ -102,12 +114,15 @@ def test_exif_orientation_is_applied():
     assert arr.shape == (40, 20, 3)
 
 
-@pytest.mark.parametrize("data, message", [
-    (b"", "empty"),
-    (b"definitely not an image", "not a supported image"),
-    (_encode(Image.new("RGB", (64, 64), (9, 9, 9)), "PNG")[:60], "truncated|corrupt"),
-    (_encode(Image.new("RGB", (64, 64), (9, 9, 9)), "JPEG")[:200], "truncated|corrupt"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"", "empty"),
+        (b"definitely not an image", "not a supported image"),
+        (_encode(Image.new("RGB", (64, 64), (9, 9, 9)), "PNG")[:60], "truncated|corrupt"),
+        (_encode(Image.new("RGB", (64, 64), (9, 9, 9)), "JPEG")[:200], "truncated|corrupt"),
+    ],
+)
 def test_bad_image_bytes_raise_typed_errors(data, message):
     with pytest.raises(ImageError, match=message):
         load_image(data)

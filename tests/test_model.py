@@ -12,9 +12,9 @@ from moonbase.model.text import KVCache, prefix_lm_mask
 def _interleaved_rope(x, cos, sin):
     """The reference layout: rotate pairs (j, j+16) and write them back interleaved (r0, i0, r1, i1, ...)."""
     half = cos.shape[-1]
-    x1, x2 = x[..., :half], x[..., half:2 * half]
+    x1, x2 = x[..., :half], x[..., half : 2 * half]
     r, i = x1 * cos - x2 * sin, x1 * sin + x2 * cos
-    return torch.cat([torch.stack([r, i], -1).flatten(-2), x[..., 2 * half:]], -1)
+    return torch.cat([torch.stack([r, i], -1).flatten(-2), x[..., 2 * half :]], -1)
 
 
 def test_rope_layouts_give_equal_scores_and_permuted_keys():
@@ -51,7 +51,7 @@ def test_region_bins_round_trip(cfg):
         value = float(region.size_from_bin(torch.tensor(b), cfg))
         assert region.size_to_bin(value, cfg) == b
     assert float(region.size_from_bin(torch.tensor(cfg.size_bins - 1), cfg)) == 1.0
-    assert float(region.size_from_bin(torch.tensor(0), cfg)) == pytest.approx(2 ** cfg.size_min_log2)
+    assert float(region.size_from_bin(torch.tensor(0), cfg)) == pytest.approx(2**cfg.size_min_log2)
     assert region.size_to_bin(1e-9, cfg) == 0 and region.size_to_bin(5.0, cfg) == cfg.size_bins - 1
 
 
@@ -75,7 +75,7 @@ def test_incremental_decode_equals_single_pass(fixture, request):
     with torch.no_grad():
         full = m.hidden(m.new_cache(img), x[None])[0]
         cache = m.new_cache(img)
-        parts = [m.hidden(cache, x[None, :4])[0]] + [m.hidden(cache, x[None, i:i + 1])[0] for i in range(4, 12)]
+        parts = [m.hidden(cache, x[None, :4])[0]] + [m.hidden(cache, x[None, i : i + 1])[0] for i in range(4, 12)]
     assert torch.allclose(torch.cat(parts), full, atol=1e-5)
 
 

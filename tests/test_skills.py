@@ -2,8 +2,16 @@ import pytest
 
 from moonbase.config import Defaults
 from moonbase.errors import SettingsError
-from moonbase.skills import (Prompt, caption_prompt, object_prompt, query_prompt, reasoning_output, region_output,
-                             resolve_settings, spatial_prompt)
+from moonbase.skills import (
+    Prompt,
+    caption_prompt,
+    object_prompt,
+    query_prompt,
+    reasoning_output,
+    region_output,
+    resolve_settings,
+    spatial_prompt,
+)
 
 
 def test_query_prompt_double_answer_token_and_reasoning(tiny):
@@ -26,8 +34,10 @@ def test_spatial_refs_become_placeholders_with_values(tiny):
     assert full.ids[3:5] == (5, 5) and full.coords == (0.5, 0.5)
 
 
-@pytest.mark.parametrize("refs", [[[0.5]], [[0.1, 0.2, 0.3]], [[1.5, 0.2]], [[0.5, 0.5, 0.1, 0.9]], "x", [["a", 0.1]],
-                                  [[float("nan"), 0.1]], [[True, 0.1]]])
+@pytest.mark.parametrize(
+    "refs",
+    [[[0.5]], [[0.1, 0.2, 0.3]], [[1.5, 0.2]], [[0.5, 0.5, 0.1, 0.9]], "x", [["a", 0.1]], [[float("nan"), 0.1]], [[True, 0.1]]],
+)
 def test_bad_spatial_refs(refs, tiny):
     with pytest.raises(SettingsError):
         spatial_prompt(refs, tiny.cfg.tokenizer)
@@ -45,8 +55,18 @@ def test_settings_defaults_and_validation():
     assert (s.temperature, s.top_p, s.max_tokens, s.max_objects) == (0.5, 0.3, 768, 50)
     s = resolve_settings({"temperature": 0, "top_p": 1, "max_tokens": 5, "variant": None}, d)
     assert (s.temperature, s.top_p, s.max_tokens) == (0.0, 1.0, 5)
-    for bad in [{"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"max_tokens": 0}, {"max_tokens": 2.5},
-                {"max_objects": True}, {"temperature": "hot"}, {"temperature": float("inf")}, {"seed": "x"}, {"max_token": 3}]:
+    for bad in [
+        {"temperature": -1},
+        {"top_p": 0},
+        {"top_p": 1.5},
+        {"max_tokens": 0},
+        {"max_tokens": 2.5},
+        {"max_objects": True},
+        {"temperature": "hot"},
+        {"temperature": float("inf")},
+        {"seed": "x"},
+        {"max_token": 3},
+    ]:
         with pytest.raises(SettingsError):
             resolve_settings(bad, d)
 

@@ -61,20 +61,27 @@ def test_round_trip_and_prefix_free_checkpoint_with_buffers(tmp_path, tiny):
 def _legacy_name(name: str) -> str:
     """Hand-written 2024 layout names (independent of the loader's table)."""
     v, t = "vision_encoder.encoder.model.visual.", "text_model.transformer."
-    rules = [("vision.patch_emb.", v + "patch_embed.linear."), ("vision.pos_emb", v + "pos_embed"),
-             ("vision.post_ln.", v + "norm."), ("vision.proj_mlp.", "vision_encoder.projection.mlp."),
-             ("text.wte", t + "embd.wte.weight"), ("text.post_ln.", "text_model.lm_head.ln."),
-             ("text.lm_head.", "text_model.lm_head.linear."), ("region.coord_features", "region_model.coordinate_features.weight"),
-             ("region.size_features", "region_model.size_features.weight"), ("region.coord_", "region_model.coordinate_"),
-             ("region.size_", "region_model.size_")]
+    rules = [
+        ("vision.patch_emb.", v + "patch_embed.linear."),
+        ("vision.pos_emb", v + "pos_embed"),
+        ("vision.post_ln.", v + "norm."),
+        ("vision.proj_mlp.", "vision_encoder.projection.mlp."),
+        ("text.wte", t + "embd.wte.weight"),
+        ("text.post_ln.", "text_model.lm_head.ln."),
+        ("text.lm_head.", "text_model.lm_head.linear."),
+        ("region.coord_features", "region_model.coordinate_features.weight"),
+        ("region.size_features", "region_model.size_features.weight"),
+        ("region.coord_", "region_model.coordinate_"),
+        ("region.size_", "region_model.size_"),
+    ]
     if name.startswith("vision.blocks."):
-        return v + name[len("vision."):].replace(".ln1.", ".norm1.").replace(".ln2.", ".norm2.")
+        return v + name[len("vision.") :].replace(".ln1.", ".norm1.").replace(".ln2.", ".norm2.")
     if name.startswith("text.blocks."):
         n = name.replace("text.blocks.", t + "h.")
         return n.replace(".attn.qkv.", ".mixer.Wqkv.").replace(".attn.proj.", ".mixer.out_proj.")
     for ours, legacy in rules:
         if name.startswith(ours):
-            return legacy + name[len(ours):]
+            return legacy + name[len(ours) :]
     raise AssertionError(name)
 
 

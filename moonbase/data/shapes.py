@@ -12,8 +12,14 @@ from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "star")
 COLORS = {
-    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
-    "purple": (140, 60, 180), "orange": (245, 130, 20), "white": (245, 245, 245), "black": (20, 20, 20),
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 200, 30),
+    "purple": (140, 60, 180),
+    "orange": (245, 130, 20),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
 }
 
 

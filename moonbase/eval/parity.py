@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,83 +23,15 @@ from .. import image as img_mod
 from .. import simple, skills
 from ..api import VL
 from ..hub import load_dir
-from ..image import Crops, load_image, normalize, overlap_crops, tiling_for
+from ..image import load_image, normalize, overlap_crops, tiling_for
 from ..model import region, vision
 from ..model.rope import k_to_interleaved
-from ..model.text import KVCache
+from .report import Report, Row, same_result, short_json
 
 # Tolerances from the fixture README ("Suggested tolerances", float32 column).
 REL_TOL = 1e-4  # vision outputs, pooled, img_emb, K/V, logits, region logits (and hidden states)
 CROP_ABS_TOL = 2.4e-7  # normalized crops: exact up to one ulp
 STATS_ABS_TOL = 1e-6  # crop mean/std, recomputed in float64
-
-
-@dataclass
-class Row:
-    group: str
-    name: str
-    ok: bool
-    max_abs: float | None = None
-    rel: float | None = None
-    tol: str = ""
-    note: str = ""
-    informational: bool = False
-
-
-class Report:
-    def __init__(self) -> None:
-        self.rows: list[Row] = []
-
-    def close(self, group: str, name: str, ours: Any, ref: Any, rel_tol: float | None = REL_TOL, abs_tol: float | None = None) -> float:
-        ours_t = torch.as_tensor(ours, dtype=torch.float64).flatten()
-        ref_t = torch.as_tensor(ref, dtype=torch.float64).flatten()
-        if ours_t.shape != ref_t.shape:
-            self.rows.append(Row(group, name, False, note=f"shape {tuple(ours_t.shape)} vs {tuple(ref_t.shape)}"))
-            return float("inf")
-        max_abs = float((ours_t - ref_t).abs().max()) if len(ref_t) else 0.0
-        rel = max_abs / max(float(ref_t.abs().max()), 1e-30) if len(ref_t) else 0.0
-        ok = (rel_tol is None or rel <= rel_tol) and (abs_tol is None or max_abs <= abs_tol)
-        tol = f"rel {rel_tol:g}" if rel_tol is not None else f"abs {abs_tol:g}"
-        self.rows.append(Row(group, name, ok, max_abs, rel, tol))
-        return max_abs
-
-    def exact(self, group: str, name: str, ours: Any, ref: Any, informational: bool = False, note: str = "") -> None:
-        ok = ours == ref
-        if not ok and not note:
-            note = f"got {_short(ours)}, expected {_short(ref)}"
-        self.rows.append(Row(group, name, ok, tol="exact", note=note, informational=informational))
-
-    @property
-    def failures(self) -> list[Row]:
-        return [r for r in self.rows if not r.ok and not r.informational]
-
-    def table(self) -> str:
-        lines = [f"{'group':<22} {'check':<34} {'max|d|':>10} {'rel':>10} {'tol':>12}  status"]
-        for r in self.rows:
-            status = "ok" if r.ok else ("info" if r.informational else "FAIL")
-            num = lambda v: f"{v:10.3g}" if v is not None else " " * 10  # noqa: E731
-            lines.append(f"{r.group:<22} {r.name:<34} {num(r.max_abs)} {num(r.rel)} {r.tol:>12}  {status}"
-                         + (f"  ({r.note})" if r.note else ""))
-        worst = max((r for r in self.rows if r.rel is not None), key=lambda r: r.rel, default=None)
-        lines.append(f"\n{len(self.rows)} checks, {len(self.failures)} failed"
-                     + (f"; largest relative error {worst.rel:.3g} ({worst.group} {worst.name})" if worst else ""))
-        return "\n".join(lines)
-
-
-def _short(v: Any) -> str:
-    s = json.dumps(v, default=str)
-    return s if len(s) < 120 else s[:117] + "..."
-
-
-def _same(a: Any, b: Any, tol: float = 1e-12) -> bool:
-    """Results compare exactly for strings and ints, floats to `tol` (tuples and lists are the same)."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k], tol) for k in a)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y, tol) for x, y in zip(a, b))
-    if isinstance(a, float) or isinstance(b, float):
-        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and abs(a - b) <= tol
-    return a == b
 
 
 class Parity:
@@ -129,18 +60,41 @@ class Parity:
         m, r, g, i = self.m, self.report, f"image{rec['index']}", rec["index"]
         cfg = m.cfg.vision
         tiling = tiling_for(rec["height"], rec["width"], cfg)
-        r.exact(g, "tiling, n_crops, canvas, grid",
-                [list(tiling), 1 + tiling[0] * tiling[1], [tiling[0] * cfg.window_px + 2 * cfg.margin_px, tiling[1] * cfg.window_px + 2 * cfg.margin_px],
-                 [tiling[0] * (cfg.grid - 2 * cfg.overlap_margin) + 2 * cfg.overlap_margin, tiling[1] * (cfg.grid - 2 * cfg.overlap_margin) + 2 * cfg.overlap_margin, cfg.enc_dim]],
-                [rec["tiling"], rec["n_crops"], rec["resized_canvas_hw"], rec["reconstructed_grid_shape"]])
+        r.exact(
+            g,
+            "tiling, n_crops, canvas, grid",
+            [
+                list(tiling),
+                1 + tiling[0] * tiling[1],
+                [tiling[0] * cfg.window_px + 2 * cfg.margin_px, tiling[1] * cfg.window_px + 2 * cfg.margin_px],
+                [
+                    tiling[0] * (cfg.grid - 2 * cfg.overlap_margin) + 2 * cfg.overlap_margin,
+                    tiling[1] * (cfg.grid - 2 * cfg.overlap_margin) + 2 * cfg.overlap_margin,
+                    cfg.enc_dim,
+                ],
+            ],
+            [rec["tiling"], rec["n_crops"], rec["resized_canvas_hw"], rec["reconstructed_grid_shape"]],
+        )
         ref_px = np.stack([np.asarray(Image.open(self.dir / f).convert("RGB")) for f in rec["crop_files"]])
         own = overlap_crops(load_image(self.dir / rec["file"]), cfg)
         diff = int(np.abs(own.pixels.astype(int) - ref_px.astype(int)).max()) if own.pixels.shape == ref_px.shape else -1
-        r.exact(g, f"own crops ({img_mod.RESIZE_BACKEND}) == crop PNGs", diff, 0, informational=img_mod.RESIZE_BACKEND != "pyvips",
-                note="" if diff == 0 else f"max pixel difference {diff} (-1: shape)")
+        r.exact(
+            g,
+            f"own crops ({img_mod.RESIZE_BACKEND}) == crop PNGs",
+            diff,
+            0,
+            informational=img_mod.RESIZE_BACKEND != "pyvips",
+            note="" if diff == 0 else f"max pixel difference {diff} (-1: shape)",
+        )
         x = normalize(ref_px)
-        r.close(g, "crop stats (mean, std)", [x.double().mean((1, 2, 3)).tolist(), x.double().std((1, 2, 3), unbiased=False).tolist()],
-                [rec["crop_mean"], rec["crop_std"]], None, STATS_ABS_TOL)
+        r.close(
+            g,
+            "crop stats (mean, std)",
+            [x.double().mean((1, 2, 3)).tolist(), x.double().std((1, 2, 3), unbiased=False).tolist()],
+            [rec["crop_mean"], rec["crop_std"]],
+            None,
+            STATS_ABS_TOL,
+        )
         feats = vision.encode_crops(x, m.w.vision, cfg)
         local = feats[1:].reshape(-1, cfg.grid, cfg.grid, cfg.enc_dim)
         pooled = vision.pool_grid(vision.reconstruct(local, tiling, cfg.overlap_margin), cfg.grid)
@@ -148,8 +102,14 @@ class Parity:
         enc = m.prefill_image(img_emb)
         self.encoded[i] = enc
         last = len(enc.kv) - 1
-        ours = {"crop_global": x[0], "crop_local0": x[1], "vis_enc_global": feats[0], "vis_enc_local0": feats[1],
-                "pooled_local": pooled, "img_emb": img_emb}
+        ours = {
+            "crop_global": x[0],
+            "crop_local0": x[1],
+            "vis_enc_global": feats[0],
+            "vis_enc_local0": feats[1],
+            "pooled_local": pooled,
+            "img_emb": img_emb,
+        }
         for key, name in rec["tensors"].items():
             kv = re.fullmatch(r"kv_l(\d+|last)_([kv])", key)
             if kv:
@@ -188,7 +148,7 @@ class Parity:
         m, r, g = self.m, self.report, case["name"]
         prompts = self.prompts(case["call"], image is None)
         inputs: dict[int, torch.Tensor] = {}
-        for phase, prompt in zip(case["phases"], prompts):
+        for phase, prompt in zip(case["phases"], prompts, strict=True):
             r.exact(g, f"{phase['phase']} prompt ids", list(prompt.ids), phase["prompt_ids"])
             emb = m.embed_prompt(phase["prompt_ids"], prompt.coords, prompt.sizes)
             inputs.update({phase["start_pos"] + j: e for j, e in enumerate(emb)})
@@ -202,7 +162,7 @@ class Parity:
                 fed = [m.encode_coords([obj["fed_coords"][0]])[0], m.encode_coords([obj["fed_coords"][1]])[0]]
                 if "fed_size" in obj:
                     fed.append(m.encode_sizes([obj["fed_size"]])[0])
-                inputs.update(dict(zip(obj["fed_positions"], fed)))
+                inputs.update(dict(zip(obj["fed_positions"], fed, strict=True)))
         cache = m.new_cache(image)
         start = cache.length
         if sorted(inputs) != list(range(start, start + len(inputs))):
@@ -212,7 +172,7 @@ class Parity:
             hidden = m.hidden(cache, torch.stack([inputs[p] for p in sorted(inputs)])[None])[0]
             logits = m.logits(hidden)
         at = lambda pos: pos - start  # noqa: E731
-        for phase, prompt in zip(case["phases"], prompts):
+        for phase, prompt in zip(case["phases"], prompts, strict=True):
             ph = phase["phase"]
             names = phase.get("tensors", {})
             r.close(g, f"{ph} prefill logits", logits[at(phase["prefill_last_pos"])], self.t(names["prefill_logits"]))
@@ -228,7 +188,8 @@ class Parity:
                 self.check_steps(g, phase, logits, at)
             for k, c in enumerate(phase.get("coordinates", [])):
                 h = hidden[at(c["fed_at_pos"] - 1)]
-                self.check_region(g, f"coord{k}", h, region.coord_logits(h, m.w.region), c["bin"], c["bin_gap12"], c.get("tensors", {}))
+                out = region.coord_logits(h, m.w.region)
+                self.check_region(g, f"coord{k}", h, out, int(out.argmax()), c["bin"], c["bin_gap12"], c.get("tensors", {}))
             if "objects" in phase:
                 self.check_objects(g, phase, hidden, logits, at)
 
@@ -242,17 +203,27 @@ class Parity:
             worst = max(worst, rel)
             if int(row.argmax()) != step["argmax"] and step["gap12"] > 2 * REL_TOL * float(ref.abs().max()):
                 wrong.append(step["step"])
-        self.report.rows.append(Row(g, f"{phase['phase']} top-5 x{len(phase['steps'])} steps", worst <= REL_TOL, rel=worst, tol=f"rel {REL_TOL:g}"))
+        self.report.rows.append(
+            Row(g, f"{phase['phase']} top-5 x{len(phase['steps'])} steps", worst <= REL_TOL, rel=worst, tol=f"rel {REL_TOL:g}")
+        )
         self.report.exact(g, f"{phase['phase']} argmax per step", wrong, [])
 
-    def check_region(self, g: str, name: str, hidden: torch.Tensor, logits: torch.Tensor, ref_bin: Any, gap: float,
-                     tensors: dict[str, str]) -> None:
-        if "hidden" in tensors:
-            self.report.close(g, f"{name} hidden", hidden, self.t(tensors["hidden"]))
-        if "logits" in tensors:
-            self.report.close(g, f"{name} logits", logits, self.t(tensors["logits"]))
-        ours = logits.argmax(-1).tolist()
-        self.report.exact(g, f"{name} bin", ours, ref_bin, informational=gap <= 2 * REL_TOL * float(logits.abs().max()))
+    def check_region(
+        self,
+        g: str,
+        name: str,
+        hidden: torch.Tensor,
+        logits: torch.Tensor,
+        ours: Any,
+        ref: Any,
+        gap: float,
+        tensors: dict[str, str],
+    ) -> None:
+        """Region-decoder input and output tensors (when recorded) and the decoded bin(s)."""
+        for key, value in (("hidden", hidden), ("logits", logits)):
+            if key in tensors:
+                self.report.close(g, f"{name} {key}", value, self.t(tensors[key]))
+        self.report.exact(g, f"{name} bin", ours, ref, informational=gap <= 2 * REL_TOL * float(logits.abs().max()))
 
     def check_objects(self, g: str, phase: dict[str, Any], hidden: torch.Tensor, logits: torch.Tensor, at: Any) -> None:
         m, eos = self.m, self.m.cfg.tokenizer.eos_id
@@ -262,33 +233,26 @@ class Parity:
             worst = max(worst, float((row[d["top5_ids"]].double() - ref).abs().max() / ref.abs().max()))
             if (int(row.argmax()) == eos) != d["stop"] and abs(d["eos_minus_best_other"]) > 2 * REL_TOL * float(ref.abs().max()):
                 wrong.append(d["pos"])
-        self.report.rows.append(Row(g, f"continue/stop top-5 x{len(phase['decisions'])}", worst <= REL_TOL, rel=worst, tol=f"rel {REL_TOL:g}"))
+        self.report.rows.append(
+            Row(g, f"continue/stop top-5 x{len(phase['decisions'])}", worst <= REL_TOL, rel=worst, tol=f"rel {REL_TOL:g}")
+        )
         self.report.exact(g, "continue/stop decisions", wrong, [])
         tensors = phase.get("first_object_tensors", {})
         for k, obj in enumerate(phase["objects"]):
             fp = obj["fed_positions"]
-            reads = [("x", fp[0] - 1, region.coord_logits, obj["x_bin"], obj["x_gap12"]),
-                     ("y", fp[0], region.coord_logits, obj["y_bin"], obj["y_gap12"])]
+            reads = [("x", fp[0] - 1, obj["x_bin"], obj["x_gap12"]), ("y", fp[0], obj["y_bin"], obj["y_gap12"])]
             if "w_bin" in obj:
-                reads.append(("size", fp[1], lambda h, w: region.size_logits(h, w).flatten(), [obj["w_bin"], obj["h_bin"]],
-                              min(obj["w_gap12"], obj["h_gap12"])))
-            for name, pos, decoder, ref_bin, gap in reads:
+                reads.append(("size", fp[1], [obj["w_bin"], obj["h_bin"]], min(obj["w_gap12"], obj["h_gap12"])))
+            for name, pos, ref_bin, gap in reads:
                 h = hidden[at(pos)]
-                out = decoder(h, m.w.region)
-                t = {key: tensors[f"{name}_{key}"] for key in ("hidden", "logits") if k == 0 and f"{name}_{key}" in tensors}
                 if name == "size":
-                    self.check_region_size(g, f"obj{k} size", h, out, ref_bin, gap, t)
+                    out = region.size_logits(h, m.w.region)
+                    ours, out = out.argmax(-1).tolist(), out.flatten()
                 else:
-                    self.check_region(g, f"obj{k} {name}", h, out, ref_bin, gap, t)
-
-    def check_region_size(self, g: str, name: str, h: torch.Tensor, out: torch.Tensor, ref_bins: list[int], gap: float,
-                          tensors: dict[str, str]) -> None:
-        if "hidden" in tensors:
-            self.report.close(g, f"{name} hidden", h, self.t(tensors["hidden"]))
-        if "logits" in tensors:
-            self.report.close(g, f"{name} logits", out, self.t(tensors["logits"]))
-        bins = out.view(2, -1).argmax(-1).tolist()
-        self.report.exact(g, f"{name} bins", bins, ref_bins, informational=gap <= 2 * REL_TOL * float(out.abs().max()))
+                    out = region.coord_logits(h, m.w.region)
+                    ours = int(out.argmax())
+                t = {key: tensors[f"{name}_{key}"] for key in ("hidden", "logits") if k == 0 and f"{name}_{key}" in tensors}
+                self.check_region(g, f"obj{k} {name}", h, out, ours, ref_bin, gap, t)
 
     def end_to_end(self, case: dict[str, Any], image: Any, info: bool) -> None:
         m, r, g, call = self.m, self.report, case["name"], case["call"]
@@ -302,11 +266,17 @@ class Parity:
                 if call["skill"] == "caption":
                     list(simple.caption(m, image, call.get("length", "normal"), s, run=run))
                 else:
-                    list(simple.query(m, image, call["question"], s, call.get("spatial_refs"), call.get("reasoning", False), run, trace))
+                    list(
+                        simple.query(
+                            m, image, call["question"], s, call.get("spatial_refs"), call.get("reasoning", False), run, trace
+                        )
+                    )
                 runs = [trace, run] if call.get("reasoning") else [run]
-                for phase, ours in zip(phases, runs):
+                for phase, ours in zip(phases, runs, strict=True):
                     stop = "max_tokens" if phase["stop_reason"] == "max_tokens" else "stop"
-                    r.exact(g, f"{phase['phase']} greedy ids", [ours.ids, ours.stop_reason], [phase["generated_ids"], stop], near_tie)
+                    r.exact(
+                        g, f"{phase['phase']} greedy ids", [ours.ids, ours.stop_reason], [phase["generated_ids"], stop], near_tie
+                    )
             else:
                 objs = simple.locate(m, image, call["skill"], call["object"], s, call.get("spatial_refs"))
                 ours = [[o.x, o.y, *(o.size or ())] for o in objs]
@@ -318,8 +288,14 @@ class Parity:
                 img = self.dir / self.meta["images"][img]["file"]
             result = getattr(self.vl, call["skill"])(img, settings=settings, **kwargs)
             informational = near_tie or (source == "image file" and img is not None and img_mod.RESIZE_BACKEND != "pyvips")
-            r.exact(g, f"result ({source})", _same(result, case["result"]), True, informational,
-                    "" if _same(result, case["result"]) else f"got {_short(result)}")
+            r.exact(
+                g,
+                f"result ({source})",
+                same_result(result, case["result"]),
+                True,
+                informational,
+                "" if same_result(result, case["result"]) else f"got {short_json(result)}",
+            )
 
 
 def main(directory: str, as_json: bool = False) -> int:

@@ -61,7 +61,9 @@ class Moondream:
     def embed_ids(self, ids: Sequence[int]) -> torch.Tensor:
         return self.w.text.wte[torch.tensor(list(ids), device=self.device)]
 
-    def embed_prompt(self, ids: Sequence[int], coords: Sequence[float] = (), sizes: Sequence[tuple[float, float]] = ()) -> torch.Tensor:
+    def embed_prompt(
+        self, ids: Sequence[int], coords: Sequence[float] = (), sizes: Sequence[tuple[float, float]] = ()
+    ) -> torch.Tensor:
         """Token embeddings (T, D) with coord/size placeholder rows replaced by region encodings, in order."""
         x = self.embed_ids(ids)
         tok = self.cfg.tokenizer

@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 
 
-def rope_table(rotary_dim: int, max_context: int, theta: float, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_table(
+    rotary_dim: int, max_context: int, theta: float, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin tables of shape (max_context, rotary_dim // 2), always float32."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=device, dtype=torch.float32) / rotary_dim))
     angles = torch.outer(torch.arange(max_context, device=device, dtype=torch.float32), inv_freq)

@@ -17,11 +17,13 @@ def build_text(cfg: TextConfig) -> nn.Module:
     m = nn.Module()
     m.wte = nn.Parameter(torch.empty(cfg.vocab_size, cfg.dim))
     m.blocks = nn.ModuleList(
-        nn.ModuleDict({
-            "ln": nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps),
-            "attn": nn.ModuleDict({"qkv": nn.Linear(cfg.dim, cfg.qkv_dim), "proj": nn.Linear(cfg.n_heads * cfg.hd, cfg.dim)}),
-            "mlp": mlp_weights(cfg.dim, cfg.ff_dim, cfg.dim),
-        })
+        nn.ModuleDict(
+            {
+                "ln": nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps),
+                "attn": nn.ModuleDict({"qkv": nn.Linear(cfg.dim, cfg.qkv_dim), "proj": nn.Linear(cfg.n_heads * cfg.hd, cfg.dim)}),
+                "mlp": mlp_weights(cfg.dim, cfg.ff_dim, cfg.dim),
+            }
+        )
         for _ in range(cfg.n_layers)
     )
     m.post_ln = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
@@ -70,7 +72,7 @@ class KVCache:
 
     def prefix(self, length: int) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
         """Copies of the first `length` positions of every layer (for an encoded image)."""
-        return tuple((k[:, :, :length].clone(), v[:, :, :length].clone()) for k, v in zip(self.k, self.v))
+        return tuple((k[:, :, :length].clone(), v[:, :, :length].clone()) for k, v in zip(self.k, self.v, strict=True))
 
 
 def prefix_lm_mask(q_pos: torch.Tensor, n_keys: int, prefix_len: int) -> torch.Tensor | None:

@@ -18,12 +18,16 @@ def build_vision(cfg: VisionConfig) -> nn.Module:
     m.patch_emb = nn.Linear(cfg.patch_dim, cfg.enc_dim)
     m.pos_emb = nn.Parameter(torch.empty(1, cfg.n_patches, cfg.enc_dim))
     m.blocks = nn.ModuleList(
-        nn.ModuleDict({
-            "ln1": nn.LayerNorm(cfg.enc_dim, eps=cfg.layer_norm_eps),
-            "attn": nn.ModuleDict({"qkv": nn.Linear(cfg.enc_dim, 3 * cfg.enc_dim), "proj": nn.Linear(cfg.enc_dim, cfg.enc_dim)}),
-            "ln2": nn.LayerNorm(cfg.enc_dim, eps=cfg.layer_norm_eps),
-            "mlp": mlp_weights(cfg.enc_dim, cfg.enc_ff_dim, cfg.enc_dim),
-        })
+        nn.ModuleDict(
+            {
+                "ln1": nn.LayerNorm(cfg.enc_dim, eps=cfg.layer_norm_eps),
+                "attn": nn.ModuleDict(
+                    {"qkv": nn.Linear(cfg.enc_dim, 3 * cfg.enc_dim), "proj": nn.Linear(cfg.enc_dim, cfg.enc_dim)}
+                ),
+                "ln2": nn.LayerNorm(cfg.enc_dim, eps=cfg.layer_norm_eps),
+                "mlp": mlp_weights(cfg.enc_dim, cfg.enc_ff_dim, cfg.enc_dim),
+            }
+        )
         for _ in range(cfg.enc_n_layers)
     )
     m.post_ln = nn.LayerNorm(cfg.enc_dim, eps=cfg.layer_norm_eps)
