@@ -63,9 +63,11 @@ def load_dir(
 TINY_TASKS = ["<|caption|>", "<|short|>", "<|normal|>", "<|long|>", "<|query|>", "<|detect|>", "<|point|>"]
 
 
-def tiny_config(vocab_size: int, n_kv_heads: int = 2, crop_size: int = 56, patch: int = 14, margin: int = 1) -> ModelConfig:
+def tiny_config(
+    task_ids: dict[str, int], vocab_size: int, n_kv_heads: int = 2, crop_size: int = 56, patch: int = 14, margin: int = 1
+) -> ModelConfig:
     """A few-layer config of the MD2 architecture whose templates use the tiny tokenizer's task tokens."""
-    t = {name: 266 + i for i, name in enumerate(TINY_TASKS)}
+    t = task_ids
     tok = TokenizerConfig(
         caption={k: (1, t["<|caption|>"], 2, t[f"<|{k}|>"], 3) for k in ("short", "normal", "long")},
         query_prefix=(1, t["<|query|>"], 2),
@@ -95,12 +97,14 @@ def tiny_config(vocab_size: int, n_kv_heads: int = 2, crop_size: int = 56, patch
     ).validate()
 
 
-def tiny_random(seed: int = 0, device: str | torch.device | None = "cpu", **overrides) -> Moondream:
+def tiny_random(
+    seed: int = 0, device: str | torch.device | None = "cpu", dtype: str | torch.dtype | None = None, **overrides
+) -> Moondream:
     """A randomly initialized tiny model with a byte-level tokenizer: exercises every code path, knows nothing."""
     hf_tok = byte_level_tokenizer(TINY_TASKS)
-    cfg = tiny_config(hf_tok.get_vocab_size(), **overrides)
+    cfg = tiny_config({t: hf_tok.token_to_id(t) for t in TINY_TASKS}, hf_tok.get_vocab_size(), **overrides)
     dev = pick_device(device)
-    weights = init_weights(build_model(cfg), seed).to(device=dev, dtype=pick_dtype(dev))
+    weights = init_weights(build_model(cfg), seed).to(device=dev, dtype=pick_dtype(dev, dtype))
     return Moondream(cfg, weights, Tokenizer(hf_tok, cfg.tokenizer), name="tiny-random")
 
 
@@ -113,7 +117,7 @@ def load(
     """Load a model by built-in name, local directory or Hugging Face hub id (from the local hub cache)."""
     model = str(model or DEFAULT_MODEL)
     if model in BUILTIN:
-        return BUILTIN[model](device=device)
+        return BUILTIN[model](device=device, dtype=dtype)
     path = Path(model).expanduser()
     if path.is_dir():
         return load_dir(path, device, dtype)

@@ -1,0 +1,25 @@
+"""CUDA path: runs only where a GPU is present; skipped cleanly elsewhere."""
+
+import pytest
+import torch
+
+from moonbase import VL
+from moonbase.data.shapes import render_scene
+from moonbase.hub import tiny_random
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def test_cuda_fp32_matches_cpu_and_bf16_runs():
+    image = render_scene(seed=5, n_objects=2, size=(128, 96)).image
+    greedy = {"temperature": 0, "max_tokens": 8}
+    cpu, gpu = VL(tiny_random(seed=0, device="cpu")), VL(tiny_random(seed=0, device="cuda"))
+    assert gpu.model.dtype == torch.bfloat16 and gpu.model.device.type == "cuda"
+    gpu32 = VL(tiny_random(seed=0, device="cuda", dtype=torch.float32))
+    assert gpu32.point(image, "circle") == pytest.approx(cpu.point(image, "circle"))
+    for vl in (gpu, gpu32):
+        assert isinstance(vl.caption(image, settings=greedy)["caption"], str)
+        assert isinstance(vl.query(image, "what?", reasoning=True, settings=greedy)["answer"], str)
+        assert isinstance(vl.detect(image, "circle", settings={"max_objects": 3})["objects"], list)
+        seeded = {"temperature": 1.0, "top_p": 0.9, "max_tokens": 8, "seed": 3}
+        assert vl.caption(image, settings=seeded) == vl.caption(image, settings=seeded)
