@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import torch
+
 from . import simple, skills
 from .errors import SettingsError
 from .image import DEFAULT_MAX_PIXELS, ImageInput, load_image, overlap_crops
@@ -32,7 +34,8 @@ class VL:
             return image
         m = self.model
         crops = overlap_crops(load_image(image, self.max_pixels), m.cfg.vision)
-        return m.prefill_image(m.embed_crops([crops])[0])
+        with torch.no_grad():
+            return m.prefill_image(m.embed_crops([crops])[0])
 
     def _settings(self, settings: dict[str, Any] | None) -> skills.Settings:
         s = skills.resolve_settings(settings, self.model.cfg.defaults)

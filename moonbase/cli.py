@@ -106,8 +106,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
         "question": a.question,
         "answer": model.query(encoded, a.question, settings=settings)["answer"],
         "object": a.object,
-        "objects": model.detect(encoded, a.object)["objects"],
-        "points": model.point(encoded, a.object)["points"],
+        "objects": model.detect(encoded, a.object, {"max_objects": 20})["objects"],
+        "points": model.point(encoded, a.object, {"max_objects": 20})["points"],
     }
     result["seconds"] = round(time.perf_counter() - t0, 3)
     print(json.dumps(result, indent=2))
@@ -122,6 +122,22 @@ def cmd_parity(a: argparse.Namespace) -> int:
     return parity_main(a.directory, a.json)
 
 
+def cmd_train(a: argparse.Namespace) -> int:
+    from .train.nano import TrainArgs, train
+
+    fields = {f: getattr(a, f) for f in ("out", "steps", "batch_images", "lr", "seed", "max_minutes", "device", "resume")}
+    train(TrainArgs(**{k: v for k, v in fields.items() if v is not None}))
+    return 0
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from .eval.synthetic import evaluate
+
+    result = evaluate(_vl(a), a.seed, a.scenes, a.captchas, a.texts, progress=not a.json)
+    print(json.dumps(result, indent=None if a.json else 2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moonbase", description="Run Moondream vision-language models locally.")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -129,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="caption, query, detect and point on one image; writes an annotated PNG")
     p.add_argument("image", nargs="?", default=None, help="image file (default: a rendered sample scene)")
-    p.add_argument("--question", default="How many shapes are there?")
+    p.add_argument("--question", default="How many circles are there?")
     p.add_argument("--object", default="circle")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--out", default="out/demo.png")
@@ -157,6 +173,28 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--draw", default=None, metavar="OUT.png", help="write the image with the results drawn on it")
         _model_args(p), _settings_args(p, objects=True)
         p.set_defaults(fn=cmd_locate)
+
+    p = sub.add_parser("train", help="train a model from scratch (the embedded nano recipe)")
+    p.add_argument("recipe", choices=("nano",))
+    p.add_argument("--out", default=None, help="run directory (default runs/nano)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch-images", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this much training time")
+    p.add_argument("--device", default=None)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a model on a held-out synthetic suite")
+    p.add_argument("--suite", default="synthetic", choices=("synthetic",))
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--scenes", type=int, default=150)
+    p.add_argument("--captchas", type=int, default=60)
+    p.add_argument("--texts", type=int, default=60)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _model_args(p)
+    p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("parity", help="check numerical parity against reference golden outputs")
     p.add_argument("directory")

@@ -19,13 +19,13 @@ from .device import pick_device, pick_dtype
 from .errors import ModelNotFoundError
 from .model.init import init_weights
 from .model.moondream import Moondream, build_model
-from .tokenizer import Tokenizer, byte_level_tokenizer
+from .tokenizer import TASK_TOKENS, Tokenizer, byte_level_tokenizer, task_token_templates
 from .weights import load_weights, read_header
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "tiny-random"
 WEIGHT_FILES = ("model.safetensors", "model.pt")
+ASSETS = Path(__file__).parent / "assets"
 
 
 def model_config_for(directory: Path) -> ModelConfig:
@@ -60,20 +60,10 @@ def load_dir(
     return Moondream(cfg, weights, tokenizer, name=directory.name)
 
 
-TINY_TASKS = ["<|caption|>", "<|short|>", "<|normal|>", "<|long|>", "<|query|>", "<|detect|>", "<|point|>"]
-
-
 def tiny_config(
-    task_ids: dict[str, int], vocab_size: int, n_kv_heads: int = 2, crop_size: int = 56, patch: int = 14, margin: int = 1
+    tok: TokenizerConfig, vocab_size: int, n_kv_heads: int = 2, crop_size: int = 56, patch: int = 14, margin: int = 1
 ) -> ModelConfig:
-    """A few-layer config of the MD2 architecture whose templates use the tiny tokenizer's task tokens."""
-    t = task_ids
-    tok = TokenizerConfig(
-        caption={k: (1, t["<|caption|>"], 2, t[f"<|{k}|>"], 3) for k in ("short", "normal", "long")},
-        query_prefix=(1, t["<|query|>"], 2),
-        detect_prefix=(1, t["<|detect|>"], 2),
-        point_prefix=(1, t["<|point|>"], 2),
-    )
+    """A few-layer config of the MD2 architecture, for tests and as a stand-in default."""
     return ModelConfig(
         vision=VisionConfig(
             enc_dim=32,
@@ -101,14 +91,23 @@ def tiny_random(
     seed: int = 0, device: str | torch.device | None = "cpu", dtype: str | torch.dtype | None = None, **overrides
 ) -> Moondream:
     """A randomly initialized tiny model with a byte-level tokenizer: exercises every code path, knows nothing."""
-    hf_tok = byte_level_tokenizer(TINY_TASKS)
-    cfg = tiny_config({t: hf_tok.token_to_id(t) for t in TINY_TASKS}, hf_tok.get_vocab_size(), **overrides)
+    hf_tok = byte_level_tokenizer(TASK_TOKENS)
+    cfg = tiny_config(task_token_templates(hf_tok), hf_tok.get_vocab_size(), **overrides)
     dev = pick_device(device)
     weights = init_weights(build_model(cfg), seed).to(device=dev, dtype=pick_dtype(dev, dtype))
     return Moondream(cfg, weights, Tokenizer(hf_tok, cfg.tokenizer), name="tiny-random")
 
 
-BUILTIN = {"tiny-random": tiny_random}
+def nano(device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> Moondream:
+    """The embedded default: a small model of the Moondream architecture trained by this project on synthetic
+    data (see moonbase/assets/nano/MODEL_CARD.md)."""
+    m = load_dir(ASSETS / "nano", device, dtype)
+    m.name = "nano"
+    return m
+
+
+BUILTIN = {"nano": nano, "tiny-random": tiny_random}
+DEFAULT_MODEL = "nano" if (ASSETS / "nano" / "model.safetensors").is_file() else "tiny-random"
 
 
 def load(

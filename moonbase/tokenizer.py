@@ -85,6 +85,22 @@ class TextStream:
 
 
 SPECIAL_TOKENS = ["<|endoftext|>"] + [f"<|md_reserved_{i}|>" for i in range(9)]  # ids 0-9, starmie layout
+# Task words of the prompt templates, as single special tokens (starmie uses ordinary word ids instead).
+TASK_TOKENS = ["<|caption|>", "<|short|>", "<|normal|>", "<|long|>", "<|query|>", "<|detect|>", "<|point|>"]
+
+
+def task_token_templates(tok: HFTokenizer) -> TokenizerConfig:
+    """Templates of the MD2 shape (`<md0> task <md1> ... <md2>`) over a tokenizer that has TASK_TOKENS."""
+    t = {name: tok.token_to_id(name) for name in TASK_TOKENS}
+    missing = [name for name, i in t.items() if i is None]
+    if missing:
+        raise CheckpointError(f"tokenizer lacks the task tokens {missing}")
+    return TokenizerConfig(
+        caption={k: (1, t["<|caption|>"], 2, t[f"<|{k}|>"], 3) for k in ("short", "normal", "long")},
+        query_prefix=(1, t["<|query|>"], 2),
+        detect_prefix=(1, t["<|detect|>"], 2),
+        point_prefix=(1, t["<|point|>"], 2),
+    )
 
 
 def byte_level_tokenizer(extra_special: list[str] = ()) -> HFTokenizer:

@@ -12,14 +12,14 @@ from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "star")
 COLORS = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (235, 200, 30),
-    "purple": (140, 60, 180),
-    "orange": (245, 130, 20),
-    "white": (245, 245, 245),
+    "red": (215, 35, 35),
+    "green": (30, 150, 50),
+    "blue": (35, 70, 215),
+    "yellow": (225, 185, 15),
+    "purple": (130, 50, 170),
+    "orange": (240, 120, 15),
     "black": (20, 20, 20),
+    "brown": (125, 75, 30),
 }
 
 
@@ -48,19 +48,24 @@ class Scene:
     background: str
 
 
-def _background(rng: random.Random, w: int, h: int, avoid: set[str]) -> tuple[Image.Image, str]:
-    kind = rng.choice(("plain", "gradient", "noise"))
-    palette = [c for n, c in COLORS.items() if n not in avoid] or list(COLORS.values())
-    base = np.array(rng.choice(palette), dtype=np.float32) * 0.35 + 150
+def _light(rng: random.Random) -> np.ndarray:
+    """A light, low-saturation colour: every shape colour is darker, so shapes stand out from any background."""
+    grey = rng.uniform(205, 240)
+    return np.array([grey + rng.uniform(-10, 10) for _ in range(3)], dtype=np.float32)
+
+
+def _background(rng: random.Random, w: int, h: int) -> tuple[Image.Image, str]:
+    kind = rng.choice(("plain", "gradient", "noisy"))
+    base = _light(rng)
     if kind == "plain":
         arr = np.broadcast_to(base, (h, w, 3)).copy()
     elif kind == "gradient":
-        other = np.array([rng.randint(120, 235) for _ in range(3)], dtype=np.float32)
+        other = _light(rng)
         t = np.linspace(0, 1, w if rng.random() < 0.5 else h, dtype=np.float32)
         t = t[None, :, None] if t.shape[0] == w else t[:, None, None]
         arr = np.broadcast_to(base * (1 - t) + other * t, (h, w, 3)).copy()
     else:
-        noise = np.random.default_rng(rng.getrandbits(32)).normal(0, 18, (h, w, 3)).astype(np.float32)
+        noise = np.random.default_rng(rng.getrandbits(32)).normal(0, 10, (h, w, 3)).astype(np.float32)
         arr = base + noise
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)), kind
 
@@ -82,19 +87,23 @@ def _draw(d: ImageDraw.ImageDraw, kind: str, x0: float, y0: float, x1: float, y1
         d.polygon(pts, fill=fill)
 
 
-def render_scene(seed: int, n_objects: int | None = None, size: tuple[int, int] | None = None) -> Scene:
-    """A scene of 1-8 non-overlapping shapes. Boxes are the drawn extents, normalized to the image."""
+def render_scene(seed: int, n_objects: int | None = None, size: tuple[int, int] | None = None, max_objects: int = 8) -> Scene:
+    """A scene of 1-`max_objects` non-overlapping shapes. Boxes are the drawn extents, normalized to the image."""
     rng = random.Random(seed)
-    w, h = size or (rng.choice((256, 320, 384, 448, 512)), rng.choice((256, 320, 384, 448, 512)))
-    n = n_objects if n_objects is not None else rng.randint(1, 8)
+    if size is None:
+        w = rng.choice((256, 320, 384, 448, 512))
+        h = min(512, max(256, round(w * rng.uniform(0.65, 1.5) / 32) * 32))
+        size = (w, h)
+    w, h = size
+    n = n_objects if n_objects is not None else rng.randint(1, max_objects)
     colors = [rng.choice(list(COLORS)) for _ in range(n)]
-    image, bg = _background(rng, w, h, set(colors))
+    image, bg = _background(rng, w, h)
     draw = ImageDraw.Draw(image)
     placed: list[tuple[float, float, float, float]] = []
     shapes = []
     for color in colors:
         for _ in range(50):  # rejection sampling for a free spot
-            side = rng.uniform(0.08, 0.28) * min(w, h)
+            side = rng.uniform(0.12, 0.3) * min(w, h)
             x0, y0 = rng.uniform(0, w - side), rng.uniform(0, h - side)
             box = (x0, y0, x0 + side, y0 + side)
             if all(box[2] + 4 < p[0] or p[2] + 4 < box[0] or box[3] + 4 < p[1] or p[3] + 4 < box[1] for p in placed):

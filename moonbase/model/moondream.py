@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -32,16 +33,21 @@ class Moondream:
         self.rope = rope_table(cfg.text.rotary_dim, cfg.text.max_context, cfg.text.rope_theta, self.device)
 
     # --- vision -------------------------------------------------------------------------------------
-    @torch.no_grad()
     def embed_crops(self, crops: Sequence[Crops]) -> list[torch.Tensor]:
-        """Image embeddings (P, D) for several images; all their crops go through the encoder as one batch."""
-        pixels = torch.cat([normalize(c.pixels, self.device, self.dtype) for c in crops])
+        """Image embeddings (P, D) for several images; all their crops go through the encoder as one batch.
+
+        A 1x1 tiling's local crop is the global crop resized to the same size, i.e. the same pixels; it is
+        encoded once."""
+        unique = [c.pixels[:1] if c.tiling == (1, 1) and np.array_equal(c.pixels[0], c.pixels[1]) else c.pixels for c in crops]
+        pixels = torch.cat([normalize(p, self.device, self.dtype) for p in unique])
         feats = vision.encode_crops(pixels, self.w.vision, self.cfg.vision)
         out, i = [], 0
-        for c in crops:
-            n = len(c.pixels)
-            out.append(vision.image_embeddings(feats[i : i + n], c.tiling, self.w.vision, self.cfg.vision))
-            i += n
+        for c, p in zip(crops, unique, strict=True):
+            f = feats[i : i + len(p)]
+            if len(p) < len(c.pixels):
+                f = f.expand(len(c.pixels), -1, -1)
+            out.append(vision.image_embeddings(f, c.tiling, self.w.vision, self.cfg.vision))
+            i += len(p)
         return out
 
     @torch.no_grad()

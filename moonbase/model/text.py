@@ -83,34 +83,59 @@ def prefix_lm_mask(q_pos: torch.Tensor, n_keys: int, prefix_len: int) -> torch.T
     return None if bool(allowed.all()) else allowed
 
 
-def text_hidden(
+def decoder(
     x_BTC: torch.Tensor,
     w: nn.Module,
     cfg: TextConfig,
-    cache: KVCache,
     rope: tuple[torch.Tensor, torch.Tensor],
+    pos: torch.Tensor,
+    mask: torch.Tensor | None,
+    cache: KVCache | None = None,
+    taps: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
-    """Run the decoder over T new input embeddings appended to `cache`; returns pre-`post_ln` hidden states."""
+    """The decoder blocks over input embeddings; returns pre-`post_ln` hidden states (B, T, D).
+
+    pos: (T,) or (B, T) RoPE positions. mask: None (all keys), (T, S) or (B, T, S), True = may attend.
+    With a cache, K/V are appended at cache.length and attention covers the whole cache; without one
+    (training), attention covers the T inputs themselves. `taps` collects each layer's post-RoPE (q, k).
+    """
     b, t, _ = x_BTC.shape
-    start = cache.length
-    cache.reserve(start + t)
-    pos = torch.arange(start, start + t, device=x_BTC.device)
     cos, sin = rope[0][pos], rope[1][pos]
-    mask = prefix_lm_mask(pos, start + t, cache.prefix_len)
+    if pos.dim() == 2:
+        cos, sin = cos[:, None], sin[:, None]
+    if mask is not None and mask.dim() == 3:
+        mask = mask[:, None]
     hd, nq, nkv = cfg.hd, cfg.n_heads, cfg.n_kv_heads
+    start = cache.length if cache is not None else 0
+    if cache is not None:
+        cache.reserve(start + t)
     x = x_BTC
     for i, block in enumerate(w.blocks):
         h = layer_norm(x, block["ln"])
         q, k, v = linear(h, block["attn"]["qkv"]).split([nq * hd, nkv * hd, nkv * hd], dim=-1)
         q = apply_rope(q.view(b, t, nq, hd).transpose(1, 2), cos, sin)
         k = apply_rope(k.view(b, t, nkv, hd).transpose(1, 2), cos, sin)
-        cache.k[i][:, :, start : start + t] = k
-        cache.v[i][:, :, start : start + t] = v.view(b, t, nkv, hd).transpose(1, 2)
-        keys, values = cache.k[i][:, :, : start + t], cache.v[i][:, :, : start + t]
-        a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=nq != nkv)
+        v = v.view(b, t, nkv, hd).transpose(1, 2)
+        if taps is not None:
+            taps.append((q, k))
+        if cache is not None:
+            cache.k[i][:, :, start : start + t] = k
+            cache.v[i][:, :, start : start + t] = v
+            k, v = cache.k[i][:, :, : start + t], cache.v[i][:, :, : start + t]
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=nq != nkv)
         x = x + linear(a.transpose(1, 2).reshape(b, t, nq * hd), block["attn"]["proj"]) + mlp(h, block["mlp"])
-    cache.length = start + t
+    if cache is not None:
+        cache.length = start + t
     return x
+
+
+def text_hidden(
+    x_BTC: torch.Tensor, w: nn.Module, cfg: TextConfig, cache: KVCache, rope: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
+    """Append T inputs to the cache at the next positions, with the prefix-LM rule for the mask."""
+    start, t = cache.length, x_BTC.shape[1]
+    pos = torch.arange(start, start + t, device=x_BTC.device)
+    return decoder(x_BTC, w, cfg, rope, pos, prefix_lm_mask(pos, start + t, cache.prefix_len), cache)
 
 
 def lm_logits(hidden: torch.Tensor, w: nn.Module) -> torch.Tensor:

@@ -1,0 +1,29 @@
+"""The synthetic mixture: an endless, seeded stream of examples from every generator."""
+
+from __future__ import annotations
+
+import random
+
+from .captcha import captcha_example
+from .scenes import scene_example
+from .tasks import Example
+from .text import text_example
+
+SOURCES = {"shapes": (scene_example, 0.84), "captcha": (captcha_example, 0.08), "text": (text_example, 0.08)}
+SPLITS = {"train": 0, "eval": 1}
+
+
+def example_seed(split: str, seed: int, index: int) -> int:
+    """Distinct, stable seeds per (split, seed, index): training and held-out streams never share one."""
+    return (SPLITS[split] << 60) | ((seed & 0xFFFFF) << 40) | index
+
+
+def synthetic_example(split: str, seed: int, index: int, source: str | None = None, max_objects: int = 8) -> Example:
+    """Example `index` of a stream; `max_objects` caps shape scenes (a training curriculum)."""
+    s = example_seed(split, seed, index)
+    if source is None:
+        names = list(SOURCES)
+        source = random.Random(s).choices(names, weights=[SOURCES[n][1] for n in names])[0]
+    if source == "shapes":
+        return scene_example(s, max_objects)
+    return SOURCES[source][0](s)

@@ -1,0 +1,131 @@
+"""Language about shape scenes: captions at three lengths, questions with exact answers, detect/point targets."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+
+from .shapes import COLORS, SHAPES, Scene, Shape, render_scene
+from .tasks import Example, Task, canonical
+
+NUMBERS = ["no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def plural(kind: str) -> str:
+    return kind + "s"
+
+
+def _region(s: Shape) -> str:
+    row = "top" if s.cy < 1 / 3 else "bottom" if s.cy > 2 / 3 else "middle"
+    col = "left" if s.cx < 1 / 3 else "right" if s.cx > 2 / 3 else "center"
+    return "center" if (row, col) == ("middle", "center") else f"{row} {col}" if row != "middle" else f"middle {col}"
+
+
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _listing(shapes: tuple[Shape, ...]) -> str:
+    names = [f"{article(s.label)} {s.label}" for s in shapes]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def captions(scene: Scene) -> dict[str, str]:
+    shapes = tuple(sorted(scene.shapes, key=lambda s: s.cx))
+    n = len(shapes)
+    noun = "shape" if n == 1 else "shapes"
+    short = f"{NUMBERS[n].capitalize()} {noun} on a {scene.background} background."
+    normal = f"{article(scene.background).capitalize()} {scene.background} background with {_listing(shapes)}."
+    long = normal + "".join(f" The {s.label} is in the {_region(s)}." for s in shapes)
+    return {"short": short, "normal": normal, "long": long}
+
+
+def _phrases(scene: Scene, rng: random.Random) -> tuple[str, list[Shape]]:
+    """An object phrase and the shapes it refers to (possibly none)."""
+    mode = rng.random()
+    if mode < 0.45 and scene.shapes:
+        s = rng.choice(scene.shapes)
+        phrase = s.label
+    elif mode < 0.7:
+        phrase = rng.choice(SHAPES)
+    elif mode < 0.85:
+        phrase = f"{rng.choice(list(COLORS))} shape"
+    else:
+        phrase = f"{rng.choice(list(COLORS))} {rng.choice(SHAPES)}"  # often matches nothing
+    return phrase, [s for s in scene.shapes if matches(s, phrase)]
+
+
+def matches(s: Shape, phrase: str) -> bool:
+    words = phrase.split()
+    if words[-1] == "shape":
+        return len(words) == 1 or s.color == words[0]
+    return s.kind == words[-1] and (len(words) == 1 or s.color == words[0])
+
+
+def _count_question(scene: Scene, rng: random.Random) -> Task:
+    phrase, hits = _phrases(scene, rng)
+    words = phrase.split()
+    noun = " ".join(words[:-1] + [plural(words[-1])])
+    return Task("query", f"How many {noun} are there?", str(len(hits)), kind="count", grounding=tuple(s.box for s in hits))
+
+
+def _extreme(scene: Scene, rng: random.Random) -> Task | None:
+    which = rng.choice(["leftmost", "rightmost", "topmost", "bottommost", "largest", "smallest"])
+    key = {
+        "leftmost": lambda s: -s.cx,
+        "rightmost": lambda s: s.cx,
+        "topmost": lambda s: -s.cy,
+        "bottommost": lambda s: s.cy,
+        "largest": lambda s: s.w * s.h,
+        "smallest": lambda s: -s.w * s.h,
+    }[which]
+    ranked = sorted(scene.shapes, key=key, reverse=True)
+    if len(ranked) < 2:
+        return None
+    margin = 0.15 if which in ("largest", "smallest") else 0.05
+    a, b = key(ranked[0]), key(ranked[1])
+    if abs(a - b) < margin * (abs(a) if which in ("largest", "smallest") else 1):
+        return None  # no clear answer
+    return Task("query", f"Which shape is the {which}?", ranked[0].label, kind="qa", grounding=(ranked[0].box,))
+
+
+def _attribute(scene: Scene, rng: random.Random) -> Task | None:
+    s = rng.choice(scene.shapes)
+    same_kind = [o for o in scene.shapes if o.kind == s.kind]
+    same_color = [o for o in scene.shapes if o.color == s.color]
+    if rng.random() < 0.5 and len(same_kind) == 1:
+        return Task("query", f"What color is the {s.kind}?", s.color, kind="qa", grounding=(s.box,))
+    if len(same_color) == 1:
+        return Task("query", f"What shape is the {s.color} object?", s.kind, kind="qa", grounding=(s.box,))
+    return None
+
+
+def _exists(scene: Scene, rng: random.Random) -> Task:
+    if rng.random() < 0.5 and scene.shapes:
+        label = rng.choice(scene.shapes).label
+    else:
+        label = f"{rng.choice(list(COLORS))} {rng.choice(SHAPES)}"
+    hits = tuple(s.box for s in scene.shapes if s.label == label)
+    return Task("query", f"Is there {article(label)} {label}?", "yes" if hits else "no", kind="qa", grounding=hits)
+
+
+def scene_example(seed: int, max_objects: int = 8) -> Example:
+    rng = random.Random(f"scene-tasks-{seed}")  # independent of the stream that drew the scene
+    scene = render_scene(seed, max_objects=max_objects)
+    caps = captions(scene)
+    length = rng.choice(["short", "normal", "long"])
+    tasks = [_count_question(scene, rng)]
+    if rng.random() < 0.5:
+        tasks.insert(0, Task("caption", length, caps[length], kind="caption"))
+    question = None
+    for make in rng.sample([_extreme, _attribute, _exists], 3):
+        question = make(scene, rng)
+        if question is not None:
+            break
+    if question is not None:
+        tasks.append(question)
+    for skill in ("detect", "point", "detect", "point"):
+        phrase, hits = _phrases(scene, rng)
+        tasks.append(Task(skill, phrase, boxes=canonical([s.box for s in hits]), kind=skill))
+    return Example(np.asarray(scene.image), tuple(tasks), "shapes")

@@ -1,0 +1,117 @@
+"""Training losses shared by pre-training and fine-tuning: cross-entropy on answer tokens and on
+coordinate and log-size bins, teacher-forced through the region encoders."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..model import region
+from ..model.moondream import Moondream
+from ..model.text import decoder, lm_logits
+from .batch import IGNORE, SKILLS, Batch, segment_mask
+
+
+def _soft_ce(logits: torch.Tensor, target: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Cross-entropy against a Gaussian over neighbouring bins (sigma in bins; 0 = the exact bin)."""
+    if sigma <= 0:
+        return F.cross_entropy(logits, target)
+    bins = torch.arange(logits.shape[-1], device=logits.device)
+    q = torch.exp(-0.5 * ((bins[None] - target[:, None]) / sigma) ** 2)
+    q = q / q.sum(-1, keepdim=True)
+    return -(q * F.log_softmax(logits, -1)).sum(-1).mean()
+
+
+def embed_inputs(m: Moondream, b: Batch) -> torch.Tensor:
+    """Token embeddings, with the image prefix and the fed-back coordinates and sizes in place."""
+    dev, dtype = m.device, m.dtype
+    x = m.w.text.wte[b.ids.to(dev)]
+    img = torch.stack(m.embed_crops(b.crops))
+    x = torch.cat([x[:, :1], img, x[:, 1 + img.shape[1] :]], dim=1)
+    coord = b.coord_in.to(dev)
+    is_coord = ~coord.isnan()
+    if is_coord.any():
+        x = x.index_put((is_coord,), region.encode_coordinate(coord[is_coord][:, None].to(dtype), m.w.region))
+    size = b.size_in.to(dev)
+    is_size = ~size[..., 0].isnan()
+    if is_size.any():
+        x = x.index_put((is_size,), region.encode_size(size[is_size].to(dtype), m.w.region))
+    return x
+
+
+def attention_loss(
+    taps: list[tuple[torch.Tensor, torch.Tensor]], attend: torch.Tensor, mask: torch.Tensor, heads: int = 2
+) -> list[torch.Tensor]:
+    """-log of the attention mass that the first `heads` heads of every layer but the first put on the image tokens of the regions
+    an output is about (at the positions that have such regions). A training-only signal that speeds up
+    grounding. Layer 0 is left alone: its queries have not yet seen the prompt, so they cannot know the object."""
+    sel = attend.any(-1)
+    if not bool(sel.any()):
+        return []
+    r, t, p = attend.shape
+    target = torch.zeros(r, t, t, dtype=torch.bool, device=attend.device)
+    target[:, :, 1 : 1 + p] = attend
+    out = []
+    group = taps[0][0].shape[1] // taps[0][1].shape[1]  # query heads per kv head
+    for q, k in taps[1:]:
+        for h in range(heads):
+            logits = (q[:, h] @ k[:, h // group].transpose(-1, -2)) / q.shape[-1] ** 0.5
+            logp = torch.log_softmax(logits.float().masked_fill(~mask, float("-inf")), -1)
+            out.append(-torch.logsumexp(logp.masked_fill(~target, float("-inf")), -1)[sel])
+    return out
+
+
+def length_buckets(lengths: torch.Tensor, ratio: float = 1.25) -> list[torch.Tensor]:
+    """Row indices grouped by similar length, so each group is padded only to its own longest row."""
+    order = lengths.argsort().tolist()
+    groups, current = [], [order[0]]
+    for i in order[1:]:
+        if lengths[i] > ratio * lengths[current[0]]:
+            groups.append(current)
+            current = []
+        current.append(i)
+    groups.append(current)
+    return [torch.tensor(g) for g in groups]
+
+
+def losses(m: Moondream, b: Batch, label_sigma: float = 0.0, attn_weight: float = 0.0) -> dict[str, torch.Tensor]:
+    """Mean token, coordinate and size losses (and the grounding attention loss when `attn_weight` > 0), plus
+    the token loss of each skill for logging."""
+    dev = m.device
+    x = embed_inputs(m, b)
+    lengths = (b.seg >= 0).sum(1)
+    hidden_parts: dict[str, list[torch.Tensor]] = {"tok": [], "coord": [], "size": []}
+    label_parts: dict[str, list[torch.Tensor]] = {"tok": [], "coord": [], "size": [], "skill": []}
+    attn_parts: list[torch.Tensor] = []
+    for rows in length_buckets(lengths):
+        t = int(lengths[rows].max())
+        seg, pos = b.seg[rows, :t].to(dev), b.pos[rows, :t].to(dev)
+        mask = segment_mask(seg)
+        taps: list | None = [] if attn_weight > 0 else None
+        hidden = decoder(x[rows.to(dev), :t], m.w.text, m.cfg.text, m.rope, pos, mask, taps=taps)
+        if taps:
+            attn_parts += attention_loss(taps, b.attend[rows, :t].to(dev), mask)
+        for key, labels in (("tok", b.token_label), ("coord", b.coord_label), ("size", b.size_label)):
+            lab = labels[rows, :t].to(dev)
+            sel = (lab[..., 0] if key == "size" else lab) != IGNORE
+            hidden_parts[key].append(hidden[sel])
+            label_parts[key].append(lab[sel])
+        label_parts["skill"].append(b.skill[rows, :t].to(dev)[b.token_label[rows, :t].to(dev) != IGNORE])
+    h = {k: torch.cat(v) for k, v in hidden_parts.items()}
+    lab = {k: torch.cat(v) for k, v in label_parts.items()}
+    out: dict[str, torch.Tensor] = {}
+    per_token = F.cross_entropy(lm_logits(h["tok"], m.w.text).float(), lab["tok"], reduction="none")
+    out["token"] = per_token.mean()
+    for i, name in enumerate(SKILLS):
+        if (lab["skill"] == i).any():
+            out[f"token_{name}"] = per_token[lab["skill"] == i].mean().detach()
+    if len(lab["coord"]):
+        out["coord"] = _soft_ce(region.coord_logits(h["coord"], m.w.region).float(), lab["coord"], label_sigma)
+    if len(lab["size"]):
+        logits = region.size_logits(h["size"], m.w.region).float()
+        out["size"] = _soft_ce(logits.flatten(0, 1), lab["size"].flatten(), label_sigma)
+    out["loss"] = out["token"] + out.get("coord", 0.0) + out.get("size", 0.0)
+    if attn_parts:
+        out["attn"] = torch.cat(attn_parts).mean()
+        out["loss"] = out["loss"] + attn_weight * out["attn"]
+    return out

@@ -1,0 +1,209 @@
+"""The `nano` model: config, tokenizer and from-scratch training recipe on the synthetic mixture.
+
+python -m moonbase train nano --out runs/nano          # about 50 minutes on a 2-core CPU
+python -m moonbase train nano --out runs/nano --resume  # continue from runs/nano/checkpoint.pt
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
+
+from ..config import Defaults, ModelConfig, RegionConfig, TextConfig, VisionConfig
+from ..data.mix import synthetic_example
+from ..data.text import WORDS
+from ..device import pick_device
+from ..hub import save_dir, tiny_config
+from ..model.init import init_weights
+from ..model.moondream import Moondream, build_model
+from ..tokenizer import SPECIAL_TOKENS, TASK_TOKENS, Tokenizer, byte_level_tokenizer, task_token_templates
+from .batch import make_batch
+from .checkpoint import load_checkpoint, save_checkpoint
+from .losses import losses
+
+
+def corpus(n_examples: int, seed: int) -> Iterator[str]:
+    yield from WORDS
+    for i in range(n_examples):
+        for task in synthetic_example("train", seed, i).tasks:
+            yield task.arg
+            if task.answer:
+                yield task.answer
+
+
+def build_tokenizer(vocab_size: int = 1024, n_examples: int = 4000, seed: int = 0) -> HFTokenizer:
+    """Byte-level BPE over the synthetic texts; digits stay single tokens (captchas are read digit by digit)."""
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS + TASK_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus(n_examples, seed), trainer=trainer)
+    return tok
+
+
+def nano_config(tok: HFTokenizer) -> ModelConfig:
+    vocab = -(-tok.get_vocab_size() // 64) * 64
+    return ModelConfig(
+        vision=VisionConfig(
+            enc_dim=128,
+            enc_patch_size=14,
+            enc_n_layers=4,
+            enc_ff_dim=512,
+            enc_n_heads=4,
+            proj_inner_dim=512,
+            proj_out_dim=256,
+            crop_size=126,
+            max_crops=1,
+            overlap_margin=1,
+        ),
+        text=TextConfig(dim=256, ff_dim=1024, n_layers=4, vocab_size=vocab, max_context=768, n_heads=4, n_kv_heads=4),
+        region=RegionConfig(
+            dim=256, coord_feat_dim=128, coord_out_dim=256, size_feat_dim=128, size_out_dim=512, inner_dim=512, size_min_log2=-8.0
+        ),
+        tokenizer=task_token_templates(tok),
+        defaults=Defaults(temperature=0.0, top_p=1.0, max_tokens=128, max_objects=20),
+    ).validate()
+
+
+@dataclass(frozen=True)
+class TrainArgs:
+    out: str = "runs/nano"
+    steps: int = 4000
+    batch_images: int = 16
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.05
+    label_sigma: tuple[float, float] = (8.0, 1.5)  # soft bin labels, annealed linearly from first to second
+    attn_weight: float = 1.0  # grounding attention supervision
+    curriculum: float = 0.4  # scenes hold at most 3 shapes at first, rising to 8 over this fraction of training
+    seed: int = 0
+    checkpoint_every: int = 200
+    max_minutes: float | None = None
+    device: str | None = None
+    resume: bool = False
+    model: str = "nano"  # "tiny": the few-layer test config with a byte-level tokenizer (for tests and smoke runs)
+
+
+def lr_at(step: int, a: TrainArgs) -> float:
+    if step < a.warmup:
+        return a.lr * (step + 1) / a.warmup
+    progress = (step - a.warmup) / max(1, a.steps - a.warmup)
+    return a.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def train(a: TrainArgs) -> Path:
+    """Train (or resume) a run in `a.out`; a resumed run ends bit-identical to an uninterrupted one on the same device."""
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    # some CPU backward kernels accumulate across threads in varying order; resume tests need exact replay
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        return _train(a)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+def _train(a: TrainArgs) -> Path:
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(a.seed)
+    ckpt_path = out / "checkpoint.pt"
+    state = load_checkpoint(ckpt_path) if a.resume and ckpt_path.is_file() else None
+    if state is not None:
+        hf_tok = HFTokenizer.from_str(state["tokenizer"])
+        cfg = ModelConfig.from_dict(state["config"])
+        if state["args"] != dataclasses.asdict(a) | {"resume": state["args"]["resume"]}:
+            print(f"note: resuming with changed arguments (checkpoint had {state['args']})")
+    elif a.model == "tiny":
+        hf_tok = byte_level_tokenizer(TASK_TOKENS)
+        cfg = tiny_config(task_token_templates(hf_tok), hf_tok.get_vocab_size())
+    else:
+        hf_tok = build_tokenizer(seed=a.seed)
+        cfg = nano_config(hf_tok)
+    device = pick_device(a.device)
+    weights = build_model(cfg)
+    if state is None:
+        init_weights(weights, a.seed)
+    else:
+        weights.load_state_dict(state["model"])
+    weights = weights.to(device)
+    m = Moondream(cfg, weights, Tokenizer(hf_tok, cfg.tokenizer), name="nano")
+    weights.requires_grad_(True)
+    decay = [p for n, p in weights.named_parameters() if p.dim() >= 2 and "wte" not in n and "pos_emb" not in n]
+    no_decay = [p for n, p in weights.named_parameters() if not (p.dim() >= 2 and "wte" not in n and "pos_emb" not in n)]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": a.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=a.lr, betas=(0.9, 0.98)
+    )
+    step = 0
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+    log = open(out / "train_log.jsonl", "a")
+    n_params = sum(p.numel() for p in weights.parameters())
+    print(f"nano: {n_params / 1e6:.2f}M parameters, vocab {cfg.text.vocab_size}, device {device}, step {step}/{a.steps}")
+
+    def batch_for(s: int):
+        cap = 8 if a.curriculum <= 0 else min(8, 3 + int(6 * s / (a.curriculum * a.steps)))
+        examples = [synthetic_example("train", a.seed, s * a.batch_images + i, max_objects=cap) for i in range(a.batch_images)]
+        return make_batch(examples, m.tokenizer, cfg)
+
+    t0, elapsed0 = time.perf_counter(), (state or {}).get("elapsed", 0.0)
+    pool = ThreadPoolExecutor(1)  # data for step s+1 is rendered while step s trains
+    pending = pool.submit(batch_for, step)
+    bar = tqdm(total=a.steps, initial=step, desc="train nano", unit="step", dynamic_ncols=True)
+    while step < a.steps:
+        batch = pending.result()
+        if step + 1 < a.steps:
+            pending = pool.submit(batch_for, step + 1)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, a)
+        sigma = a.label_sigma[0] + (a.label_sigma[1] - a.label_sigma[0]) * min(1.0, step / max(1, a.steps - 1))
+        parts = losses(m, batch, sigma, a.attn_weight)
+        opt.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(weights.parameters(), 1.0)
+        opt.step()
+        step += 1
+        elapsed = elapsed0 + time.perf_counter() - t0
+        record = {k: round(float(v.detach()), 4) for k, v in parts.items()}
+        record |= {"step": step, "lr": lr_at(step - 1, a), "elapsed": round(elapsed, 1)}
+        log.write(json.dumps(record) + "\n")
+        bar.set_postfix(
+            loss=f"{record['loss']:.3f}",
+            tok=f"{record['token']:.3f}",
+            coord=f"{record.get('coord', 0):.3f}",
+            attn=f"{record.get('attn', 0):.3f}",
+            img_s=f"{step * a.batch_images / max(elapsed, 1e-9):.1f}",
+        )
+        bar.update(1)
+        done = step == a.steps or (a.max_minutes is not None and elapsed > 60 * a.max_minutes)
+        if step % a.checkpoint_every == 0 or done:
+            save_checkpoint(ckpt_path, weights, opt, step, cfg, hf_tok, dataclasses.asdict(a), elapsed)
+            log.flush()
+        if done:
+            break
+    bar.close()
+    pool.shutdown(cancel_futures=True)
+    log.close()
+    weights.requires_grad_(False)
+    final = out / "model"
+    save_dir(m, final)
+    print(f"saved {final} after {step} steps, {elapsed / 60:.1f} min")
+    return final

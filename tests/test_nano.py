@@ -1,0 +1,54 @@
+"""The nano recipe (on the tiny config, to stay fast), the eval suite, and a sanity floor for the shipped model."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moonbase import VL
+from moonbase.eval.synthetic import evaluate
+from moonbase.hub import ASSETS, nano
+from moonbase.train.nano import TrainArgs, build_tokenizer, train
+
+
+def _weights(path):
+    return load_file(str(path / "model" / "model.safetensors"))
+
+
+def test_resume_continues_exactly_where_it_stopped(tmp_path):
+    common = dict(model="tiny", steps=4, batch_images=2, warmup=2, checkpoint_every=100, seed=3)
+    train(TrainArgs(out=str(tmp_path / "a"), **common))
+    train(TrainArgs(out=str(tmp_path / "b"), max_minutes=0.0, **common))  # stops (and saves) after one step
+    train(TrainArgs(out=str(tmp_path / "b"), resume=True, **common))
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log = [json.loads(line) for line in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+
+
+def test_nano_tokenizer_layout():
+    tok = build_tokenizer(n_examples=50)
+    assert [tok.id_to_token(i) for i in (0, 3, 5, 10)] == [
+        "<|endoftext|>",
+        "<|md_reserved_2|>",
+        "<|md_reserved_4|>",
+        "<|caption|>",
+    ]
+    assert len(tok.encode("4821").ids) == 4  # digits stay single tokens
+
+
+def test_eval_suite_reports_every_metric(tiny):
+    result = evaluate(VL(tiny), seed=5, n_scenes=3, n_captcha=2, n_text=2, progress=False, max_tokens=8, max_objects=3)
+    for key in ("detect_f1", "point_accuracy", "count_accuracy", "qa_accuracy", "caption_f1", "captcha_accuracy"):
+        assert result[key] is None or 0.0 <= result[key] <= 1.0, key
+    assert result["n_examples"]["images"] == 7 and result["seconds"] >= 0
+
+
+@pytest.mark.skipif(not (ASSETS / "nano" / "model.safetensors").is_file(), reason="nano weights not built into this checkout")
+def test_shipped_nano_is_far_above_chance():
+    result = evaluate(VL(nano()), seed=2024, n_scenes=30, n_captcha=4, n_text=4, progress=False)
+    assert result["count_accuracy"] >= 0.5
+    assert result["point_accuracy"] >= 0.25
+    assert result["detect_f1"] >= 0.15
+    assert result["caption_f1"] >= 0.5

@@ -1,0 +1,65 @@
+import torch
+
+from moonbase.data.scenes import scene_example
+from moonbase.data.tasks import Example, Task
+from moonbase.model import region
+from moonbase.model.text import decoder
+from moonbase.train.batch import IGNORE, make_batch, render_task, segment_mask
+from moonbase.train.losses import embed_inputs, losses
+
+
+def test_detect_labels_follow_the_inference_loop(tiny):
+    cfg, tok = tiny.cfg, tiny.cfg.tokenizer
+    task = Task("detect", "circle", boxes=((0.1, 0.2, 0.3, 0.4), (0.5, 0.5, 0.7, 0.9)))
+    seg = render_task(task, tiny.tokenizer, cfg)
+    n = len(seg) - 6  # prompt length: two objects add x, y, size each
+    assert seg.ids[:n] == list(tiny.tokenizer.cfg.detect_prefix) + tiny.tokenizer.encode(" circle") + [tok.answer_id]
+    # decision "another object" and x are read at the last prompt position, y at x, size at y
+    assert seg.token_label[n - 1] == tok.coord_id and seg.coord_label[n - 1] == region.coord_to_bin(0.2, cfg.region)
+    assert seg.coord_label[n] == region.coord_to_bin(0.3, cfg.region)
+    assert seg.size_label[n + 1] == (region.size_to_bin(0.2, cfg.region), region.size_to_bin(0.2, cfg.region))
+    assert seg.token_label[n + 2] == tok.coord_id and seg.token_label[-1] == tok.eos_id
+    assert seg.coord_in[n] == float(region.coord_from_bin(torch.tensor(seg.coord_label[n - 1]), cfg.region))
+    assert seg.size_in[n + 2] is not None and seg.token_label[n] == IGNORE
+
+
+def test_text_labels_are_the_next_tokens(tiny):
+    seg = render_task(Task("query", "What?", "red"), tiny.tokenizer, tiny.cfg)
+    answer = tiny.tokenizer.encode("red")
+    assert seg.token_label[-1 - len(answer) + 1 :] == answer[1:] + [0] or seg.token_label[-len(answer) - 1 :][-1] == 0
+    labelled = [t for t in seg.token_label if t != IGNORE]
+    assert labelled == answer + [tiny.cfg.tokenizer.eos_id]
+
+
+def test_packed_rows_equal_separate_sequences(tiny):
+    """Several tasks behind one image prefix give the same hidden states as the inference path, one task at a time."""
+    ex = scene_example(4)
+    ex = Example(ex.image, ex.tasks[:2] + ex.tasks[3:4], ex.source)
+    b = make_batch([ex], tiny.tokenizer, tiny.cfg)
+    with torch.no_grad():
+        x = embed_inputs(tiny, b)
+        packed = decoder(x, tiny.w.text, tiny.cfg.text, tiny.rope, b.pos, segment_mask(b.seg))[0]
+        image = tiny.prefill_image(x[0, 1 : tiny.cfg.prefix_len])
+        for k in range(1, len(ex.tasks) + 1):
+            cols = (b.seg[0] == k).nonzero().squeeze(1)
+            alone = tiny.hidden(tiny.new_cache(image), x[:, cols])[0]
+            assert torch.allclose(packed[cols], alone, atol=1e-5)
+
+
+def test_loss_falls_on_a_small_overfit_set():
+    from moonbase.hub import tiny_random
+
+    m = tiny_random(seed=2)
+    m.w.requires_grad_(True)
+    opt = torch.optim.AdamW(m.w.parameters(), lr=3e-3)
+    b = make_batch([scene_example(i) for i in range(4)], m.tokenizer, m.cfg)
+    first = None
+    for _ in range(40):
+        parts = losses(m, b, label_sigma=1.0)
+        opt.zero_grad()
+        parts["loss"].backward()
+        opt.step()
+        first = first if first is not None else {k: float(v.detach()) for k, v in parts.items()}
+    last = {k: float(v.detach()) for k, v in parts.items()}
+    assert last["token"] < 0.5 * first["token"]
+    assert last["coord"] < first["coord"] - 1.0 and last["size"] < first["size"] - 1.0
