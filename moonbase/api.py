@@ -13,29 +13,46 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import hashlib
+
+import numpy as np
 import torch
 
 from . import simple, skills
+from .engine.engine import Engine, Handle
+from .engine.sequence import Request
 from .errors import SettingsError
-from .image import DEFAULT_MAX_PIXELS, ImageInput, load_image, overlap_crops
+from .image import DEFAULT_MAX_PIXELS, Crops, ImageInput, load_image, overlap_crops
 from .model.moondream import Moondream
 from .model.text import EncodedImage
-from .simple import TextRun
 from .tokenizer import TextStream
 
 
 class VL:
-    def __init__(self, model: Moondream, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """Every call becomes a request to one shared engine, so concurrent callers are batched together."""
+
+    def __init__(self, model: Moondream, max_pixels: int = DEFAULT_MAX_PIXELS, engine: Engine | None = None):
         self.model, self.max_pixels = model, max_pixels
+        self._engine = engine
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:  # created on first use: encode_image alone needs no KV pool
+            self._engine = Engine(self.model)
+        return self._engine
 
     def encode_image(self, image: ImageInput | EncodedImage) -> EncodedImage:
         """Run the vision encoder and the image prefill once; pass the result to any skill to reuse it."""
         if isinstance(image, EncodedImage):
             return image
         m = self.model
-        crops = overlap_crops(load_image(image, self.max_pixels), m.cfg.vision)
+        crops = self._crops(image)
         with torch.no_grad():
-            return m.prefill_image(m.embed_crops([crops])[0])
+            encoded = m.prefill_image(m.embed_crops([crops])[0])
+        return EncodedImage(encoded.kv, key=image_key(crops))
+
+    def _crops(self, image: ImageInput) -> Crops:
+        return overlap_crops(load_image(image, self.max_pixels), self.model.cfg.vision)
 
     def _settings(self, settings: dict[str, Any] | None) -> skills.Settings:
         s = skills.resolve_settings(settings, self.model.cfg.defaults)
@@ -43,10 +60,31 @@ class VL:
             raise SettingsError(f"variant {s.variant!r}: LoRA adapters are not supported by this model yet")
         return s
 
-    def _text(self, ids: Iterator[int], stream: bool) -> str | Iterator[str]:
+    def _submit(self, skill: str, image: ImageInput | EncodedImage | None, prompt: skills.Prompt, s, **kw) -> Handle:
+        return self.engine.submit(self._request(skill, image, prompt, s, **kw))
+
+    def _request(self, skill: str, image: ImageInput | EncodedImage | None, prompt: skills.Prompt, s, **kw) -> Request:
+        source = key = None
+        if isinstance(image, EncodedImage):
+            if image.length != self.model.cfg.prefix_len:
+                raise SettingsError(
+                    f"encoded image has {image.length} positions; this model's prefix has {self.model.cfg.prefix_len}"
+                )
+            source, key = image, image.key or _kv_key(image)
+        elif image is not None:
+            source = self._crops(image)
+            key = image_key(source)
+        if image is None:  # text only: BOS then the prompt, causal from position 0
+            prompt = skills.Prompt((self.model.cfg.tokenizer.bos_id,)) + prompt
+        room = self.model.cfg.text.max_context - (0 if image is None else self.model.cfg.prefix_len)
+        if len(prompt.ids) >= room:
+            raise SettingsError(f"prompt of {len(prompt.ids)} tokens does not fit the context ({room} left)")
+        return Request(skill, prompt, s, source, key, **kw)
+
+    def _text(self, handle: Handle, stream: bool) -> str | Iterator[str]:
         if not stream:
-            return self.model.tokenizer.decode(list(ids))
-        return _stream(ids, TextStream(self.model.tokenizer))
+            return self.model.tokenizer.decode(handle.result().run.ids)
+        return _stream(handle.tokens(), TextStream(self.model.tokenizer), handle)
 
     def caption(
         self,
@@ -56,9 +94,8 @@ class VL:
         settings: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         s = self._settings(settings)
-        skills.caption_prompt(self.model.cfg.tokenizer, length)  # validate before encoding the image
-        ids = simple.caption(self.model, self.encode_image(image), length, s)
-        return {"caption": self._text(ids, stream)}
+        prompt = skills.caption_prompt(self.model.cfg.tokenizer, length)
+        return {"caption": self._text(self._submit("caption", image, prompt, s), stream)}
 
     def query(
         self,
@@ -72,28 +109,30 @@ class VL:
         s = self._settings(settings)
         if question is None:
             raise SettingsError("question is required")
-        skills.query_prompt(self.model.tokenizer, question, spatial_refs, reasoning)  # validate first
-        encoded = None if image is None else self.encode_image(image)
-        trace = TextRun()
-        ids = simple.query(self.model, encoded, question, s, spatial_refs, reasoning, reasoning_run=trace)
+        if spatial_refs and image is None:
+            raise SettingsError("spatial_refs need an image")
+        prompt = skills.query_prompt(self.model.tokenizer, question, spatial_refs, reasoning)
+        handle = self._submit("query", image, prompt, s, reasoning=reasoning)
         out: dict[str, Any] = {}
         if reasoning:
+            trace = handle.result().trace
             out["reasoning"] = skills.reasoning_output(simple.reasoning_chunks(trace, self.model), self.model.tokenizer)
-        out["answer"] = self._text(ids, stream)
+        out["answer"] = self._text(handle, stream)
         return out
 
-    def detect(self, image: ImageInput | EncodedImage, object: str, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    def _locate(self, skill: str, image, obj: str, settings, spatial_refs=None) -> list:
         s = self._settings(settings)
-        skills.object_prompt(self.model.tokenizer, "detect", object)
-        objs = simple.locate(self.model, self.encode_image(image), "detect", object, s)
+        prompt = skills.object_prompt(self.model.tokenizer, skill, obj, spatial_refs)
+        return self._submit(skill, image, prompt, s).result().objects
+
+    def detect(self, image: ImageInput | EncodedImage, object: str, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+        objs = self._locate("detect", image, object, settings)
         return {"objects": [skills.region_output(o.x, o.y, *o.size) for o in objs]}
 
     def point(
         self, image: ImageInput | EncodedImage, object: str, settings: dict[str, Any] | None = None, spatial_refs: Any = None
     ) -> dict[str, Any]:
-        s = self._settings(settings)
-        skills.object_prompt(self.model.tokenizer, "point", object, spatial_refs)
-        objs = simple.locate(self.model, self.encode_image(image), "point", object, s, spatial_refs)
+        objs = self._locate("point", image, object, settings, spatial_refs)
         return {"points": [{"x": o.x, "y": o.y} for o in objs]}
 
     def detect_gaze(
@@ -105,11 +144,28 @@ class VL:
         return {"gaze": points[0] if points else None}
 
 
-def _stream(ids: Iterator[int], stream: TextStream) -> Iterator[str]:
-    for t in ids:
-        piece = stream.push(t)
-        if piece:
-            yield piece
-    tail = stream.flush()
-    if tail:
-        yield tail
+def _kv_key(image: EncodedImage) -> str:
+    return "kv:" + hashlib.blake2b(image.kv[0][0].float().cpu().numpy().tobytes(), digest_size=16).hexdigest()
+
+
+def image_key(crops: Crops) -> str:
+    """Content hash of the tiled image: equal pixels share one cached prefix."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((crops.pixels.shape, crops.tiling)).encode())
+    h.update(np.ascontiguousarray(crops.pixels).data)
+    return h.hexdigest()
+
+
+def _stream(ids: Iterator[int], stream: TextStream, handle: Handle) -> Iterator[str]:
+    try:
+        for t in ids:
+            piece = stream.push(t)
+            if piece:
+                yield piece
+        handle.result()  # raises if the request failed
+        tail = stream.flush()
+        if tail:
+            yield tail
+    finally:
+        if not handle.done:  # the consumer stopped reading: free the sequence
+            handle.cancel()

@@ -125,7 +125,9 @@ def cmd_parity(a: argparse.Namespace) -> int:
 def cmd_train(a: argparse.Namespace) -> int:
     from .train.nano import TrainArgs, train
 
-    fields = {f: getattr(a, f) for f in ("out", "steps", "batch_images", "lr", "seed", "max_minutes", "device", "resume")}
+    fields = {
+        f: getattr(a, f) for f in ("out", "steps", "batch_images", "lr", "seed", "max_minutes", "device", "resume", "workers")
+    }
     train(TrainArgs(**{k: v for k, v in fields.items() if v is not None}))
     return 0
 
@@ -183,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this much training time")
     p.add_argument("--device", default=None)
+    p.add_argument("--workers", type=int, default=None, help="data-rendering processes (default 0: one background thread)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.set_defaults(fn=cmd_train)
 

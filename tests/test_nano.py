@@ -17,7 +17,7 @@ def _weights(path):
 
 
 def test_resume_continues_exactly_where_it_stopped(tmp_path):
-    common = dict(model="tiny", steps=4, batch_images=2, warmup=2, checkpoint_every=100, seed=3)
+    common = dict(model="tiny", steps=4, batch_images=2, warmup=2, checkpoint_every=100, seed=3, locate_tasks=2)
     train(TrainArgs(out=str(tmp_path / "a"), **common))
     train(TrainArgs(out=str(tmp_path / "b"), max_minutes=0.0, **common))  # stops (and saves) after one step
     train(TrainArgs(out=str(tmp_path / "b"), resume=True, **common))

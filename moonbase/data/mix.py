@@ -18,12 +18,15 @@ def example_seed(split: str, seed: int, index: int) -> int:
     return (SPLITS[split] << 60) | ((seed & 0xFFFFF) << 40) | index
 
 
-def synthetic_example(split: str, seed: int, index: int, source: str | None = None, max_objects: int = 8) -> Example:
-    """Example `index` of a stream; `max_objects` caps shape scenes (a training curriculum)."""
+def synthetic_example(
+    split: str, seed: int, index: int, source: str | None = None, max_objects: int = 8, locate_tasks: int = 4
+) -> Example:
+    """Example `index` of a stream; `max_objects` caps shape scenes (a training curriculum), `locate_tasks`
+    sets how many detect/point tasks a shape scene carries."""
     s = example_seed(split, seed, index)
     if source is None:
         names = list(SOURCES)
         source = random.Random(s).choices(names, weights=[SOURCES[n][1] for n in names])[0]
     if source == "shapes":
-        return scene_example(s, max_objects)
+        return scene_example(s, max_objects, locate_tasks)
     return SOURCES[source][0](s)

@@ -110,7 +110,9 @@ def _exists(scene: Scene, rng: random.Random) -> Task:
     return Task("query", f"Is there {article(label)} {label}?", "yes" if hits else "no", kind="qa", grounding=hits)
 
 
-def scene_example(seed: int, max_objects: int = 8) -> Example:
+def scene_example(seed: int, max_objects: int = 8, locate_tasks: int = 4) -> Example:
+    """A scene with a count question, one other question, a caption (half the time) and `locate_tasks`
+    detect/point tasks, alternating."""
     rng = random.Random(f"scene-tasks-{seed}")  # independent of the stream that drew the scene
     scene = render_scene(seed, max_objects=max_objects)
     caps = captions(scene)
@@ -125,7 +127,7 @@ def scene_example(seed: int, max_objects: int = 8) -> Example:
             break
     if question is not None:
         tasks.append(question)
-    for skill in ("detect", "point", "detect", "point"):
+    for skill in ("detect", "point") * (locate_tasks // 2) + ("detect",) * (locate_tasks % 2):
         phrase, hits = _phrases(scene, rng)
         tasks.append(Task(skill, phrase, boxes=canonical([s.box for s in hits]), kind=skill))
     return Example(np.asarray(scene.image), tuple(tasks), "shapes")

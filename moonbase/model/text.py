@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,12 @@ def build_text(cfg: TextConfig) -> nn.Module:
     m.post_ln = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
     m.lm_head = nn.Linear(cfg.dim, cfg.vocab_size)
     return m
+
+
+class KVStore(Protocol):
+    """Where a forward pass keeps its keys and values: a contiguous cache or the engine's paged pool."""
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class KVCache:
@@ -70,6 +77,13 @@ class KVCache:
                 grown[:, :, :cap] = t
                 buf[i] = grown
 
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new K/V (B, n_kv, T, hd) at `length` and return every key and value up to them."""
+        start, end = self.length, self.length + k.shape[2]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
     def prefix(self, length: int) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
         """Copies of the first `length` positions of every layer (for an encoded image)."""
         return tuple((k[:, :, :length].clone(), v[:, :, :length].clone()) for k, v in zip(self.k, self.v, strict=True))
@@ -90,14 +104,15 @@ def decoder(
     rope: tuple[torch.Tensor, torch.Tensor],
     pos: torch.Tensor,
     mask: torch.Tensor | None,
-    cache: KVCache | None = None,
+    cache: KVStore | None = None,
     taps: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """The decoder blocks over input embeddings; returns pre-`post_ln` hidden states (B, T, D).
 
     pos: (T,) or (B, T) RoPE positions. mask: None (all keys), (T, S) or (B, T, S), True = may attend.
-    With a cache, K/V are appended at cache.length and attention covers the whole cache; without one
-    (training), attention covers the T inputs themselves. `taps` collects each layer's post-RoPE (q, k).
+    With a cache, each layer's K/V go through `cache.update`, which stores them and returns the keys and
+    values to attend to; without one (training), attention covers the T inputs themselves. `taps` collects
+    each layer's post-RoPE (q, k).
     """
     b, t, _ = x_BTC.shape
     cos, sin = rope[0][pos], rope[1][pos]
@@ -106,9 +121,6 @@ def decoder(
     if mask is not None and mask.dim() == 3:
         mask = mask[:, None]
     hd, nq, nkv = cfg.hd, cfg.n_heads, cfg.n_kv_heads
-    start = cache.length if cache is not None else 0
-    if cache is not None:
-        cache.reserve(start + t)
     x = x_BTC
     for i, block in enumerate(w.blocks):
         h = layer_norm(x, block["ln"])
@@ -119,13 +131,9 @@ def decoder(
         if taps is not None:
             taps.append((q, k))
         if cache is not None:
-            cache.k[i][:, :, start : start + t] = k
-            cache.v[i][:, :, start : start + t] = v
-            k, v = cache.k[i][:, :, : start + t], cache.v[i][:, :, : start + t]
+            k, v = cache.update(i, k, v)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=nq != nkv)
         x = x + linear(a.transpose(1, 2).reshape(b, t, nq * hd), block["attn"]["proj"]) + mlp(h, block["mlp"])
-    if cache is not None:
-        cache.length = start + t
     return x
 
 
@@ -134,8 +142,11 @@ def text_hidden(
 ) -> torch.Tensor:
     """Append T inputs to the cache at the next positions, with the prefix-LM rule for the mask."""
     start, t = cache.length, x_BTC.shape[1]
+    cache.reserve(start + t)
     pos = torch.arange(start, start + t, device=x_BTC.device)
-    return decoder(x_BTC, w, cfg, rope, pos, prefix_lm_mask(pos, start + t, cache.prefix_len), cache)
+    out = decoder(x_BTC, w, cfg, rope, pos, prefix_lm_mask(pos, start + t, cache.prefix_len), cache)
+    cache.length = start + t
+    return out
 
 
 def lm_logits(hidden: torch.Tensor, w: nn.Module) -> torch.Tensor:
@@ -147,6 +158,7 @@ class EncodedImage:
     """An image run through the vision stack and prefilled: reusable across any number of questions."""
 
     kv: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per layer (1, n_kv, prefix_len, head_dim)
+    key: str | None = None  # content hash of the image, so an engine can share its cached prefix
 
     @property
     def length(self) -> int:

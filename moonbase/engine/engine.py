@@ -1,0 +1,225 @@
+"""The engine: continuous batching of every skill over one model.
+
+engine = Engine(model)
+handle = engine.submit(request)        # from any thread
+for token_id in handle.tokens(): ...   # streamed answer tokens
+result = handle.result()               # TextRun / objects, plus stats
+
+A background thread steps while there is work (or call `step()` yourself, as the tests do). Each step
+the scheduler plans, the runner executes, and finished sequences hand their results to their handles.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..model.moondream import Moondream
+from .kv import KVPool, PrefixCache
+from .runner import Runner
+from .scheduler import Scheduler, SchedulerConfig
+from .sequence import Request, Sequence, Status
+
+_DONE = object()
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch: int = 32
+    max_step_tokens: int = 4096
+    block_size: int = 16
+    kv_memory_mb: float = 512.0  # the paged pool (image prefixes and sequences share it)
+
+    def n_blocks(self, m: Moondream) -> int:
+        t = m.cfg.text
+        per_token = 2 * t.n_layers * t.n_kv_heads * t.hd * torch.finfo(m.dtype).bits // 8
+        return max(1, int(self.kv_memory_mb * 2**20) // (per_token * self.block_size))
+
+
+@dataclass
+class Result:
+    skill: str
+    run: Any = None  # TextRun: caption / query answer
+    trace: Any = None  # TextRun: the reasoning trace
+    objects: list | None = None  # detect / point
+    stats: dict[str, Any] | None = None
+
+
+class Handle:
+    """A submitted request: stream its tokens, wait for its result, or cancel it."""
+
+    def __init__(self, engine: Engine, seq: Sequence):
+        self._engine, self._seq = engine, seq
+        self._events: queue.Queue = queue.Queue()
+        self._done = threading.Event()
+        self._result: Result | None = None
+
+    def tokens(self):
+        """Answer token ids as they are generated (caption and query)."""
+        while True:
+            item = self._wait_event()
+            if item is _DONE:
+                return
+            yield item
+
+    def result(self, timeout: float | None = None) -> Result:
+        self._engine._drive(self._done, timeout)
+        if not self._done.is_set():
+            raise TimeoutError("request did not finish in time")
+        if self._seq.error is not None:
+            raise self._seq.error
+        assert self._result is not None
+        return self._result
+
+    def cancel(self) -> None:
+        self._seq.cancelled = True
+        self._engine._wake()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def _wait_event(self):
+        while True:
+            try:
+                return self._events.get(timeout=0.05 if self._engine.background else 0)
+            except queue.Empty:
+                if not self._engine.background and not self._engine.step() and self._events.empty():
+                    raise RuntimeError("the engine has nothing to run but this request has not finished")
+
+
+class Engine:
+    def __init__(self, m: Moondream, cfg: EngineConfig = EngineConfig(), background: bool = True):
+        self.m, self.cfg, self.background = m, cfg, background
+        self.pool = KVPool(m.cfg.text, cfg.n_blocks(m), cfg.block_size, m.device, m.dtype)
+        self.cache = PrefixCache(self.pool)
+        sched_cfg = SchedulerConfig(cfg.max_batch, cfg.max_step_tokens)
+        self.scheduler = Scheduler(sched_cfg, self.pool, self.cache, m.cfg.prefix_len)
+        self.runner = Runner(m, self.pool)
+        self._inbox: queue.SimpleQueue[tuple[Sequence, Handle]] = queue.SimpleQueue()
+        self._handles: dict[int, Handle] = {}
+        self._next_id = 0
+        self._lock = threading.Lock()  # one step at a time
+        self._wakeup = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+
+    # --- public -------------------------------------------------------------------------------------
+
+    def submit(self, req: Request) -> Handle:
+        with self._lock:
+            self._next_id += 1
+            seq = Sequence(self._next_id, req, self.m.cfg.tokenizer, self.m.device)
+        handle = Handle(self, seq)
+        self._inbox.put((seq, handle))
+        self._wake()
+        return handle
+
+    def step(self) -> bool:
+        """One scheduling step; False when there was nothing to do."""
+        with self._lock:
+            while True:
+                try:
+                    seq, handle = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                self._handles[seq.id] = handle
+                self.scheduler.add(seq)
+            plan = self.scheduler.schedule()
+            if not plan:
+                return False
+            rows = plan.prefills + plan.decodes
+            try:
+                self.runner.run(plan)
+            except Exception as e:  # a failed forward fails the sequences in it, not the engine
+                for seq in rows:
+                    seq.error = e
+            self.steps += 1
+            now = time.perf_counter()
+            for seq in rows:
+                self._after_step(seq, now)
+            for seq in plan.finished:
+                self._complete(seq, now)
+            return True
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "kv_blocks_free": self.pool.n_free,
+            "kv_blocks": self.pool.n_blocks,
+            "prefix_cache_entries": len(self.cache.entries),
+            "steps": self.steps,
+        }
+
+    # --- internals ----------------------------------------------------------------------------------
+
+    def _after_step(self, seq: Sequence, now: float) -> None:
+        program = seq.program
+        if seq.status is not Status.RUNNING:
+            return
+        if seq.stats.first_token is None:
+            seq.stats.first_token = now
+        seq.stats.output_tokens += 1  # every step ends in one decision: a token, a stop, a coordinate or a size
+        handle = self._handles[seq.id]
+        for token in program.new_tokens:
+            handle._events.put(token)
+        program.new_tokens = []
+        if seq.error is not None or program.done:
+            self.scheduler.finish(seq)
+            self._complete(seq, now)
+            return
+        seq.feed = program.feed
+        seq.pending = [program.feed]
+
+    def _complete(self, seq: Sequence, now: float) -> None:
+        seq.stats.finished = now
+        handle = self._handles.pop(seq.id)
+        p = seq.program
+        if seq.cancelled and seq.error is None:
+            seq.error = CancelledError("request cancelled")
+        result = Result(seq.req.skill, stats=seq.stats.as_dict())
+        if seq.req.skill == "caption":
+            result.run = p.run
+        elif seq.req.skill == "query":
+            result.run, result.trace = p.answer.run, (p.trace.run if seq.req.reasoning else None)
+        else:
+            result.objects = p.objects
+        handle._result = result
+        handle._done.set()
+        handle._events.put(_DONE)
+
+    def _wake(self) -> None:
+        if not self.background:
+            return
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._loop, name="moonbase-engine", daemon=True)
+            self._thread.start()
+        self._wakeup.set()
+
+    def _loop(self) -> None:
+        while True:
+            self._wakeup.wait(timeout=1.0)
+            self._wakeup.clear()
+            while self.step():
+                pass
+
+    def _drive(self, done: threading.Event, timeout: float | None) -> None:
+        """Wait for `done`; without a background thread, step the engine until it is set."""
+        if self.background:
+            done.wait(timeout)
+            return
+        deadline = None if timeout is None else time.perf_counter() + timeout
+        while not done.is_set() and (deadline is None or time.perf_counter() < deadline):
+            if not self.step():
+                break
+
+
+class CancelledError(RuntimeError):
+    pass

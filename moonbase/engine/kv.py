@@ -1,0 +1,134 @@
+"""Paged K/V storage: a pool of fixed-size blocks with reference counts, the image-prefix cache that
+shares blocks between sequences about the same image, and the per-forward view the decoder writes to."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+import torch
+
+from ..config import TextConfig
+
+
+class KVPool:
+    """Per layer, K and V of shape (slots, n_kv, head_dim); slot = block * block_size + offset.
+
+    Two extra slots sit past the blocks: one that padding rows write to and one, never written, that
+    padding keys read from, so no forward can touch a live block it does not own."""
+
+    def __init__(self, cfg: TextConfig, n_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype):
+        if n_blocks < 1 or block_size < 1:
+            raise ValueError("the KV pool needs at least one block of at least one slot")
+        self.n_blocks, self.block_size = n_blocks, block_size
+        n = n_blocks * block_size
+        self.scratch_slot, self.zero_slot = n, n + 1
+        shape = (n + 2, cfg.n_kv_heads, cfg.hd)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.refs = [0] * n_blocks
+        self.free = list(range(n_blocks - 1, -1, -1))  # a stack: low block ids first
+
+    @property
+    def n_free(self) -> int:
+        return len(self.free)
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    def allocate(self, n: int) -> list[int] | None:
+        """n fresh blocks (ref count 1), or None when fewer than n are free."""
+        if n > len(self.free):
+            return None
+        out = [self.free.pop() for _ in range(n)]
+        for b in out:
+            self.refs[b] = 1
+        return out
+
+    def retain(self, blocks: list[int]) -> None:
+        for b in blocks:
+            assert self.refs[b] > 0, f"block {b} is not allocated"
+            self.refs[b] += 1
+
+    def release(self, blocks: list[int]) -> None:
+        for b in blocks:
+            assert self.refs[b] > 0, f"block {b} released twice"
+            self.refs[b] -= 1
+            if self.refs[b] == 0:
+                self.free.append(b)
+
+    def slots(self, blocks: list[int], start: int, stop: int) -> list[int]:
+        """Slots of token positions [start, stop) in a sequence laid out over `blocks`."""
+        bs = self.block_size
+        return [blocks[i // bs] * bs + i % bs for i in range(start, stop)]
+
+
+@dataclass
+class PrefixEntry:
+    """An image prefix (BOS + image tokens) prefilled into blocks that any sequence may share."""
+
+    blocks: list[int]
+    length: int
+
+
+class PrefixCache:
+    """Image prefixes by key (content hash, adapter), least recently used first. The cache holds one
+    reference to each entry's blocks; a sequence reading an entry holds another."""
+
+    def __init__(self, pool: KVPool):
+        self.pool = pool
+        self.entries: OrderedDict[Hashable, PrefixEntry] = OrderedDict()
+        self.hits = self.evictions = 0
+
+    def get(self, key: Hashable) -> PrefixEntry | None:
+        entry = self.entries.get(key)
+        if entry is not None:
+            self.entries.move_to_end(key)
+        return entry
+
+    def attach(self, key: Hashable) -> list[int]:
+        """A sequence starts reading a cached prefix: one more reference to its blocks."""
+        entry = self.entries[key]
+        self.pool.retain(entry.blocks)
+        return entry.blocks
+
+    def put(self, key: Hashable, entry: PrefixEntry) -> None:
+        old = self.entries.pop(key, None)
+        if old is not None:
+            self.pool.release(old.blocks)
+        self.entries[key] = entry
+
+    def evict_for(self, n_blocks: int) -> bool:
+        """Drop unused entries, oldest first, until `n_blocks` are free; False if that is impossible."""
+        for key in list(self.entries):
+            if self.pool.n_free >= n_blocks:
+                break
+            entry = self.entries[key]
+            if all(self.pool.refs[b] == 1 for b in entry.blocks):  # nobody but the cache reads it
+                del self.entries[key]
+                self.pool.release(entry.blocks)
+                self.evictions += 1
+        return self.pool.n_free >= n_blocks
+
+    def clear(self) -> None:
+        for entry in self.entries.values():
+            self.pool.release(entry.blocks)
+        self.entries.clear()
+
+
+class PagedBatch:
+    """The decoder's KV store for one forward over B rows of T new tokens each (padded).
+
+    write_slots (B, T): where each new token's K/V go. read_slots (B, S): every slot a row attends to, in
+    position order, the new tokens' own slots included."""
+
+    def __init__(self, pool: KVPool, write_slots: torch.Tensor, read_slots: torch.Tensor):
+        self.pool, self.write, self.read = pool, write_slots.flatten(), read_slots
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pk, pv = self.pool.k[layer], self.pool.v[layer]
+        n_kv, hd = pk.shape[1], pk.shape[2]
+        pk[self.write] = k.transpose(1, 2).reshape(-1, n_kv, hd)
+        pv[self.write] = v.transpose(1, 2).reshape(-1, n_kv, hd)
+        return pk[self.read].transpose(1, 2), pv[self.read].transpose(1, 2)

@@ -1,0 +1,171 @@
+"""The scheduling policy: which sequences run in the next step and where their K/V live. Plain Python
+over block ids and counts; the runner owns every tensor.
+
+Each step: cancelled sequences are dropped; running sequences get room for one more token (evicting idle
+image prefixes, then preempting the newest sequence if the pool is full); waiting sequences are admitted
+in arrival order while the batch, the step's token budget and the pool allow. A sequence about an image
+that is not cached yet brings that image into the step: every new image's crops go through the vision
+encoder in one forward, and sequences about the same new image share its prefix."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .kv import KVPool, PrefixCache, PrefixEntry
+from .sequence import Sequence, Status
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_batch: int = 32  # sequences running at once
+    max_step_tokens: int = 4096  # prefill tokens (image prefixes and prompts) admitted per step
+
+
+@dataclass
+class NewPrefix:
+    """An image prefix to build this step: from crops (vision + prefill) or from an encoded image (copy)."""
+
+    key: Hashable
+    source: Any
+    blocks: list[int]
+
+
+@dataclass
+class StepPlan:
+    prefixes: list[NewPrefix] = field(default_factory=list)
+    prefills: list[Sequence] = field(default_factory=list)
+    decodes: list[Sequence] = field(default_factory=list)
+    finished: list[Sequence] = field(default_factory=list)  # dropped this step (cancelled)
+
+    def __bool__(self) -> bool:
+        return bool(self.prefixes or self.prefills or self.decodes or self.finished)
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig, pool: KVPool, cache: PrefixCache, prefix_len: int):
+        self.cfg, self.pool, self.cache = cfg, pool, cache
+        self.prefix_len = prefix_len
+        self.preemptions = 0
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> StepPlan:
+        plan = StepPlan()
+        for seq in [s for s in (*self.running, *self.waiting) if s.cancelled]:
+            self.finish(seq)
+            plan.finished.append(seq)
+        for seq in list(self.running):  # oldest first; the newest are preempted when the pool is full
+            if seq.status is not Status.RUNNING or self._grow(seq, len(seq.pending)):
+                continue
+            seq.error = MemoryError(  # it was alone and still did not fit
+                f"the KV pool ({self.pool.n_blocks} blocks of {self.pool.block_size}) cannot hold this sequence; "
+                "give the engine more KV memory or lower max_tokens"
+            )
+            self.finish(seq)
+            plan.finished.append(seq)
+        plan.decodes = [s for s in self.running if s.status is Status.RUNNING]
+        self._admit(plan)
+        if self.waiting and not self.running and not plan.prefills:  # nothing will ever free room for it
+            seq = self.waiting[0]
+            seq.error = MemoryError(
+                f"a request of {len(seq.pending)} tokens does not fit the KV pool ({self.pool.n_blocks} blocks of "
+                f"{self.pool.block_size}) or the step budget ({self.cfg.max_step_tokens} tokens)"
+            )
+            self.finish(seq)
+            plan.finished.append(seq)
+        return plan
+
+    def finish(self, seq: Sequence) -> None:
+        self._free(seq)
+        seq.status = Status.FINISHED
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+
+    # --- internals ----------------------------------------------------------------------------------
+
+    def _free(self, seq: Sequence) -> None:
+        self.pool.release(seq.blocks + seq.prefix_blocks)
+        seq.blocks, seq.prefix_blocks, seq.prefix_key, seq.length = [], [], None, 0
+
+    def _take(self, n: int, protect: Sequence | None = None) -> list[int] | None:
+        """n blocks: free ones, then idle prefixes evicted, then (only to let a running sequence go on,
+        `protect`) the newest other running sequences preempted."""
+        if n > self.pool.n_blocks:
+            return None
+        if self.pool.n_free < n:
+            self.cache.evict_for(n)
+        while self.pool.n_free < n and protect is not None:
+            victims = [s for s in self.running if s is not protect]
+            if not victims:
+                return None
+            self._preempt(victims[-1])
+            self.cache.evict_for(n)
+        return self.pool.allocate(n)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Give the sequence's blocks back; it re-enters the queue first and replays its inputs later."""
+        self._free(seq)
+        self.running.remove(seq)
+        self.preemptions += 1
+        seq.status = Status.WAITING
+        if seq.feed is not None:  # decided but not yet fed: it goes into the replay
+            seq.history.append(seq.feed)
+        seq.pending, seq.feed = seq.prompt + seq.history, None
+        self.waiting.appendleft(seq)
+
+    def _grow(self, seq: Sequence, new_tokens: int) -> bool:
+        """Own blocks enough for `new_tokens` more positions; False if the sequence had to wait."""
+        own_needed = self.pool.blocks_for(seq.length + new_tokens - seq.prefix_len)
+        extra = own_needed - len(seq.blocks)
+        if extra <= 0:
+            return True
+        got = self._take(extra, protect=seq if seq.status is Status.RUNNING else None)
+        if got is None:
+            return False
+        seq.blocks += got
+        return True
+
+    def _admit(self, plan: StepPlan) -> None:
+        budget = self.cfg.max_step_tokens
+        new_images: dict[Hashable, NewPrefix] = {}
+        while self.waiting and len(self.running) < self.cfg.max_batch:
+            seq = self.waiting[0]
+            key = seq.req.image_key
+            cached = key is not None and key not in new_images and self.cache.get(key) is not None
+            needs_image = key is not None and not cached and key not in new_images
+            cost = len(seq.pending) + (self.prefix_len if needs_image else 0)
+            if cost > budget and (plan.prefills or plan.prefixes):
+                break  # the next step takes it
+            prefix_blocks: list[int] = []
+            if needs_image:
+                got = self._take(self.pool.blocks_for(self.prefix_len))
+                if got is None:
+                    break
+                new_images[key] = NewPrefix(key, seq.req.image, got)
+                plan.prefixes.append(new_images[key])
+                self.cache.put(key, PrefixEntry(got, self.prefix_len))
+            if key is not None:
+                prefix_blocks = self.cache.attach(key)
+                self.cache.hits += not needs_image
+            seq.prefix_key, seq.prefix_blocks = key, prefix_blocks
+            seq.prefix_len = seq.length = self.prefix_len if key is not None else 0
+            if not self._grow(seq, len(seq.pending)):
+                self._free(seq)
+                break
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            plan.prefills.append(seq)
+            budget -= cost
