@@ -10,10 +10,9 @@ model.point(image, "face")["points"]        # [{"x", "y"}]
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from typing import Any
-
-import hashlib
 
 import numpy as np
 import torch

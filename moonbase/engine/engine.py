@@ -90,7 +90,7 @@ class Handle:
                 return self._events.get(timeout=0.05 if self._engine.background else 0)
             except queue.Empty:
                 if not self._engine.background and not self._engine.step() and self._events.empty():
-                    raise RuntimeError("the engine has nothing to run but this request has not finished")
+                    raise RuntimeError("the engine has nothing to run but this request has not finished") from None
 
 
 class Engine:

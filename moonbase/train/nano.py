@@ -7,11 +7,11 @@ python -m moonbase train nano --out runs/nano --resume  # continue from runs/nan
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
 from collections.abc import Iterator
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 
