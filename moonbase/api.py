@@ -22,6 +22,7 @@ from .engine.engine import Engine, Handle
 from .engine.sequence import Request
 from .errors import SettingsError
 from .image import DEFAULT_MAX_PIXELS, Crops, ImageInput, load_image, overlap_crops
+from .model.lora import Adapter
 from .model.moondream import Moondream
 from .model.text import EncodedImage
 from .tokenizer import TextStream
@@ -40,35 +41,40 @@ class VL:
             self._engine = Engine(self.model)
         return self._engine
 
-    def encode_image(self, image: ImageInput | EncodedImage) -> EncodedImage:
-        """Run the vision encoder and the image prefill once; pass the result to any skill to reuse it."""
+    def encode_image(self, image: ImageInput | EncodedImage, settings: dict[str, Any] | None = None) -> EncodedImage:
+        """Run the vision encoder and the image prefill once; pass the result to any skill to reuse it
+        (with the same `variant` setting: an adapter changes the prefill)."""
         if isinstance(image, EncodedImage):
             return image
         m = self.model
+        adapter = self._adapter(self._settings(settings))
         crops = self._crops(image)
         with torch.no_grad():
-            encoded = m.prefill_image(m.embed_crops([crops])[0])
-        return EncodedImage(encoded.kv, key=image_key(crops))
+            encoded = m.prefill_image(m.embed_crops([crops])[0], adapter)
+        return EncodedImage(encoded.kv, key=image_key(crops), variant=None if adapter is None else adapter.name)
 
     def _crops(self, image: ImageInput) -> Crops:
         return overlap_crops(load_image(image, self.max_pixels), self.model.cfg.vision)
 
     def _settings(self, settings: dict[str, Any] | None) -> skills.Settings:
-        s = skills.resolve_settings(settings, self.model.cfg.defaults)
-        if s.variant is not None:
-            raise SettingsError(f"variant {s.variant!r}: LoRA adapters are not supported by this model yet")
-        return s
+        return skills.resolve_settings(settings, self.model.cfg.defaults)
+
+    def _adapter(self, s: skills.Settings) -> Adapter | None:
+        return None if s.variant is None else self.engine.adapters.get(s.variant)
 
     def _submit(self, skill: str, image: ImageInput | EncodedImage | None, prompt: skills.Prompt, s, **kw) -> Handle:
         return self.engine.submit(self._request(skill, image, prompt, s, **kw))
 
     def _request(self, skill: str, image: ImageInput | EncodedImage | None, prompt: skills.Prompt, s, **kw) -> Request:
         source = key = None
+        adapter = self._adapter(s)
         if isinstance(image, EncodedImage):
             if image.length != self.model.cfg.prefix_len:
                 raise SettingsError(
                     f"encoded image has {image.length} positions; this model's prefix has {self.model.cfg.prefix_len}"
                 )
+            if image.variant != s.variant:
+                raise SettingsError(f"image was encoded with variant {image.variant!r}; this request uses {s.variant!r}")
             source, key = image, image.key or _kv_key(image)
         elif image is not None:
             source = self._crops(image)
@@ -78,7 +84,7 @@ class VL:
         room = self.model.cfg.text.max_context - (0 if image is None else self.model.cfg.prefix_len)
         if len(prompt.ids) >= room:
             raise SettingsError(f"prompt of {len(prompt.ids)} tokens does not fit the context ({room} left)")
-        return Request(skill, prompt, s, source, key, **kw)
+        return Request(skill, prompt, s, source, key, adapter=adapter, **kw)
 
     def _text(self, handle: Handle, stream: bool) -> str | Iterator[str]:
         if not stream:

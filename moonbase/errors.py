@@ -23,3 +23,7 @@ class ImageError(MoonbaseError, ValueError):
 
 class SettingsError(MoonbaseError, ValueError):
     """Generation settings or skill arguments are invalid."""
+
+
+class AdapterNotFoundError(ModelNotFoundError):
+    """A LoRA adapter (variant) name or path could not be resolved."""

@@ -13,6 +13,7 @@ import torch
 
 from . import skills
 from .engine.sampler import sample
+from .model.lora import Adapter
 from .model.moondream import Moondream
 from .model.text import EncodedImage, KVCache
 from .skills import Prompt, Settings
@@ -37,8 +38,8 @@ class RegionObject:
 class SingleSequence:
     """One sequence's cache, last hidden state and logits, and its sampling state."""
 
-    def __init__(self, m: Moondream, image: EncodedImage | None, settings: Settings):
-        self.m, self.settings = m, settings
+    def __init__(self, m: Moondream, image: EncodedImage | None, settings: Settings, adapter: Adapter | None = None):
+        self.m, self.settings, self.adapter = m, settings, adapter
         self.cache: KVCache = m.new_cache(image)
         self.rng = None
         if settings.seed is not None:
@@ -47,7 +48,7 @@ class SingleSequence:
         self.logits: torch.Tensor | None = None
 
     def feed(self, x_TC: torch.Tensor) -> None:
-        h = self.m.hidden(self.cache, x_TC[None])[0, -1]
+        h = self.m.hidden(self.cache, x_TC[None], self.adapter)[0, -1]
         self.hidden, self.logits = h, self.m.logits(h)
 
     def prefill(self, prompt: Prompt) -> None:
@@ -127,8 +128,10 @@ def generate_objects(seq: SingleSequence, with_size: bool, max_objects: int) -> 
 
 
 @torch.no_grad()
-def _start(m: Moondream, image: EncodedImage | None, prompt: Prompt, settings: Settings) -> SingleSequence:
-    seq = SingleSequence(m, image, settings)
+def _start(
+    m: Moondream, image: EncodedImage | None, prompt: Prompt, settings: Settings, adapter: Adapter | None
+) -> SingleSequence:
+    seq = SingleSequence(m, image, settings, adapter)
     if image is None:  # text only: BOS then the prompt, causal from position 0
         prompt = Prompt((m.cfg.tokenizer.bos_id,)) + prompt
     if len(prompt.ids) >= seq.room:
@@ -138,9 +141,11 @@ def _start(m: Moondream, image: EncodedImage | None, prompt: Prompt, settings: S
 
 
 @torch.no_grad()
-def caption(m: Moondream, image: EncodedImage, length: str, settings: Settings, run: TextRun | None = None) -> Iterator[int]:
+def caption(
+    m: Moondream, image: EncodedImage, length: str, settings: Settings, run: TextRun | None = None, adapter: Adapter | None = None
+) -> Iterator[int]:
     tok = m.cfg.tokenizer
-    seq = _start(m, image, skills.caption_prompt(tok, length), settings)
+    seq = _start(m, image, skills.caption_prompt(tok, length), settings, adapter)
     return generate_text(seq, decode_mask=(tok.answer_id,), stop=(tok.eos_id,), run=run)
 
 
@@ -154,12 +159,13 @@ def query(
     reasoning: bool = False,
     run: TextRun | None = None,
     reasoning_run: TextRun | None = None,
+    adapter: Adapter | None = None,
 ) -> Iterator[int]:
     """Answer token ids; with `reasoning`, the trace is generated first, into `reasoning_run`."""
     tok = m.cfg.tokenizer
     if spatial_refs and image is None:
         raise skills.SettingsError("spatial_refs need an image")
-    seq = _start(m, image, skills.query_prompt(m.tokenizer, question, spatial_refs, reasoning), settings)
+    seq = _start(m, image, skills.query_prompt(m.tokenizer, question, spatial_refs, reasoning), settings, adapter)
     if reasoning:
         trace = reasoning_run if reasoning_run is not None else TextRun()
         for _ in generate_text(seq, decode_mask=(tok.eos_id, tok.size_id), stop=(tok.answer_id,), decode_coords=True, run=trace):
@@ -184,8 +190,10 @@ def reasoning_chunks(run: TextRun, m: Moondream) -> list[tuple[list[int], list[f
 
 
 @torch.no_grad()
-def locate(m: Moondream, image: EncodedImage, task: str, obj: str, settings: Settings, spatial_refs=None) -> list[RegionObject]:
+def locate(
+    m: Moondream, image: EncodedImage, task: str, obj: str, settings: Settings, spatial_refs=None, adapter: Adapter | None = None
+) -> list[RegionObject]:
     """detect (boxes) or point; always greedy, like the reference."""
     greedy = Settings(0.0, 1.0, settings.max_tokens, settings.max_objects, None, settings.variant)
-    seq = _start(m, image, skills.object_prompt(m.tokenizer, task, obj, spatial_refs), greedy)
+    seq = _start(m, image, skills.object_prompt(m.tokenizer, task, obj, spatial_refs), greedy, adapter)
     return generate_objects(seq, task == "detect", settings.max_objects)

@@ -13,6 +13,9 @@ from moonbase.data.shapes import render_scene
 from moonbase.engine.engine import Engine, EngineConfig
 from moonbase.engine.sequence import Request
 from moonbase.hub import ASSETS, nano
+from moonbase.image import overlap_crops
+
+from .test_lora import random_adapter
 
 GREEDY = {"temperature": 0.0, "max_tokens": 12, "max_objects": 6}
 
@@ -39,22 +42,25 @@ def _cases(images: list[np.ndarray]) -> list[tuple[str, int, dict]]:
     return cases
 
 
-def _reference(m, images, skill, idx, args):
+def _reference(m, images, skill, idx, args, adapter=None):
     s = skills.resolve_settings(GREEDY, m.cfg.defaults)
-    enc = None if idx is None else VL(m, engine=Engine(m, EngineConfig(kv_memory_mb=8))).encode_image(images[idx])
+    enc = None
+    if idx is not None:
+        enc = m.prefill_image(m.embed_crops([overlap_crops(images[idx], m.cfg.vision)])[0], adapter)
     if skill == "caption":
-        return list(simple.caption(m, enc, args["length"], s))
+        return list(simple.caption(m, enc, args["length"], s, adapter=adapter))
     if skill == "query":
         trace = simple.TextRun()
+        reasoning = args.get("reasoning", False)
         ids = list(
-            simple.query(m, enc, args["question"], s, args.get("spatial_refs"), args.get("reasoning", False), reasoning_run=trace)
+            simple.query(m, enc, args["question"], s, args.get("spatial_refs"), reasoning, reasoning_run=trace, adapter=adapter)
         )
-        return (ids, trace.ids, trace.coords) if args.get("reasoning") else ids
-    return [(o.x, o.y, o.size) for o in simple.locate(m, enc, skill, args["object"], s)]
+        return (ids, trace.ids, trace.coords) if reasoning else ids
+    return [(o.x, o.y, o.size) for o in simple.locate(m, enc, skill, args["object"], s, adapter=adapter)]
 
 
-def _request(vl: VL, images, skill, idx, args) -> Request:
-    m, s = vl.model, vl._settings(GREEDY)
+def _request(vl: VL, images, skill, idx, args, variant=None) -> Request:
+    m, s = vl.model, vl._settings({**GREEDY, "variant": variant})
     tok = m.cfg.tokenizer
     if skill == "caption":
         prompt = skills.caption_prompt(tok, args["length"])
@@ -143,6 +149,21 @@ def test_background_engine_serves_threads(tiny, images):
     assert out == tiny.tokenizer.decode(want)
     streamed = "".join(vl.caption(images[0], "short", stream=True, settings=GREEDY)["caption"])
     assert streamed == out
+
+
+def test_two_adapters_and_the_base_in_one_batch(tiny, images):
+    engine = Engine(tiny, EngineConfig(max_batch=32, kv_memory_mb=8), background=False)
+    adapters = {name: random_adapter(tiny.cfg.text, rank, seed, name) for name, rank, seed in (("one", 4, 1), ("two", 8, 2))}
+    for adapter in adapters.values():
+        engine.adapters.register(adapter)
+    vl = VL(tiny, engine=engine)
+    cases = [(c, v) for c in _cases(images[:2]) for v in (None, "one", "two")]
+    expected = [_reference(tiny, images, *c, adapter=adapters.get(v)) for c, v in cases]
+    handles = [engine.submit(_request(vl, images, *c, variant=v)) for c, v in cases]
+    for (c, v), want, h in zip(cases, expected, handles, strict=True):
+        assert _outcome(h.result(), c[2]) == want, (c, v)
+    assert expected[0] != expected[1]  # the adapters change the answers
+    assert len(engine.cache.entries) == 6  # one prefix per (image, adapter)
 
 
 @pytest.mark.skipif(not (ASSETS / "nano" / "model.safetensors").is_file(), reason="nano weights not built into this checkout")

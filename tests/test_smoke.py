@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from moonbase import VL, EncodedImage, ImageError, SettingsError
+from moonbase.errors import AdapterNotFoundError
 from moonbase.data.shapes import render_scene
 
 GREEDY = {"temperature": 0, "max_tokens": 12}
@@ -74,7 +75,7 @@ def test_bad_arguments_raise_typed_errors(vl, image):
         vl.detect(image, "")
     with pytest.raises(SettingsError):
         vl.point(image, "x", settings={"max_objects": 0})
-    with pytest.raises(SettingsError, match="not supported"):
+    with pytest.raises(AdapterNotFoundError, match="abc"):
         vl.caption(image, settings={"variant": "abc"})
     with pytest.raises(ImageError):
         vl.caption(b"not an image")

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..model.moondream import Moondream
+from .adapters import AdapterStore
 from .kv import KVPool, PrefixCache
 from .runner import Runner
 from .scheduler import Scheduler, SchedulerConfig
@@ -101,6 +102,7 @@ class Engine:
         sched_cfg = SchedulerConfig(cfg.max_batch, cfg.max_step_tokens)
         self.scheduler = Scheduler(sched_cfg, self.pool, self.cache, m.cfg.prefix_len)
         self.runner = Runner(m, self.pool)
+        self.adapters = AdapterStore(m.cfg.text, m.device, m.dtype)
         self._inbox: queue.SimpleQueue[tuple[Sequence, Handle]] = queue.SimpleQueue()
         self._handles: dict[int, Handle] = {}
         self._next_id = 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..model import text
+from ..model.lora import Adapter, LoraBatch
 from ..model.moondream import Moondream
 from ..model.text import EncodedImage
 from .kv import KVPool, PagedBatch
@@ -43,12 +44,13 @@ class Runner:
                     pool.v[layer][slots] = v[0].transpose(0, 1).to(pool.v[layer].dtype)
         if not fresh:
             return
-        embeddings = m.embed_crops([p.source for p in fresh])
+        embeddings = m.embed_crops([p.source for p in fresh])  # every new image's crops in one forward
         bos = m.w.text.wte[m.cfg.tokenizer.bos_id]
         x = torch.stack([torch.cat([bos[None], e]) for e in embeddings])
         slots = torch.tensor([pool.slots(p.blocks, 0, n) for p in fresh], device=m.device)
         pos = torch.arange(n, device=m.device)
-        text.decoder(x, m.w.text, m.cfg.text, m.rope, pos, None, PagedBatch(pool, slots, slots))
+        lora = _lora([p.adapter for p in fresh], m.device)
+        text.decoder(x, m.w.text, m.cfg.text, m.rope, pos, None, PagedBatch(pool, slots, slots), lora=lora)
 
     # --- text ---------------------------------------------------------------------------------------
 
@@ -77,7 +79,8 @@ class Runner:
             mask[i, :t] = allowed & (k_pos[None] < end)
             mask[i, t:, 0] = True  # padding queries look at one key so their softmax stays finite
         store = PagedBatch(pool, write.to(dev), read.to(dev))
-        h = text.decoder(x, m.w.text, m.cfg.text, m.rope, q_pos.to(dev), mask.to(dev), store)
+        lora = _lora([s.req.adapter for s in rows], dev)
+        h = text.decoder(x, m.w.text, m.cfg.text, m.rope, q_pos.to(dev), mask.to(dev), store, lora=lora)
         last = torch.tensor(lengths, device=dev) - 1
         for seq, t in zip(rows, lengths, strict=True):
             seq.length += t
@@ -131,3 +134,15 @@ class Runner:
             values = m.decode_coord(h) if head is Head.COORD else m.decode_size(h)
             for i, value in zip(sorted(idx), values, strict=True):
                 rows[i].program.on_region(value)
+
+
+def _lora(adapters: list[Adapter | None], device: torch.device) -> LoraBatch | None:
+    """Rows' adapters (None = base model) as one LoraBatch; None when no row has one."""
+    distinct: list[Adapter] = []
+    for a in adapters:
+        if a is not None and all(a is not d for d in distinct):
+            distinct.append(a)
+    if not distinct:
+        return None
+    index = [0 if a is None else 1 + next(j for j, d in enumerate(distinct) if d is a) for a in adapters]
+    return LoraBatch(distinct, index, device)

@@ -31,6 +31,7 @@ class NewPrefix:
     key: Hashable
     source: Any
     blocks: list[int]
+    adapter: Any = None
 
 
 @dataclass
@@ -142,7 +143,7 @@ class Scheduler:
         new_images: dict[Hashable, NewPrefix] = {}
         while self.waiting and len(self.running) < self.cfg.max_batch:
             seq = self.waiting[0]
-            key = seq.req.image_key
+            key = seq.req.prefix_key
             cached = key is not None and key not in new_images and self.cache.get(key) is not None
             needs_image = key is not None and not cached and key not in new_images
             cost = len(seq.pending) + (self.prefix_len if needs_image else 0)
@@ -153,7 +154,7 @@ class Scheduler:
                 got = self._take(self.pool.blocks_for(self.prefix_len))
                 if got is None:
                     break
-                new_images[key] = NewPrefix(key, seq.req.image, got)
+                new_images[key] = NewPrefix(key, seq.req.image, got, seq.req.adapter)
                 plan.prefixes.append(new_images[key])
                 self.cache.put(key, PrefixEntry(got, self.prefix_len))
             if key is not None:

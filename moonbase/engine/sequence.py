@@ -17,6 +17,7 @@ import torch
 
 from ..config import TokenizerConfig
 from ..errors import SettingsError
+from ..model.lora import Adapter
 from ..simple import RegionObject, TextRun
 from ..skills import Prompt, Settings
 
@@ -186,6 +187,14 @@ class Request:
     image: Any = None  # Crops | EncodedImage | None
     image_key: Hashable | None = None
     reasoning: bool = False
+    adapter: Adapter | None = None
+
+    @property
+    def prefix_key(self) -> Hashable | None:
+        """Cached image prefixes depend on the adapter too (it changes the text layers that prefill them)."""
+        if self.image_key is None:
+            return None
+        return (self.image_key, None if self.adapter is None else self.adapter.name)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from ..config import ModelConfig
 from ..image import Crops, normalize
 from ..tokenizer import Tokenizer
 from . import region, text, vision
+from .lora import Adapter, LoraBatch
 from .rope import rope_table
 from .text import EncodedImage, KVCache
 
@@ -51,11 +52,12 @@ class Moondream:
         return out
 
     @torch.no_grad()
-    def prefill_image(self, img_emb: torch.Tensor) -> EncodedImage:
-        """BOS + image embeddings through the decoder with bidirectional attention; keeps the K/V."""
+    def prefill_image(self, img_emb: torch.Tensor, adapter: Adapter | None = None) -> EncodedImage:
+        """BOS + image embeddings through the decoder with bidirectional attention; keeps the K/V. An
+        adapter changes the text layers, so the prefix K/V depend on it."""
         bos = self.w.text.wte[self.cfg.tokenizer.bos_id][None]
         cache = KVCache(self.cfg.text, 1, self.device, self.dtype, prefix_len=self.cfg.prefix_len)
-        self.hidden(cache, torch.cat([bos, img_emb])[None])
+        self.hidden(cache, torch.cat([bos, img_emb])[None], adapter)
         return EncodedImage(cache.prefix(cache.length))
 
     # --- text ---------------------------------------------------------------------------------------
@@ -89,9 +91,10 @@ class Moondream:
         v = torch.as_tensor(values, device=self.device).to(self.dtype).reshape(-1, 2)
         return region.encode_size(v, self.w.region)
 
-    def hidden(self, cache: KVCache, x_BTC: torch.Tensor) -> torch.Tensor:
+    def hidden(self, cache: KVCache, x_BTC: torch.Tensor, adapter: Adapter | None = None) -> torch.Tensor:
         """Append T input embeddings to the cache; pre-`post_ln` hidden states (B, T, D)."""
-        return text.text_hidden(x_BTC, self.w.text, self.cfg.text, cache, self.rope)
+        lora = LoraBatch.single(adapter, x_BTC.shape[0], self.device)
+        return text.text_hidden(x_BTC, self.w.text, self.cfg.text, cache, self.rope, lora)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return text.lm_logits(hidden, self.w.text)

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TextConfig
-from .layers import layer_norm, linear, mlp, mlp_weights
+from .layers import gelu, layer_norm, linear, mlp, mlp_weights
+from .lora import LoraBatch
 from .rope import apply_rope
 
 
@@ -106,13 +107,14 @@ def decoder(
     mask: torch.Tensor | None,
     cache: KVStore | None = None,
     taps: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    lora: LoraBatch | None = None,
 ) -> torch.Tensor:
     """The decoder blocks over input embeddings; returns pre-`post_ln` hidden states (B, T, D).
 
     pos: (T,) or (B, T) RoPE positions. mask: None (all keys), (T, S) or (B, T, S), True = may attend.
     With a cache, each layer's K/V go through `cache.update`, which stores them and returns the keys and
     values to attend to; without one (training), attention covers the T inputs themselves. `taps` collects
-    each layer's post-RoPE (q, k).
+    each layer's post-RoPE (q, k). `lora` adds each row's adapter to qkv, proj, fc1 and fc2.
     """
     b, t, _ = x_BTC.shape
     cos, sin = rope[0][pos], rope[1][pos]
@@ -124,7 +126,8 @@ def decoder(
     x = x_BTC
     for i, block in enumerate(w.blocks):
         h = layer_norm(x, block["ln"])
-        q, k, v = linear(h, block["attn"]["qkv"]).split([nq * hd, nkv * hd, nkv * hd], dim=-1)
+        qkv = _adapted(linear(h, block["attn"]["qkv"]), lora, i, "qkv", h)
+        q, k, v = qkv.split([nq * hd, nkv * hd, nkv * hd], dim=-1)
         q = apply_rope(q.view(b, t, nq, hd).transpose(1, 2), cos, sin)
         k = apply_rope(k.view(b, t, nkv, hd).transpose(1, 2), cos, sin)
         v = v.view(b, t, nkv, hd).transpose(1, 2)
@@ -133,18 +136,35 @@ def decoder(
         if cache is not None:
             k, v = cache.update(i, k, v)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=nq != nkv)
-        x = x + linear(a.transpose(1, 2).reshape(b, t, nq * hd), block["attn"]["proj"]) + mlp(h, block["mlp"])
+        attn_out = _adapted(linear(a.transpose(1, 2).reshape(b, t, nq * hd), block["attn"]["proj"]), lora, i, "proj", h)
+        if lora is None:
+            x = x + attn_out + mlp(h, block["mlp"])
+        else:
+            g = gelu(_adapted(linear(h, block["mlp"]["fc1"]), lora, i, "fc1", h))
+            x = x + attn_out + _adapted(linear(g, block["mlp"]["fc2"]), lora, i, "fc2", g)
     return x
 
 
+def _adapted(y: torch.Tensor, lora: LoraBatch | None, layer: int, target: str, x: torch.Tensor) -> torch.Tensor:
+    if lora is None:
+        return y
+    delta = lora.delta(layer, target, x)
+    return y if delta is None else y + delta
+
+
 def text_hidden(
-    x_BTC: torch.Tensor, w: nn.Module, cfg: TextConfig, cache: KVCache, rope: tuple[torch.Tensor, torch.Tensor]
+    x_BTC: torch.Tensor,
+    w: nn.Module,
+    cfg: TextConfig,
+    cache: KVCache,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    lora: LoraBatch | None = None,
 ) -> torch.Tensor:
     """Append T inputs to the cache at the next positions, with the prefix-LM rule for the mask."""
     start, t = cache.length, x_BTC.shape[1]
     cache.reserve(start + t)
     pos = torch.arange(start, start + t, device=x_BTC.device)
-    out = decoder(x_BTC, w, cfg, rope, pos, prefix_lm_mask(pos, start + t, cache.prefix_len), cache)
+    out = decoder(x_BTC, w, cfg, rope, pos, prefix_lm_mask(pos, start + t, cache.prefix_len), cache, lora=lora)
     cache.length = start + t
     return out
 
@@ -159,6 +179,7 @@ class EncodedImage:
 
     kv: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per layer (1, n_kv, prefix_len, head_dim)
     key: str | None = None  # content hash of the image, so an engine can share its cached prefix
+    variant: str | None = None  # the adapter the prefix was computed with
 
     @property
     def length(self) -> int:

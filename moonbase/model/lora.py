@@ -1,0 +1,140 @@
+"""LoRA adapters on the text decoder, in the Moondream variant convention: every block's qkv, proj, fc1
+and fc2 get `y += (x @ A^T) @ B^T` with no scale (any alpha/rank is folded into B). qkv, fc1 and proj
+read the block's post-LN input (proj too: the variant format adapts proj from the attention *input*);
+fc2 reads the post-GELU activation.
+
+`LoraBatch` applies several adapters in one forward: row b of the batch uses adapter `index[b]` (0 = none).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import TextConfig
+from ..errors import CheckpointError
+
+TARGETS = ("qkv", "proj", "fc1", "fc2")
+_RAW_RENAMES = (  # Phi-style names in raw variant files -> ours (spec §7)
+    ("text_model.transformer.h", "text.blocks"),
+    (".mixer", ".attn"),
+    (".out_proj", ".proj"),
+    (".Wqkv", ".qkv"),
+    (".parametrizations.weight.0", ""),
+)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Per layer and target, A (r, in) and B (out, r)."""
+
+    name: str
+    layers: tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], ...]
+
+    @property
+    def rank(self) -> int:
+        return max(a.shape[0] for layer in self.layers for a, _ in layer.values())
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> Adapter:
+        layers = tuple({t: (a.to(device, dtype), b.to(device, dtype)) for t, (a, b) in layer.items()} for layer in self.layers)
+        return Adapter(self.name, layers)
+
+
+def target_shapes(cfg: TextConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) of each adapted linear layer."""
+    return {"qkv": (cfg.dim, cfg.qkv_dim), "proj": (cfg.dim, cfg.dim), "fc1": (cfg.dim, cfg.ff_dim), "fc2": (cfg.ff_dim, cfg.dim)}
+
+
+def _block_key(key: str) -> tuple[int, str, str] | None:
+    """'text.blocks.3.attn.qkv.A' -> (3, 'qkv', 'A')."""
+    for old, new in _RAW_RENAMES:
+        key = key.replace(old, new)
+    parts = key.split(".")
+    if len(parts) != 6 or parts[:2] != ["text", "blocks"] or parts[4] not in TARGETS or parts[5] not in ("A", "B"):
+        return None
+    return int(parts[2]), parts[4], parts[5]
+
+
+def adapter_from_state_dict(name: str, state: dict[str, torch.Tensor], cfg: TextConfig) -> Adapter:
+    """A variant state dict (raw Phi-style or renamed keys) checked against the model's shapes."""
+    found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    unknown = []
+    for key, value in state.items():
+        parsed = _block_key(key)
+        if parsed is None:
+            unknown.append(key)
+            continue
+        layer, target, part = parsed
+        found.setdefault((layer, target), {})[part] = value
+    if unknown:
+        raise CheckpointError(f"adapter {name!r}: unexpected keys {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+    shapes = target_shapes(cfg)
+    layers: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(cfg.n_layers)]
+    for (layer, target), parts in sorted(found.items()):
+        if layer >= cfg.n_layers or set(parts) != {"A", "B"}:
+            raise CheckpointError(f"adapter {name!r}: layer {layer} {target} needs A and B within {cfg.n_layers} layers")
+        a, b = parts["A"], parts["B"]
+        d_in, d_out = shapes[target]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != d_in or b.shape[0] != d_out or a.shape[0] != b.shape[1]:
+            raise CheckpointError(
+                f"adapter {name!r}: layer {layer} {target} has A {tuple(a.shape)}, B {tuple(b.shape)}; "
+                f"expected A (r, {d_in}) and B ({d_out}, r)"
+            )
+        layers[layer][target] = (a.float(), b.float())
+    if not found:
+        raise CheckpointError(f"adapter {name!r} holds no LoRA weights")
+    return Adapter(name, tuple(layers))
+
+
+def load_adapter(path: str | Path, cfg: TextConfig) -> Adapter:
+    """A variant file (`torch.save` dict, e.g. final.pt) or a safetensors file; a directory holding one."""
+    path = Path(path)
+    if path.is_dir():
+        candidates = [path / n for n in ("adapter.safetensors", "final.pt", "adapter.pt")]
+        found = next((p for p in candidates if p.is_file()), None)
+        if found is None:
+            raise CheckpointError(f"{path} holds none of {', '.join(p.name for p in candidates)}")
+        path = found
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("lora_state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a LoRA state dict")
+    return adapter_from_state_dict(path.stem if path.stem not in ("final", "adapter") else path.parent.name, state, cfg)
+
+
+class LoraBatch:
+    """The adapters of one forward: `index[b]` is row b's adapter, 1-based into `adapters` (0 = none).
+    Rows are grouped by adapter, so a batch costs one pair of small matmuls per adapter present."""
+
+    def __init__(self, adapters: list[Adapter], index: list[int], device: torch.device):
+        self.groups = [
+            (adapter, torch.tensor(rows, device=device))
+            for j, adapter in enumerate(adapters, start=1)
+            if (rows := [b for b, i in enumerate(index) if i == j])
+        ]
+        self.all_rows = len(self.groups) == 1 and len(self.groups[0][1]) == len(index)
+
+    @classmethod
+    def single(cls, adapter: Adapter | None, batch: int, device: torch.device) -> LoraBatch | None:
+        return None if adapter is None else cls([adapter], [1] * batch, device)
+
+    def delta(self, layer: int, target: str, x_BTC: torch.Tensor) -> torch.Tensor | None:
+        out = None
+        for adapter, rows in self.groups:
+            ab = adapter.layers[layer].get(target)
+            if ab is None:
+                continue
+            a, b = ab
+            if self.all_rows:
+                return (x_BTC @ a.T) @ b.T
+            if out is None:
+                out = x_BTC.new_zeros(*x_BTC.shape[:-1], b.shape[0])
+            out[rows] = (x_BTC[rows] @ a.T) @ b.T
+        return out
