@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from moonbase import VL, EncodedImage, ImageError, SettingsError
-from moonbase.errors import AdapterNotFoundError
 from moonbase.data.shapes import render_scene
+from moonbase.errors import AdapterNotFoundError
 
 GREEDY = {"temperature": 0, "max_tokens": 12}
 
