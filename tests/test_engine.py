@@ -151,7 +151,18 @@ def test_background_engine_serves_threads(tiny, images):
     assert streamed == out
 
 
-def test_two_adapters_and_the_base_in_one_batch(tiny, images):
+HAS_NANO = (ASSETS / "nano" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "which", ["tiny", pytest.param("nano", marks=pytest.mark.skipif(not HAS_NANO, reason="no nano weights"))]
+)
+def test_two_adapters_and_the_base_in_one_batch(which, tiny, images):
+    model = tiny if which == "tiny" else nano()
+    _check_adapters(model, images)
+
+
+def _check_adapters(tiny, images):
     engine = Engine(tiny, EngineConfig(max_batch=32, kv_memory_mb=8), background=False)
     adapters = {name: random_adapter(tiny.cfg.text, rank, seed, name) for name, rank, seed in (("one", 4, 1), ("two", 8, 2))}
     for adapter in adapters.values():
@@ -166,6 +177,30 @@ def test_two_adapters_and_the_base_in_one_batch(tiny, images):
     assert len(engine.cache.entries) == 6  # one prefix per (image, adapter)
 
 
-@pytest.mark.skipif(not (ASSETS / "nano" / "model.safetensors").is_file(), reason="nano weights not built into this checkout")
+@pytest.mark.skipif(not HAS_NANO, reason="nano weights not built into this checkout")
 def test_nano_mixed_batch_matches(images):
     _check_batch(nano(), images[:3], EngineConfig(max_batch=16, kv_memory_mb=32))
+
+
+def test_seeded_sampling_is_reproducible_inside_a_batch(tiny, images):
+    hot = {"temperature": 0.8, "top_p": 0.9, "max_tokens": 10, "seed": 7}
+    s = skills.resolve_settings(hot, tiny.cfg.defaults)
+    enc = tiny.prefill_image(tiny.embed_crops([overlap_crops(images[0], tiny.cfg.vision)])[0])
+    want = list(simple.caption(tiny, enc, "normal", s))
+    engine = Engine(tiny, EngineConfig(kv_memory_mb=8), background=False)
+    vl = VL(tiny, engine=engine)
+    prompt = skills.caption_prompt(tiny.cfg.tokenizer, "normal")
+    others = [engine.submit(vl._request("caption", images[i], prompt, vl._settings({**hot, "seed": i}))) for i in (1, 2)]
+    mine = engine.submit(vl._request("caption", images[0], prompt, s))
+    assert mine.result().run.ids == want
+    assert all(h.result().run.ids for h in others)
+
+
+def test_results_carry_stats(tiny, images):
+    engine = Engine(tiny, EngineConfig(kv_memory_mb=8), background=False)
+    vl = VL(tiny, engine=engine)
+    prompt = skills.caption_prompt(tiny.cfg.tokenizer, "short")
+    stats = engine.submit(vl._request("caption", images[0], prompt, vl._settings(GREEDY))).result().stats
+    assert stats["input_tokens"] == len(prompt.ids)
+    assert stats["output_tokens"] >= 1
+    assert 0 < stats["ttft_ms"] <= stats["total_ms"]

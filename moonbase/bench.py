@@ -1,0 +1,163 @@
+"""Engine benchmark: throughput and latency at several concurrencies against the single-request path,
+on the same model and workload in one run, and the time-to-first-token gain of the image-prefix cache.
+
+python -m moonbase.bench --model nano --json
+
+Workload: `--requests` requests, each about its own new image (so no cache can help), cycling through
+caption, query, detect and point with greedy settings. Closed loop: `c` client threads each send their
+next request when the previous one is answered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import simple, skills
+from .api import VL
+from .data.shapes import render_scene
+from .engine.engine import Engine, EngineConfig
+from .hub import DEFAULT_MODEL, load
+from .image import overlap_crops
+
+SETTINGS = {"temperature": 0.0, "max_tokens": 32, "max_objects": 8}
+WORKLOAD = (
+    ("caption", {"length": "normal"}),
+    ("query", {"question": "How many circles are there?"}),
+    ("detect", {"object": "circle"}),
+    ("point", {"object": "red shape"}),
+)
+
+
+def _images(n: int, seed: int) -> list[np.ndarray]:
+    return [np.asarray(render_scene(seed * 100_000 + i).image) for i in range(n)]
+
+
+def _run_one(vl: VL, image: Any, skill: str, args: dict) -> Any:
+    if skill == "caption":
+        return vl.caption(image, args["length"], settings=SETTINGS)
+    if skill == "query":
+        return vl.query(image, args["question"], settings=SETTINGS)
+    return getattr(vl, skill)(image, args["object"], settings=SETTINGS)
+
+
+def sequential(vl: VL, images: list[np.ndarray]) -> dict[str, float]:
+    """The single-request path, one request after another: vision, prefill and decode per request."""
+    m, s = vl.model, skills.resolve_settings(SETTINGS, vl.model.cfg.defaults)
+    latencies = []
+    t0 = time.perf_counter()
+    for i, image in enumerate(images):
+        skill, args = WORKLOAD[i % len(WORKLOAD)]
+        start = time.perf_counter()
+        with torch.no_grad():
+            enc = m.prefill_image(m.embed_crops([overlap_crops(image, m.cfg.vision)])[0])
+        if skill == "caption":
+            list(simple.caption(m, enc, args["length"], s))
+        elif skill == "query":
+            list(simple.query(m, enc, args["question"], s))
+        else:
+            simple.locate(m, enc, skill, args["object"], s)
+        latencies.append(time.perf_counter() - start)
+    return _summary(len(images), time.perf_counter() - t0, latencies)
+
+
+def concurrent(vl: VL, images: list[np.ndarray], clients: int) -> dict[str, float]:
+    latencies: list[float] = []
+    lock, jobs = threading.Lock(), iter(range(len(images)))
+
+    def client() -> None:
+        while True:
+            with lock:
+                i = next(jobs, None)
+            if i is None:
+                return
+            skill, args = WORKLOAD[i % len(WORKLOAD)]
+            start = time.perf_counter()
+            _run_one(vl, images[i], skill, args)
+            with lock:
+                latencies.append(time.perf_counter() - start)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return _summary(len(images), time.perf_counter() - t0, latencies)
+
+
+def followup(vl: VL, images: list[np.ndarray]) -> dict[str, float]:
+    """Time to first token of a first question about a new image, and of a second question about it."""
+    first, second = [], []
+    for image in images:
+        for bucket, question in ((first, "How many circles are there?"), (second, "What color is the star?")):
+            req = vl._request("query", image, skills.query_prompt(vl.model.tokenizer, question), vl._settings(SETTINGS))
+            bucket.append(vl.engine.submit(req).result().stats["ttft_ms"])
+    return {"first_ttft_ms": statistics.median(first), "followup_ttft_ms": statistics.median(second)}
+
+
+def _summary(n: int, seconds: float, latencies: list[float]) -> dict[str, float]:
+    ms = sorted(x * 1000 for x in latencies)
+    return {
+        "rps": n / seconds,
+        "p50_ms": ms[len(ms) // 2],
+        "p99_ms": ms[min(len(ms) - 1, int(round(0.99 * (len(ms) - 1))))],
+        "seconds": seconds,
+    }
+
+
+def run(model: str | None, requests: int, concurrencies: tuple[int, ...], seed: int, device: str | None) -> dict[str, Any]:
+    m = load(model, device)
+    engine = Engine(m, EngineConfig(max_batch=max(concurrencies)))
+    vl = VL(m, engine=engine)
+    warm = _images(4, seed + 1)
+    concurrent(vl, warm, 4)  # first-call costs (allocator, thread start) out of the measurement
+    out: dict[str, Any] = {"model": m.name, "requests": requests, "device": str(m.device), "dtype": str(m.dtype).split(".")[-1]}
+    out["sequential"] = sequential(vl, _images(requests, seed))
+    out["sequential_rps"] = out["sequential"]["rps"]
+    for c in concurrencies:
+        engine.cache.clear()
+        result = concurrent(vl, _images(requests, seed + 10 + c), c)  # new images: no cache hits possible
+        out[f"engine_c{c}"] = result
+        out[f"engine_rps_c{c}"] = result["rps"]
+    top = max(concurrencies)
+    out[f"speedup_c{top}"] = out[f"engine_rps_c{top}"] / out["sequential_rps"]
+    engine.cache.clear()
+    fu = followup(vl, _images(8, seed + 999))
+    out |= fu
+    out["followup_speedup"] = fu["first_ttft_ms"] / fu["followup_ttft_ms"]
+    out["machine"] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() and m.device.type == "cuda" else None,
+    }
+    out["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m moonbase.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    a = p.parse_args(argv)
+    result = run(a.model, a.requests, tuple(int(c) for c in a.concurrency.split(",")), a.seed, a.device)
+    print(json.dumps(result, indent=None if a.json else 2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
