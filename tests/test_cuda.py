@@ -23,3 +23,12 @@ def test_cuda_fp32_matches_cpu_and_bf16_runs():
         assert isinstance(vl.detect(image, "circle", settings={"max_objects": 3})["objects"], list)
         seeded = {"temperature": 1.0, "top_p": 0.9, "max_tokens": 8, "seed": 3}
         assert vl.caption(image, settings=seeded) == vl.caption(image, settings=seeded)
+
+
+def test_engine_on_cuda_matches_the_single_request_path():
+    from moonbase.engine.engine import EngineConfig
+
+    from .test_engine import _check_batch, _images
+
+    model = tiny_random(seed=0, device="cuda", dtype=torch.float32)
+    _check_batch(model, _images(3), EngineConfig(max_batch=32, kv_memory_mb=64))
