@@ -16,6 +16,7 @@ import platform
 import statistics
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -114,13 +115,16 @@ def _summary(n: int, seconds: float, latencies: list[float]) -> dict[str, float]
     }
 
 
-def run(model: str | None, requests: int, concurrencies: tuple[int, ...], seed: int, device: str | None) -> dict[str, Any]:
+def run(
+    model: str | None, requests: int, concurrencies: tuple[int, ...], seed: int, device: str | None, int8: bool = False
+) -> dict[str, Any]:
     m = load(model, device)
-    engine = Engine(m, EngineConfig(max_batch=max(concurrencies)))
+    engine = Engine(m, EngineConfig(max_batch=max(concurrencies), int8_decode=int8))
     vl = VL(m, engine=engine)
     warm = _images(4, seed + 1)
     concurrent(vl, warm, 4)  # first-call costs (allocator, thread start) out of the measurement
     out: dict[str, Any] = {"model": m.name, "requests": requests, "device": str(m.device), "dtype": str(m.dtype).split(".")[-1]}
+    out["int8_decode"] = int8
     out["sequential"] = sequential(vl, _images(requests, seed))
     out["sequential_rps"] = out["sequential"]["rps"]
     for c in concurrencies:
@@ -152,10 +156,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
+    p.add_argument("--int8", action="store_true", help="engine decode steps through int8 linear layers (CPU)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--out", default=None, help="also write the result to this file (e.g. bench/results/NAME.json)")
     a = p.parse_args(argv)
-    result = run(a.model, a.requests, tuple(int(c) for c in a.concurrency.split(",")), a.seed, a.device)
-    print(json.dumps(result, indent=None if a.json else 2))
+    result = run(a.model, a.requests, tuple(int(c) for c in a.concurrency.split(",")), a.seed, a.device, a.int8)
+    text = json.dumps(result, indent=None if a.json else 2)
+    print(text)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 

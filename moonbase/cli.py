@@ -199,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.set_defaults(fn=cmd_eval)
 
+    sub.add_parser("bench", help="engine throughput and latency vs the single-request path (see bench --help)")
+
     p = sub.add_parser("parity", help="check numerical parity against reference golden outputs")
     p.add_argument("directory")
     p.add_argument("--json", action="store_true")
@@ -207,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own parser: python -m moonbase bench == python -m moonbase.bench
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -5,6 +5,7 @@ under memory pressure (eviction and preemption)."""
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 
 from moonbase import simple, skills
@@ -204,3 +205,17 @@ def test_results_carry_stats(tiny, images):
     assert stats["input_tokens"] == len(prompt.ids)
     assert stats["output_tokens"] >= 1
     assert 0 < stats["ttft_ms"] <= stats["total_ms"]
+
+
+def test_int8_decode_runs_every_skill_close_to_fp32(tiny, images):
+    from moonbase.model.quant import int8_text
+    from moonbase.model.text import lm_logits
+
+    q = int8_text(tiny.w.text)
+    h = torch.randn(4, tiny.cfg.text.dim, generator=torch.Generator().manual_seed(0))
+    want, got = lm_logits(h, tiny.w.text), lm_logits(h, q)
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+    engine = Engine(tiny, EngineConfig(kv_memory_mb=8, int8_decode=True), background=False)
+    vl = VL(tiny, engine=engine)
+    handles = [engine.submit(_request(vl, images, *c)) for c in _cases(images[:2])]
+    assert all(h.result() is not None for h in handles)

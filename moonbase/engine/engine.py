@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..model.moondream import Moondream
+from ..model.quant import int8_text
 from .adapters import AdapterStore
 from .kv import KVPool, PrefixCache
 from .runner import Runner
@@ -35,6 +36,7 @@ class EngineConfig:
     max_step_tokens: int = 4096
     block_size: int = 16
     kv_memory_mb: float = 512.0  # the paged pool (image prefixes and sequences share it)
+    int8_decode: bool = False  # CPU only: single-token steps through int8 linear layers (faster, approximate)
 
     def n_blocks(self, m: Moondream) -> int:
         t = m.cfg.text
@@ -101,7 +103,12 @@ class Engine:
         self.cache = PrefixCache(self.pool)
         sched_cfg = SchedulerConfig(cfg.max_batch, cfg.max_step_tokens)
         self.scheduler = Scheduler(sched_cfg, self.pool, self.cache, m.cfg.prefix_len)
-        self.runner = Runner(m, self.pool)
+        decode_w = None
+        if cfg.int8_decode:
+            if m.device.type != "cpu":
+                raise ValueError("int8_decode is a CPU option; on CUDA the engine runs bf16")
+            decode_w = int8_text(m.w.text)
+        self.runner = Runner(m, self.pool, decode_w)
         self.adapters = AdapterStore(m.cfg.text, m.device, m.dtype)
         self._inbox: queue.SimpleQueue[tuple[Sequence, Handle]] = queue.SimpleQueue()
         self._handles: dict[int, Handle] = {}

@@ -19,17 +19,21 @@ from .sequence import Feed, Head, Sequence
 
 
 class Runner:
-    def __init__(self, m: Moondream, pool: KVPool):
+    """`decode_weights`: the text weights single-token rows run with (e.g. int8 on a CPU); prompts, replays
+    and image prefixes always use the model's own."""
+
+    def __init__(self, m: Moondream, pool: KVPool, decode_weights: torch.nn.Module | None = None):
         self.m, self.pool = m, pool
+        self.decode_w = decode_weights if decode_weights is not None else m.w.text
 
     @torch.no_grad()
     def run(self, plan: StepPlan) -> None:
         if plan.prefixes:
             self._build_prefixes(plan.prefixes)
-        rows = plan.prefills + plan.decodes
-        if rows:
-            hidden = self._forward(rows)
-            self._heads(rows, hidden)
+        # prompts and single inputs run as separate forwards: no decode row is padded to a prompt's length
+        for rows, w in ((plan.prefills, self.m.w.text), (plan.decodes, self.decode_w)):
+            if rows:
+                self._heads(rows, self._forward(rows, w), w)
 
     # --- image prefixes -----------------------------------------------------------------------------
 
@@ -54,7 +58,7 @@ class Runner:
 
     # --- text ---------------------------------------------------------------------------------------
 
-    def _forward(self, rows: list[Sequence]) -> torch.Tensor:
+    def _forward(self, rows: list[Sequence], w: torch.nn.Module) -> torch.Tensor:
         """Feed every row's pending inputs; returns the hidden state after each row's last input (B, D)."""
         m, pool, dev = self.m, self.pool, self.m.device
         lengths = [len(s.pending) for s in rows]
@@ -80,7 +84,7 @@ class Runner:
             mask[i, t:, 0] = True  # padding queries look at one key so their softmax stays finite
         store = PagedBatch(pool, write.to(dev), read.to(dev))
         lora = _lora([s.req.adapter for s in rows], dev)
-        h = text.decoder(x, m.w.text, m.cfg.text, m.rope, q_pos.to(dev), mask.to(dev), store, lora=lora)
+        h = text.decoder(x, w, m.cfg.text, m.rope, q_pos.to(dev), mask.to(dev), store, lora=lora)
         last = torch.tensor(lengths, device=dev) - 1
         for seq, t in zip(rows, lengths, strict=True):
             seq.length += t
@@ -102,7 +106,7 @@ class Runner:
             x[sizes] = m.encode_sizes([feeds[i].size for i in sizes])
         return x
 
-    def _heads(self, rows: list[Sequence], hidden: torch.Tensor) -> None:
+    def _heads(self, rows: list[Sequence], hidden: torch.Tensor, w: torch.nn.Module) -> None:
         m = self.m
         wants = {Head.LM: [], Head.COORD: [], Head.SIZE: []}
         for i, seq in enumerate(rows):
@@ -110,7 +114,7 @@ class Runner:
         region_rows: dict[Head, list[int]] = {Head.COORD: list(wants[Head.COORD]), Head.SIZE: list(wants[Head.SIZE])}
         if wants[Head.LM]:
             idx = wants[Head.LM]
-            logits = m.logits(hidden[idx]).float()
+            logits = text.lm_logits(hidden[idx], w).float()
             for j, i in enumerate(idx):
                 masked = rows[i].program.mask()
                 if masked:

@@ -15,8 +15,10 @@ def mlp_weights(d_in: int, d_hidden: int, d_out: int) -> nn.ModuleDict:
     return nn.ModuleDict({"fc1": nn.Linear(d_in, d_hidden), "fc2": nn.Linear(d_hidden, d_out)})
 
 
-def linear(x: torch.Tensor, w: nn.Linear) -> torch.Tensor:
-    return F.linear(x, w.weight, w.bias)
+def linear(x: torch.Tensor, w: nn.Module) -> torch.Tensor:
+    if type(w) is nn.Linear:
+        return F.linear(x, w.weight, w.bias)
+    return w(x)  # a quantized linear layer (model/quant.py)
 
 
 def layer_norm(x: torch.Tensor, w: nn.LayerNorm) -> torch.Tensor:
