@@ -5,8 +5,8 @@ under memory pressure (eviction and preemption)."""
 from __future__ import annotations
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 from moonbase import simple, skills
 from moonbase.api import VL
