@@ -219,3 +219,19 @@ def test_int8_decode_runs_every_skill_close_to_fp32(tiny, images):
     vl = VL(tiny, engine=engine)
     handles = [engine.submit(_request(vl, images, *c)) for c in _cases(images[:2])]
     assert all(h.result() is not None for h in handles)
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(tiny, images):
+    vl = VL(tiny, engine=Engine(tiny, EngineConfig(kv_memory_mb=8)))  # background thread
+    real_schedule = vl.engine.scheduler.schedule
+
+    def broken():
+        vl.engine.scheduler.schedule = real_schedule
+        raise RuntimeError("boom")
+
+    vl.engine.scheduler.schedule = broken
+    with pytest.raises(RuntimeError, match="boom"):
+        vl.caption(images[0], "short", settings=GREEDY)
+    assert vl.caption(images[0], "short", settings=GREEDY)["caption"] == tiny.tokenizer.decode(
+        _reference(tiny, images, "caption", 0, {"length": "short"})
+    )

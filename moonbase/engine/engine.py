@@ -11,6 +11,7 @@ the scheduler plans, the runner executes, and finished sequences hand their resu
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -28,6 +29,7 @@ from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Request, Sequence, Status
 
 _DONE = object()
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -216,8 +218,20 @@ class Engine:
         while True:
             self._wakeup.wait(timeout=1.0)
             self._wakeup.clear()
-            while self.step():
-                pass
+            try:
+                while self.step():
+                    pass
+            except Exception as e:  # a bug in scheduling must not leave callers waiting forever
+                log.exception("engine step failed; failing the requests in flight")
+                self._fail_all(e)
+
+    def _fail_all(self, error: Exception) -> None:
+        with self._lock:
+            now = time.perf_counter()
+            for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+                seq.error = error
+                self.scheduler.finish(seq)
+                self._complete(seq, now)
 
     def _drive(self, done: threading.Event, timeout: float | None) -> None:
         """Wait for `done`; without a background thread, step the engine until it is set."""
