@@ -12,6 +12,7 @@ the scheduler plans, the runner executes, and finished sequences hand their resu
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -37,13 +38,25 @@ class EngineConfig:
     max_batch: int = 32
     max_step_tokens: int = 4096
     block_size: int = 16
-    kv_memory_mb: float = 512.0  # the paged pool (image prefixes and sequences share it)
+    kv_memory_mb: float | None = None  # the paged pool, shared by image prefixes and sequences; None: auto
     int8_decode: bool = False  # CPU only: single-token steps through int8 linear layers (faster, approximate)
 
     def n_blocks(self, m: Moondream) -> int:
         t = m.cfg.text
         per_token = 2 * t.n_layers * t.n_kv_heads * t.hd * torch.finfo(m.dtype).bits // 8
-        return max(1, int(self.kv_memory_mb * 2**20) // (per_token * self.block_size))
+        budget = self.kv_memory_mb * 2**20 if self.kv_memory_mb is not None else _auto_kv_bytes(m, per_token, self.max_batch)
+        return max(1, int(budget) // (per_token * self.block_size))
+
+
+def _auto_kv_bytes(m: Moondream, per_token: int, max_batch: int) -> int:
+    """Enough for every sequence of a full batch at the longest context and as many cached image
+    prefixes again, capped at 40% of free GPU memory or 15% of the machine's RAM."""
+    wanted = per_token * 2 * max_batch * m.cfg.text.max_context
+    if m.device.type == "cuda":
+        cap = 0.4 * torch.cuda.mem_get_info(m.device)[0]
+    else:
+        cap = 0.15 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(min(wanted, cap))
 
 
 @dataclass
