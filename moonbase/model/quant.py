@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -13,7 +15,9 @@ class Int8Linear(nn.Module):
         w = lin.weight.detach().float().cpu()
         scale = (w.abs().amax(1) / 127).clamp_min(1e-12).double()
         zero = torch.zeros(w.shape[0], dtype=torch.long)
-        q = torch.quantize_per_channel(w, scale, zero, 0, torch.qint8)
+        with warnings.catch_warnings():  # torch marks quantized tensors deprecated; fbgemm's kernels are still the fast path
+            warnings.simplefilter("ignore", UserWarning)
+            q = torch.quantize_per_channel(w, scale, zero, 0, torch.qint8)
         bias = None if lin.bias is None else lin.bias.detach().float().cpu()
         self.packed = torch.ops.quantized.linear_prepack(q, bias)
         self.in_features, self.out_features = lin.in_features, lin.out_features
