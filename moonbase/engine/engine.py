@@ -199,7 +199,6 @@ class Engine:
             self.scheduler.finish(seq)
             self._complete(seq, now)
             return
-        seq.feed = program.feed
         seq.pending = [program.feed]
 
     def _complete(self, seq: Sequence, now: float) -> None:

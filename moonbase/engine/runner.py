@@ -6,6 +6,8 @@ decoders, and the decoded values fed back on the next step."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..model import text
@@ -28,16 +30,19 @@ class Runner:
 
     @torch.no_grad()
     def run(self, plan: StepPlan) -> None:
+        """A blocking step: every forward, its heads and their commit."""
         if plan.prefixes:
-            self._build_prefixes(plan.prefixes)
-        # prompts and single inputs run as separate forwards: no decode row is padded to a prompt's length
-        for rows, w in ((plan.prefills, self.m.w.text), (plan.decodes, self.decode_w)):
-            if rows:
-                self._heads(rows, self._forward(rows, w), w)
+            self.build_prefixes(plan.prefixes)
+        for rows, w in self.groups(plan):
+            self.commit(self.heads(rows, self.forward(rows, w), w))
+
+    def groups(self, plan: StepPlan) -> list[tuple[list[Sequence], torch.nn.Module]]:
+        """Prompts and single inputs run as separate forwards: no decode row is padded to a prompt."""
+        return [(rows, w) for rows, w in ((plan.prefills, self.m.w.text), (plan.decodes, self.decode_w)) if rows]
 
     # --- image prefixes -----------------------------------------------------------------------------
 
-    def _build_prefixes(self, prefixes: list[NewPrefix]) -> None:
+    def build_prefixes(self, prefixes: list[NewPrefix]) -> None:
         m, pool, n = self.m, self.pool, self.m.cfg.prefix_len
         fresh = [p for p in prefixes if not isinstance(p.source, EncodedImage)]
         for p in prefixes:
@@ -58,7 +63,7 @@ class Runner:
 
     # --- text ---------------------------------------------------------------------------------------
 
-    def _forward(self, rows: list[Sequence], w: torch.nn.Module) -> torch.Tensor:
+    def forward(self, rows: list[Sequence], w: torch.nn.Module) -> torch.Tensor:
         """Feed every row's pending inputs; returns the hidden state after each row's last input (B, D)."""
         m, pool, dev = self.m, self.pool, self.m.device
         lengths = [len(s.pending) for s in rows]
@@ -71,7 +76,7 @@ class Runner:
         mask = torch.zeros(b, t_max, s_max, dtype=torch.bool)
         k_pos = torch.arange(s_max)
         for i, (seq, t) in enumerate(zip(rows, lengths, strict=True)):
-            x[i, :t] = self._embed(seq.pending)
+            x[i, :t] = seq.next_emb[None] if seq.next_emb is not None else self._embed(seq.pending)
             start, end = seq.length, seq.length + t
             own = pool.slots(seq.blocks, start - seq.prefix_len, end - seq.prefix_len)
             write[i, :t] = torch.tensor(own)
@@ -88,8 +93,6 @@ class Runner:
         last = torch.tensor(lengths, device=dev) - 1
         for seq, t in zip(rows, lengths, strict=True):
             seq.length += t
-            if seq.feed is not None:
-                seq.history.append(seq.feed)
         return h[torch.arange(b, device=dev), last]
 
     def _embed(self, feeds: list[Feed]) -> torch.Tensor:
@@ -106,38 +109,96 @@ class Runner:
             x[sizes] = m.encode_sizes([feeds[i].size for i in sizes])
         return x
 
-    def _heads(self, rows: list[Sequence], hidden: torch.Tensor, w: torch.nn.Module) -> None:
-        m = self.m
-        wants = {Head.LM: [], Head.COORD: [], Head.SIZE: []}
-        for i, seq in enumerate(rows):
-            wants[seq.program.head()].append(i)
-        region_rows: dict[Head, list[int]] = {Head.COORD: list(wants[Head.COORD]), Head.SIZE: list(wants[Head.SIZE])}
-        if wants[Head.LM]:
-            idx = wants[Head.LM]
-            logits = text.lm_logits(hidden[idx], w).float()
-            for j, i in enumerate(idx):
+    def heads(self, rows: list[Sequence], hidden: torch.Tensor, w: torch.nn.Module) -> HeadOut:
+        """Every head the rows' programs may need, on the device and without waiting for it: sampled tokens
+        for LM rows; coordinates for coordinate rows and for LM rows that may go on with one (detect/point
+        "another object" → x, a coord token in a reasoning trace); sizes; and the embedding each row will
+        be fed next if it goes on. The programs see the values only in `commit`."""
+        m, dev = self.m, self.m.device
+        b = len(rows)
+        heads = [s.program.head() for s in rows]
+        lm = [i for i, h in enumerate(heads) if h is Head.LM]
+        follow = [rows[i].program.coord_after_token() for i in range(b)]
+        coord_rows = [i for i in range(b) if heads[i] is Head.COORD or (heads[i] is Head.LM and follow[i] is not None)]
+        size_rows = [i for i, h in enumerate(heads) if h is Head.SIZE]
+        tokens = torch.zeros(b, dtype=torch.long, device=dev)
+        if lm:
+            logits = text.lm_logits(hidden[lm], w).float()
+            for j, i in enumerate(lm):
                 masked = rows[i].program.mask()
                 if masked:
                     logits[j, list(masked)] = float("-inf")
-            temps = torch.tensor([rows[i].temperature for i in idx], device=logits.device)
-            top_ps = torch.tensor([rows[i].top_p for i in idx], device=logits.device)
-            tokens = sample(logits, temps, top_ps, [rows[i].rng for i in idx]).tolist()
-            for i, token in zip(idx, tokens, strict=True):
-                seq = rows[i]
-                try:
-                    need = seq.program.on_token(token, m.cfg.text.max_context - seq.length)
-                except Exception as e:  # a request-level failure (e.g. the context filled up): fail that one
-                    seq.error = e
-                    continue
-                if need is not None:
-                    region_rows[need].append(i)
-        for head, idx in region_rows.items():
-            if not idx:
+            temps = [rows[i].temperature for i in lm]
+            tokens[lm] = sample(
+                logits,
+                torch.tensor(temps, device=dev),
+                torch.tensor([rows[i].top_p for i in lm], device=dev),
+                [rows[i].rng for i in lm],
+                any_hot=any(t > 0 for t in temps),
+            )
+        next_emb = m.w.text.wte[tokens]
+        coords = torch.zeros(b, device=dev, dtype=m.dtype)
+        if coord_rows:
+            coords[coord_rows] = m.decode_coord(hidden[coord_rows]).to(m.dtype)
+            use = torch.zeros(b, dtype=torch.bool, device=dev)
+            use[[i for i in coord_rows if heads[i] is Head.COORD or follow[i] == "always"]] = True
+            on_token = [i for i in coord_rows if follow[i] == "on_coord_token"]
+            if on_token:
+                use[on_token] = tokens[on_token] == m.cfg.tokenizer.coord_id
+            next_emb = torch.where(use[:, None], m.encode_coords(coords), next_emb)
+        sizes = torch.zeros(b, 2, device=dev, dtype=m.dtype)
+        if size_rows:
+            sizes[size_rows] = m.decode_size(hidden[size_rows]).to(m.dtype)
+            next_emb[size_rows] = m.encode_sizes(sizes[size_rows])
+        rooms = [m.cfg.text.max_context - s.length for s in rows]
+        return HeadOut(rows, heads, follow, rooms, tokens, coords, sizes, next_emb)
+
+    def commit(self, out: HeadOut) -> list[Sequence]:
+        """Hand the head values to the programs (this is where the host waits for the device). Returns the
+        sequences whose program chose an input other than the one `heads` embedded (a reasoning trace cut
+        by max_tokens goes on with the answer token): they are fed from their `pending` input instead."""
+        tokens, coords, sizes = out.tokens.tolist(), out.coords.tolist(), out.sizes.tolist()
+        coord_id, mispredicted = self.m.cfg.tokenizer.coord_id, []
+        for i, seq in enumerate(out.rows):
+            if seq.finished or seq.cancelled:
+                continue  # it rode along in a step launched before it finished
+            program, head = seq.program, out.heads[i]
+            try:
+                if head is Head.LM:
+                    if program.on_token(tokens[i], out.rooms[i]) is Head.COORD:
+                        program.on_region(coords[i])
+                else:
+                    program.on_region(coords[i] if head is Head.COORD else sizes[i])
+            except Exception as e:  # a request-level failure (e.g. the context filled up): fail that one
+                seq.error = e
                 continue
-            h = hidden[sorted(idx)]
-            values = m.decode_coord(h) if head is Head.COORD else m.decode_size(h)
-            for i, value in zip(sorted(idx), values, strict=True):
-                rows[i].program.on_region(value)
+            if program.feed is None:
+                continue
+            seq.history.append(program.feed)
+            if head is Head.SIZE:
+                embedded = Feed(size=(sizes[i][0], sizes[i][1]))
+            elif head is Head.COORD or out.follow[i] == "always" or (out.follow[i] and tokens[i] == coord_id):
+                embedded = Feed(coord=coords[i])
+            else:
+                embedded = Feed(token=tokens[i])
+            seq.next_emb = out.next_emb[i] if embedded == program.feed else None
+            if seq.next_emb is None:
+                mispredicted.append(seq)
+        return mispredicted
+
+
+@dataclass
+class HeadOut:
+    """One forward's head values for its rows, still on the device until `commit`."""
+
+    rows: list[Sequence]
+    heads: list[Head]
+    follow: list[str | None]  # each LM row's `coord_after_token` when the heads ran
+    rooms: list[int]  # context left when the heads ran (a later forward may already have grown it)
+    tokens: torch.Tensor
+    coords: torch.Tensor
+    sizes: torch.Tensor
+    next_emb: torch.Tensor
 
 
 def _lora(adapters: list[Adapter | None], device: torch.device) -> LoraBatch | None:

@@ -121,9 +121,7 @@ class Scheduler:
         self.running.remove(seq)
         self.preemptions += 1
         seq.status = Status.WAITING
-        if seq.feed is not None:  # decided but not yet fed: it goes into the replay
-            seq.history.append(seq.feed)
-        seq.pending, seq.feed = seq.prompt + seq.history, None
+        seq.pending, seq.next_emb = seq.prompt + seq.history, None
         self.waiting.appendleft(seq)
 
     def _grow(self, seq: Sequence, new_tokens: int) -> bool:

@@ -67,6 +67,10 @@ class TextProgram:
     def head(self) -> Head:
         return Head.LM
 
+    def coord_after_token(self) -> str | None:
+        """Whether a sampled token may be followed by a coordinate read from the same hidden state."""
+        return "on_coord_token" if self.decode_coords else None
+
     def mask(self) -> tuple[int, ...]:
         return self.decode_mask if self.run.ids else ()
 
@@ -108,6 +112,9 @@ class RegionProgram:
 
     def head(self) -> Head:
         return {"decide": Head.LM, "y": Head.COORD, "size": Head.SIZE}[self.state]
+
+    def coord_after_token(self) -> str | None:
+        return "always" if self.state == "decide" else None  # going on means reading x next
 
     def mask(self) -> tuple[int, ...]:
         return ()
@@ -155,6 +162,9 @@ class QueryProgram:
 
     def head(self) -> Head:
         return Head.LM
+
+    def coord_after_token(self) -> str | None:
+        return self.phase.coord_after_token()
 
     def mask(self) -> tuple[int, ...]:
         return self.phase.mask()
@@ -251,10 +261,10 @@ class Sequence:
         self.prefix_len = 0  # positions that attend bidirectionally (0 for text-only)
         self.blocks: list[int] = []  # own blocks, after the prefix
         self.length = 0  # positions with K/V in the pool
-        self.history: list[Feed] = []  # inputs fed after the prompt: replayed after a preemption
+        self.history: list[Feed] = []  # inputs decided after the prompt: replayed after a preemption
         self.prompt = prompt_feeds(req.prompt, tok)
         self.pending: list[Feed] = self.prompt  # inputs for the next forward
-        self.feed: Feed | None = None  # the program's input that `pending` holds (None for a prompt or replay)
+        self.next_emb: torch.Tensor | None = None  # the embedding of the single input in `pending`, from the heads
         self.stats = Stats(input_tokens=len(self.prompt))
         self.error: Exception | None = None
         self.cancelled = False
