@@ -4,6 +4,8 @@ under memory pressure (eviction and preemption)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -82,14 +84,16 @@ def _outcome(result, args):
 
 
 def _check_batch(m, images, engine_cfg: EngineConfig, repeat: int = 1):
+    """Blocking and pipelined engines against the reference; returns the pipelined engine."""
     cases = _cases(images) * repeat
     expected = [_reference(m, images, *c) for c in cases]
-    engine = Engine(m, engine_cfg, background=False)
-    vl = VL(m, engine=engine)
-    handles = [engine.submit(_request(vl, images, *c)) for c in cases]  # all in flight at once
-    got = [_outcome(h.result(), c[2]) for h, c in zip(handles, cases, strict=True)]
-    for c, want, have in zip(cases, expected, got, strict=True):
-        assert have == want, c
+    for pipeline in (False, True):
+        engine = Engine(m, dataclasses.replace(engine_cfg, pipeline=pipeline), background=False)
+        vl = VL(m, engine=engine)
+        handles = [engine.submit(_request(vl, images, *c)) for c in cases]  # all in flight at once
+        got = [_outcome(h.result(), c[2]) for h, c in zip(handles, cases, strict=True)]
+        for c, want, have in zip(cases, expected, got, strict=True):
+            assert have == want, (c, pipeline)
     return engine
 
 
@@ -225,7 +229,7 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(tiny, images):
     vl = VL(tiny, engine=Engine(tiny, EngineConfig(kv_memory_mb=8)))  # background thread
     real_schedule = vl.engine.scheduler.schedule
 
-    def broken():
+    def broken(**_):
         vl.engine.scheduler.schedule = real_schedule
         raise RuntimeError("boom")
 

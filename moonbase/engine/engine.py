@@ -25,7 +25,7 @@ from ..model.moondream import Moondream
 from ..model.quant import int8_text
 from .adapters import AdapterStore
 from .kv import KVPool, PrefixCache
-from .runner import Runner
+from .runner import HeadOut, Runner
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Request, Sequence, Status
 
@@ -40,6 +40,7 @@ class EngineConfig:
     block_size: int = 16
     kv_memory_mb: float | None = None  # the paged pool, shared by image prefixes and sequences; None: auto
     int8_decode: bool = False  # CPU only: single-token steps through int8 linear layers (faster, approximate)
+    pipeline: bool | None = None  # launch step t+1 before committing step t; None: on CUDA only
 
     def n_blocks(self, m: Moondream) -> int:
         t = m.cfg.text
@@ -131,6 +132,8 @@ class Engine:
         self._lock = threading.Lock()  # one step at a time
         self._wakeup = threading.Event()
         self._thread: threading.Thread | None = None
+        self.pipeline = cfg.pipeline if cfg.pipeline is not None else m.device.type == "cuda"
+        self._inflight: HeadOut | None = None  # the heads of the last pipelined step, not yet committed
         self.steps = 0
 
     # --- public -------------------------------------------------------------------------------------
@@ -147,29 +150,70 @@ class Engine:
     def step(self) -> bool:
         """One scheduling step; False when there was nothing to do."""
         with self._lock:
-            while True:
-                try:
-                    seq, handle = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-                self._handles[seq.id] = handle
-                self.scheduler.add(seq)
-            plan = self.scheduler.schedule()
-            if not plan:
+            self._drain_inbox()
+            plan = self.scheduler.schedule(preempt=self._inflight is None)
+            if plan.stalled:  # room only by preemption, and preempted sequences replay committed inputs only
+                self._commit_inflight()
+                finished, plan = plan.finished, self.scheduler.schedule()
+                plan.finished += finished
+            if not plan and self._inflight is None:
                 return False
-            rows = plan.prefills + plan.decodes
             try:
-                self.runner.run(plan)
+                if self.pipeline:
+                    self._pipelined(plan)
+                else:
+                    self.runner.run(plan)
+                    self._settle(plan.prefills + plan.decodes)
             except Exception as e:  # a failed forward fails the sequences in it, not the engine
-                for seq in rows:
+                failed = plan.prefills + plan.decodes + (self._inflight.rows if self._inflight else [])
+                self._inflight = None
+                for seq in failed:
                     seq.error = e
+                self._settle(failed)
             self.steps += 1
-            now = time.perf_counter()
-            for seq in rows:
-                self._after_step(seq, now)
             for seq in plan.finished:
-                self._complete(seq, now)
+                self._complete(seq, time.perf_counter())
             return True
+
+    def _pipelined(self, plan) -> None:
+        """Launch the decode forward of this step, then commit the previous step's heads while the device
+        works; a row that finished in that commit rode along, a row whose program chose another input than
+        the one embedded (rare) has its position redone next step."""
+        runner = self.runner
+        if plan.prefixes:
+            runner.build_prefixes(plan.prefixes)
+        hidden = runner.forward(plan.decodes, runner.decode_w) if plan.decodes else None
+        redo = self._commit_inflight()
+        for seq in redo:
+            seq.length -= 1  # this step fed it the wrong input; the slot is rewritten next step
+        alive = [i for i, s in enumerate(plan.decodes) if s.status is Status.RUNNING and s not in redo]
+        if alive:
+            self._inflight = runner.heads([plan.decodes[i] for i in alive], hidden[alive], runner.decode_w)
+        if plan.prefills:  # new sequences start blocking; they join the pipeline next step
+            runner.commit(runner.heads(plan.prefills, runner.forward(plan.prefills, self.m.w.text), self.m.w.text))
+            self._settle(plan.prefills)
+
+    def _commit_inflight(self) -> list[Sequence]:
+        if self._inflight is None:
+            return []
+        out, self._inflight = self._inflight, None
+        redo = self.runner.commit(out)
+        self._settle(out.rows)
+        return redo
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                seq, handle = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            self._handles[seq.id] = handle
+            self.scheduler.add(seq)
+
+    def _settle(self, rows: list[Sequence]) -> None:
+        now = time.perf_counter()
+        for seq in rows:
+            self._after_step(seq, now)
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -239,6 +283,7 @@ class Engine:
 
     def _fail_all(self, error: Exception) -> None:
         with self._lock:
+            self._inflight = None
             now = time.perf_counter()
             for seq in [*self.scheduler.running, *self.scheduler.waiting]:
                 seq.error = error

@@ -151,6 +151,8 @@ class Runner:
             sizes[size_rows] = m.decode_size(hidden[size_rows]).to(m.dtype)
             next_emb[size_rows] = m.encode_sizes(sizes[size_rows])
         rooms = [m.cfg.text.max_context - s.length for s in rows]
+        for i, seq in enumerate(rows):  # what a pipelined step feeds before the programs have decided
+            seq.next_emb = next_emb[i]
         return HeadOut(rows, heads, follow, rooms, tokens, coords, sizes, next_emb)
 
     def commit(self, out: HeadOut) -> list[Sequence]:

@@ -40,6 +40,7 @@ class StepPlan:
     prefills: list[Sequence] = field(default_factory=list)
     decodes: list[Sequence] = field(default_factory=list)
     finished: list[Sequence] = field(default_factory=list)  # dropped this step (cancelled)
+    stalled: bool = False  # a running sequence needs a preemption: finish the step in flight first
 
     def __bool__(self) -> bool:
         return bool(self.prefixes or self.prefills or self.decodes or self.finished)
@@ -60,14 +61,19 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> StepPlan:
+    def schedule(self, preempt: bool = True) -> StepPlan:
+        """The next step. With `preempt` False (a pipelined step is in flight, so sequences may not be
+        replayed yet), a sequence that needs a preemption to go on makes the plan `stalled` instead."""
         plan = StepPlan()
         for seq in [s for s in (*self.running, *self.waiting) if s.cancelled]:
             self.finish(seq)
             plan.finished.append(seq)
         for seq in list(self.running):  # oldest first; the newest are preempted when the pool is full
-            if seq.status is not Status.RUNNING or self._grow(seq, len(seq.pending)):
+            if seq.status is not Status.RUNNING or self._grow(seq, len(seq.pending), preempt):
                 continue
+            if not preempt:
+                plan.stalled = True
+                return plan
             seq.error = MemoryError(  # it was alone and still did not fit
                 f"the KV pool ({self.pool.n_blocks} blocks of {self.pool.block_size}) cannot hold this sequence; "
                 "give the engine more KV memory or lower max_tokens"
@@ -124,13 +130,13 @@ class Scheduler:
         seq.pending, seq.next_emb = seq.prompt + seq.history, None
         self.waiting.appendleft(seq)
 
-    def _grow(self, seq: Sequence, new_tokens: int) -> bool:
+    def _grow(self, seq: Sequence, new_tokens: int, preempt: bool = True) -> bool:
         """Own blocks enough for `new_tokens` more positions; False if the sequence had to wait."""
         own_needed = self.pool.blocks_for(seq.length + new_tokens - seq.prefix_len)
         extra = own_needed - len(seq.blocks)
         if extra <= 0:
             return True
-        got = self._take(extra, protect=seq if seq.status is Status.RUNNING else None)
+        got = self._take(extra, protect=seq if seq.status is Status.RUNNING and preempt else None)
         if got is None:
             return False
         seq.blocks += got
