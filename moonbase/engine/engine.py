@@ -24,12 +24,12 @@ import torch
 from ..model.moondream import Moondream
 from ..model.quant import int8_text
 from .adapters import AdapterStore
+from .handle import DONE, CancelledError, Handle, Result
 from .kv import KVPool, PrefixCache
 from .runner import HeadOut, Runner
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Request, Sequence, Status
 
-_DONE = object()
 log = logging.getLogger(__name__)
 
 
@@ -58,58 +58,6 @@ def _auto_kv_bytes(m: Moondream, per_token: int, max_batch: int) -> int:
     else:
         cap = 0.15 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return int(min(wanted, cap))
-
-
-@dataclass
-class Result:
-    skill: str
-    run: Any = None  # TextRun: caption / query answer
-    trace: Any = None  # TextRun: the reasoning trace
-    objects: list | None = None  # detect / point
-    stats: dict[str, Any] | None = None
-
-
-class Handle:
-    """A submitted request: stream its tokens, wait for its result, or cancel it."""
-
-    def __init__(self, engine: Engine, seq: Sequence):
-        self._engine, self._seq = engine, seq
-        self._events: queue.Queue = queue.Queue()
-        self._done = threading.Event()
-        self._result: Result | None = None
-
-    def tokens(self):
-        """Answer token ids as they are generated (caption and query)."""
-        while True:
-            item = self._wait_event()
-            if item is _DONE:
-                return
-            yield item
-
-    def result(self, timeout: float | None = None) -> Result:
-        self._engine._drive(self._done, timeout)
-        if not self._done.is_set():
-            raise TimeoutError("request did not finish in time")
-        if self._seq.error is not None:
-            raise self._seq.error
-        assert self._result is not None
-        return self._result
-
-    def cancel(self) -> None:
-        self._seq.cancelled = True
-        self._engine._wake()
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def _wait_event(self):
-        while True:
-            try:
-                return self._events.get(timeout=0.05 if self._engine.background else 0)
-            except queue.Empty:
-                if not self._engine.background and not self._engine.step() and self._events.empty():
-                    raise RuntimeError("the engine has nothing to run but this request has not finished") from None
 
 
 class Engine:
@@ -260,7 +208,7 @@ class Engine:
             result.objects = p.objects
         handle._result = result
         handle._done.set()
-        handle._events.put(_DONE)
+        handle._events.put(DONE)
 
     def _wake(self) -> None:
         if not self.background:
@@ -299,7 +247,3 @@ class Engine:
         while not done.is_set() and (deadline is None or time.perf_counter() < deadline):
             if not self.step():
                 break
-
-
-class CancelledError(RuntimeError):
-    pass
