@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from . import simple, skills
-from .engine.engine import Engine, Handle
+from .engine.engine import Engine
+from .engine.handle import Handle
 from .engine.sequence import Request
 from .errors import SettingsError
 from .image import DEFAULT_MAX_PIXELS, Crops, ImageInput, load_image, overlap_crops
