@@ -132,6 +132,21 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    from .server.app import ServerConfig
+    from .server.run import serve
+
+    vl = _vl(a)
+    serve(
+        vl,
+        vl.model.name,
+        a.host,
+        a.port,
+        ServerConfig(allow_remote_images=a.allow_remote_images, allow_file_images=a.allow_file_images),
+    )
+    return 0
+
+
 def cmd_eval(a: argparse.Namespace) -> int:
     from .eval.synthetic import evaluate
 
@@ -188,6 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="data-rendering processes (default 0: one background thread)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("serve", help="serve the Moondream HTTP API (the official client's endpoint)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=None, help="default 2020, or the next free port")
+    p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs")
+    p.add_argument("--allow-file-images", action="store_true", help="read file:// image URLs")
+    _model_args(p)
+    p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("eval", help="evaluate a model on a held-out synthetic suite")
     p.add_argument("--suite", default="synthetic", choices=("synthetic",))

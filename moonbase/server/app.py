@@ -1,0 +1,134 @@
+"""The FastAPI application: Moondream's skill endpoints under /v1, SSE streaming the way the official
+client parses it, and errors that are never HTTP 200.
+
+Handlers are plain `def`s, so FastAPI runs each in its thread pool and concurrent requests meet in the
+engine's batch."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ..errors import AdapterNotFoundError, ImageError, ModelNotFoundError, MoonbaseError, SettingsError
+from ..image import DEFAULT_MAX_PIXELS
+from .images import decode_image_url
+from .registry import ModelRegistry
+from .schemas import CaptionRequest, DetectRequest, PointRequest, QueryRequest, SkillRequest
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    allow_remote_images: bool = False
+    allow_file_images: bool = False
+
+
+def error_response(status: int, message: str, kind: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+
+def create_app(registry: ModelRegistry, cfg: ServerConfig = ServerConfig()) -> FastAPI:
+    app = FastAPI(title="moonbase", description="Moondream vision-language models, served locally.")
+
+    @app.exception_handler(RequestValidationError)
+    def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return error_response(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", "invalid_request_error")
+
+    @app.exception_handler(ModelNotFoundError)
+    def _not_found(_: Request, exc: ModelNotFoundError) -> JSONResponse:
+        return error_response(404, str(exc), "not_found_error")
+
+    @app.exception_handler(MoonbaseError)
+    def _bad(_: Request, exc: MoonbaseError) -> JSONResponse:
+        return error_response(400, str(exc), "invalid_request_error")
+
+    def image_of(url: str | None):
+        return None if url is None else decode_image_url(url, cfg.max_pixels, cfg.allow_remote_images, cfg.allow_file_images)
+
+    def settings_of(body: SkillRequest, adapter: str | None) -> dict[str, Any]:
+        s = body.merged_settings()
+        return s | {"variant": adapter} if adapter else s
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "models": list(registry.models)}
+
+    @app.get("/v1/models")
+    def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "moonbase"} for name in registry.models]}
+
+    @app.post("/v1/caption")
+    def caption(body: CaptionRequest):
+        sel = registry.select(body.model, body.adapter())
+        out = sel.vl.caption(image_of(body.image_url), body.length, stream=body.stream, settings=settings_of(body, sel.adapter))
+        return _answer("caption", out["caption"], body.stream)
+
+    @app.post("/v1/query")
+    def query(body: QueryRequest):
+        sel = registry.select(body.model, body.adapter())
+        out = sel.vl.query(
+            image_of(body.image_url),
+            body.question,
+            stream=body.stream,
+            settings=settings_of(body, sel.adapter),
+            reasoning=body.reasoning,
+            spatial_refs=body.spatial_refs,
+        )
+        return _answer("answer", out["answer"], body.stream, {"reasoning": out["reasoning"]} if "reasoning" in out else {})
+
+    @app.post("/v1/detect")
+    def detect(body: DetectRequest):
+        sel = registry.select(body.model, body.adapter())
+        out = sel.vl.detect(image_of(body.image_url), body.object, settings=settings_of(body, sel.adapter))
+        return {**out, "request_id": _request_id()}
+
+    @app.post("/v1/point")
+    def point(body: PointRequest):
+        sel = registry.select(body.model, body.adapter())
+        out = sel.vl.point(
+            image_of(body.image_url), body.object, settings=settings_of(body, sel.adapter), spatial_refs=body.spatial_refs
+        )
+        return {**out, "count": len(out["points"]), "request_id": _request_id()}
+
+    @app.post("/v1/segment")
+    def segment(body: DetectRequest):
+        registry.select(body.model, body.adapter())
+        return error_response(501, "this model has no segmentation head (Moondream 2 does not segment)", "not_implemented_error")
+
+    return app
+
+
+def _request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _answer(key: str, value: str | Iterator[str], stream: bool, extra: dict[str, Any] | None = None):
+    rid = _request_id()
+    if not stream:
+        return {key: value, **(extra or {}), "request_id": rid}
+    return StreamingResponse(_sse(value, rid, extra or {}), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _sse(pieces: Iterator[str], rid: str, extra: dict[str, Any]) -> Iterator[str]:
+    """`data: {"chunk": ...}` per piece, then a final `completed` event; a failure after the 200 header
+    ends the stream with an error event (the status can no longer change)."""
+    try:
+        for piece in pieces:
+            yield _event({"chunk": piece, "completed": False, "request_id": rid})
+    except (SettingsError, ImageError, AdapterNotFoundError, RuntimeError, MemoryError) as e:
+        yield _event({"chunk": "", "completed": True, "error": {"message": str(e), "type": type(e).__name__}, "request_id": rid})
+        return
+    yield _event({"chunk": "", "completed": True, "request_id": rid, **extra})
+
+
+def _event(payload: dict[str, Any]) -> str:
+    return "data: " + json.dumps(payload, separators=(",", ":")) + "\n\n"

@@ -1,0 +1,36 @@
+"""Start the server: pick the port (2020, or the next free one when the port was not given), serve with
+uvicorn, drain in-flight requests on shutdown."""
+
+from __future__ import annotations
+
+import socket
+import sys
+
+import uvicorn
+
+from ..api import VL
+from .app import ServerConfig, create_app
+from .registry import ModelRegistry
+
+DEFAULT_PORT = 2020
+
+
+def free_port(host: str, start: int, tries: int = 50) -> int:
+    for port in range(start, start + tries):
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise OSError(f"no free port in {start}..{start + tries - 1}")
+
+
+def serve(vl: VL, name: str, host: str = "127.0.0.1", port: int | None = None, cfg: ServerConfig = ServerConfig()) -> None:
+    chosen = port if port is not None else free_port(host, DEFAULT_PORT)
+    if port is None and chosen != DEFAULT_PORT:
+        print(f"port {DEFAULT_PORT} is busy; using {chosen}", file=sys.stderr)
+    app = create_app(ModelRegistry({name: vl}, name), cfg)
+    print(f"moonbase serving {name} on http://{host}:{chosen}/v1", file=sys.stderr)
+    uvicorn.run(app, host=host, port=chosen, log_level="info", timeout_graceful_shutdown=30)

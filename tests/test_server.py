@@ -1,0 +1,118 @@
+"""The HTTP server against the official `moondream` client (2.6.1, installed with --no-deps): every
+result equals the in-process API's on the same model with greedy settings; errors are non-2xx JSON."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+
+import httpx
+import moondream as md  # the official client: pip install --no-deps moondream==2.6.1
+import numpy as np
+import pytest
+import uvicorn
+from PIL import Image
+
+from moonbase.api import VL
+from moonbase.data.shapes import render_scene
+from moonbase.server.app import create_app
+from moonbase.server.registry import ModelRegistry
+from moonbase.server.run import free_port
+
+GREEDY = {"temperature": 0.0, "max_tokens": 10}
+
+
+@pytest.fixture(scope="module")
+def served(tiny):
+    vl = VL(tiny)
+    app = create_app(ModelRegistry({"tiny": vl}, "tiny"))
+    port = free_port("127.0.0.1", 21020)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield vl, f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def image():
+    return render_scene(seed=11, max_objects=3).image
+
+
+def _jpeg_roundtrip(img: Image.Image) -> np.ndarray:
+    """What the server decodes: the client sends JPEG quality 95."""
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="JPEG", quality=95)
+    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+
+
+def test_official_client_gets_the_in_process_answers(served, image):
+    vl, base = served
+    client = md.vl(endpoint=base + "/v1")
+    local = _jpeg_roundtrip(image)
+    for length in ("short", "normal", "long"):
+        want = vl.caption(local, length, settings=GREEDY)["caption"]
+        assert client.caption(image, length, settings=GREEDY)["caption"] == want
+        assert "".join(client.caption(image, length, stream=True, settings=GREEDY)["caption"]) == want
+    want = vl.query(local, "How many circles?", settings=GREEDY)["answer"]
+    assert client.query(image, "How many circles?", settings=GREEDY)["answer"] == want
+    assert "".join(client.query(image, "How many circles?", stream=True, settings=GREEDY)["answer"]) == want
+    got = client.query(image, "Where?", reasoning=True, settings=GREEDY)
+    assert got == {k: v for k, v in vl.query(local, "Where?", reasoning=True, settings=GREEDY).items()}
+    refs = [[0.5, 0.5]]
+    assert client.query(image, "What?", spatial_refs=refs, settings=GREEDY) == vl.query(
+        local, "What?", spatial_refs=refs, settings=GREEDY
+    )
+    assert client.query(None, "Hi?", settings=GREEDY) == vl.query(None, "Hi?", settings=GREEDY)
+    assert client.detect(image, "circle", settings={"max_objects": 3}) == vl.detect(local, "circle", settings={"max_objects": 3})
+    assert client.point(image, "circle", settings={"max_objects": 3}) == vl.point(local, "circle", settings={"max_objects": 3})
+
+
+def _data_url(img: Image.Image) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status"),
+    [
+        ("/v1/caption", {}, 400),
+        ("/v1/caption", {"image_url": "data:image/png;base64,@@@"}, 400),
+        ("/v1/caption", {"image_url": "data:image/png;base64," + base64.b64encode(b"not an image").decode()}, 400),
+        ("/v1/caption", {"image_url": "https://example.com/cat.jpg"}, 400),
+        ("/v1/caption", {"image_url": "file:///etc/passwd"}, 400),
+        ("/v1/caption", {"image_url": "IMG", "length": "huge"}, 400),
+        ("/v1/caption", {"image_url": "IMG", "settings": {"temperature": -1}}, 400),
+        ("/v1/caption", {"image_url": "IMG", "settings": {"top_p": 0}}, 400),
+        ("/v1/caption", {"image_url": "IMG", "settings": {"max_tokens": 0}}, 400),
+        ("/v1/caption", {"image_url": "IMG", "stream": "yes"}, 400),
+        ("/v1/caption", {"image_url": "IMG", "model": "nope"}, 404),
+        ("/v1/caption", {"image_url": "IMG", "model": "tiny/01ABC@5"}, 404),
+        ("/v1/query", {"image_url": "IMG"}, 400),
+        ("/v1/query", {"question": "x", "spatial_refs": [[0.5, 0.5]]}, 400),
+        ("/v1/query", {"question": "x", "image_url": "IMG", "spatial_refs": [[2, 0.5]]}, 400),
+        ("/v1/detect", {"image_url": "IMG", "object": ""}, 400),
+        ("/v1/point", {"image_url": "IMG", "object": "x", "settings": {"max_objects": 0}}, 400),
+        ("/v1/segment", {"image_url": "IMG", "object": "cat"}, 501),
+    ],
+)
+def test_bad_requests_get_a_json_error_status(served, image, path, body, status):
+    _, base = served
+    body = {k: (_data_url(image) if v == "IMG" else v) for k, v in body.items()}
+    r = httpx.post(base + path, json=body, timeout=30)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["message"]
+    assert httpx.get(base + "/health").json()["status"] == "ok"
+
+
+def test_malformed_json_is_a_400(served):
+    _, base = served
+    r = httpx.post(base + "/v1/caption", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["message"]
