@@ -21,7 +21,7 @@ from . import simple, skills
 from .engine.engine import Engine
 from .engine.handle import Handle
 from .engine.sequence import Request
-from .errors import SettingsError
+from .errors import RequestTimeoutError, SettingsError
 from .image import DEFAULT_MAX_PIXELS, Crops, ImageInput, load_image, overlap_crops
 from .model.lora import Adapter
 from .model.moondream import Moondream
@@ -32,8 +32,10 @@ from .tokenizer import TextStream
 class VL:
     """Every call becomes a request to one shared engine, so concurrent callers are batched together."""
 
-    def __init__(self, model: Moondream, max_pixels: int = DEFAULT_MAX_PIXELS, engine: Engine | None = None):
-        self.model, self.max_pixels = model, max_pixels
+    def __init__(
+        self, model: Moondream, max_pixels: int = DEFAULT_MAX_PIXELS, engine: Engine | None = None, timeout: float | None = None
+    ):
+        self.model, self.max_pixels, self.timeout = model, max_pixels, timeout  # timeout: seconds per request
         self._engine = engine
 
     @property
@@ -87,9 +89,16 @@ class VL:
             raise SettingsError(f"prompt of {len(prompt.ids)} tokens does not fit the context ({room} left)")
         return Request(skill, prompt, s, source, key, adapter=adapter, **kw)
 
+    def _wait(self, handle: Handle):
+        try:
+            return handle.result(self.timeout)
+        except TimeoutError:
+            handle.cancel()  # frees its place in the engine
+            raise RequestTimeoutError(f"the request did not finish within {self.timeout} s") from None
+
     def _text(self, handle: Handle, stream: bool) -> str | Iterator[str]:
         if not stream:
-            return self.model.tokenizer.decode(handle.result().run.ids)
+            return self.model.tokenizer.decode(self._wait(handle).run.ids)
         return _stream(handle.tokens(), TextStream(self.model.tokenizer), handle)
 
     def caption(
@@ -121,7 +130,7 @@ class VL:
         handle = self._submit("query", image, prompt, s, reasoning=reasoning)
         out: dict[str, Any] = {}
         if reasoning:
-            trace = handle.result().trace
+            trace = self._wait(handle).trace
             out["reasoning"] = skills.reasoning_output(simple.reasoning_chunks(trace, self.model), self.model.tokenizer)
         out["answer"] = self._text(handle, stream)
         return out
@@ -129,7 +138,7 @@ class VL:
     def _locate(self, skill: str, image, obj: str, settings, spatial_refs=None) -> list:
         s = self._settings(settings)
         prompt = skills.object_prompt(self.model.tokenizer, skill, obj, spatial_refs)
-        return self._submit(skill, image, prompt, s).result().objects
+        return self._wait(self._submit(skill, image, prompt, s)).objects
 
     def detect(self, image: ImageInput | EncodedImage, object: str, settings: dict[str, Any] | None = None) -> dict[str, Any]:
         objs = self._locate("detect", image, object, settings)

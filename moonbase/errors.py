@@ -27,3 +27,7 @@ class SettingsError(MoonbaseError, ValueError):
 
 class AdapterNotFoundError(ModelNotFoundError):
     """A LoRA adapter (variant) name or path could not be resolved."""
+
+
+class RequestTimeoutError(MoonbaseError, TimeoutError):
+    """A request did not finish within its time limit; it was cancelled."""

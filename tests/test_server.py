@@ -116,3 +116,38 @@ def test_malformed_json_is_a_400(served):
     _, base = served
     r = httpx.post(base + "/v1/caption", content=b"{not json", headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["message"]
+
+
+def _app(vl, **cfg):
+    from fastapi.testclient import TestClient
+
+    from moonbase.server.app import ServerConfig
+
+    return TestClient(create_app(ModelRegistry({"tiny": vl}, "tiny"), ServerConfig(**cfg)))
+
+
+def test_api_key_is_required_when_set(tiny, image):
+    client = _app(VL(tiny), api_key="s3cret")
+    body = {"image_url": _data_url(image), "settings": GREEDY}
+    assert client.post("/v1/caption", json=body).status_code == 401
+    assert client.post("/v1/caption", json=body, headers={"X-Moondream-Auth": "wrong"}).status_code == 401
+    assert client.post("/v1/caption", json=body, headers={"X-Moondream-Auth": "s3cret"}).status_code == 200
+    assert client.post("/v1/caption", json=body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert client.get("/health").status_code == 200  # health needs no key
+
+
+def test_oversized_bodies_full_queues_and_timeouts(tiny, image):
+    body = {"image_url": _data_url(image), "settings": GREEDY}
+    small = _app(VL(tiny), max_body_mb=0.001)
+    r = small.post("/v1/caption", json=body)
+    assert r.status_code == 413 and r.json()["error"]["message"]
+    full = _app(VL(tiny), max_in_flight=0)
+    r = full.post("/v1/caption", json=body)
+    assert r.status_code == 429 and r.headers["retry-after"] == "1"
+    vl = VL(tiny)
+    r = _app(vl, timeout_s=1e-9).post("/v1/caption", json=body)
+    assert r.status_code == 504 and "within" in r.json()["error"]["message"]
+    deadline = time.time() + 10
+    while (vl.engine.scheduler.running or vl.engine.scheduler.waiting) and time.time() < deadline:
+        time.sleep(0.02)
+    assert not vl.engine.scheduler.running and not vl.engine.scheduler.waiting  # the timed-out request was freed

@@ -16,8 +16,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ..errors import AdapterNotFoundError, ImageError, ModelNotFoundError, MoonbaseError, SettingsError
+from ..errors import AdapterNotFoundError, ImageError, ModelNotFoundError, MoonbaseError, RequestTimeoutError, SettingsError
 from ..image import DEFAULT_MAX_PIXELS
+from .gate import Gate
 from .images import decode_image_url
 from .registry import ModelRegistry
 from .schemas import CaptionRequest, DetectRequest, PointRequest, QueryRequest, SkillRequest
@@ -28,6 +29,10 @@ class ServerConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     allow_remote_images: bool = False
     allow_file_images: bool = False
+    api_key: str | None = None
+    max_body_mb: float = 50.0
+    max_in_flight: int = 256  # requests admitted at once; more get 429
+    timeout_s: float | None = 600.0  # per request, then 504 (and the engine frees it)
 
 
 def error_response(status: int, message: str, kind: str) -> JSONResponse:
@@ -36,6 +41,9 @@ def error_response(status: int, message: str, kind: str) -> JSONResponse:
 
 def create_app(registry: ModelRegistry, cfg: ServerConfig = ServerConfig()) -> FastAPI:
     app = FastAPI(title="moonbase", description="Moondream vision-language models, served locally.")
+    app.add_middleware(Gate, api_key=cfg.api_key, max_body=int(cfg.max_body_mb * 2**20), max_in_flight=cfg.max_in_flight)
+    for vl in registry.models.values():
+        vl.timeout = cfg.timeout_s
 
     @app.exception_handler(RequestValidationError)
     def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -46,6 +54,10 @@ def create_app(registry: ModelRegistry, cfg: ServerConfig = ServerConfig()) -> F
     @app.exception_handler(ModelNotFoundError)
     def _not_found(_: Request, exc: ModelNotFoundError) -> JSONResponse:
         return error_response(404, str(exc), "not_found_error")
+
+    @app.exception_handler(RequestTimeoutError)
+    def _timeout(_: Request, exc: RequestTimeoutError) -> JSONResponse:
+        return error_response(504, str(exc), "timeout_error")
 
     @app.exception_handler(MoonbaseError)
     def _bad(_: Request, exc: MoonbaseError) -> JSONResponse:

@@ -1,0 +1,76 @@
+"""What every request passes before a handler sees it: the API key (when one is set, compared in
+constant time), the body-size limit (413) and the bound on requests in flight (429 with Retry-After)."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import threading
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+class Gate:
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body: int, max_in_flight: int):
+        self.app, self.api_key, self.max_body, self.max_in_flight = app, api_key, max_body, max_in_flight
+        self.in_flight = 0
+        self._lock = threading.Lock()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.api_key is not None and not self._authorized(headers):
+            await _error(
+                send, 401, "missing or wrong API key (X-Moondream-Auth or Authorization: Bearer)", "authentication_error"
+            )
+            return
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            await _error(send, 413, f"request body over {self.max_body} bytes", "request_too_large")
+            return
+        with self._lock:
+            if self.in_flight >= self.max_in_flight:
+                full = True
+            else:
+                full, self.in_flight = False, self.in_flight + 1
+        if full:
+            await _error(send, 429, "the server is at capacity; retry shortly", "rate_limit_error", {"retry-after": "1"})
+            return
+        try:
+            await self.app(scope, self._limited(receive), send)
+        except _TooLarge:
+            await _error(send, 413, f"request body over {self.max_body} bytes", "request_too_large")
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def _authorized(self, headers: dict[str, str]) -> bool:
+        given = headers.get("x-moondream-auth") or headers.get("authorization", "").removeprefix("Bearer ").strip()
+        return hmac.compare_digest(given.encode(), self.api_key.encode())
+
+    def _limited(self, receive: Receive) -> Receive:
+        seen = 0
+
+        async def wrapped() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_body:  # a chunked body with no Content-Length
+                raise _TooLarge
+            return message
+
+        return wrapped
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _error(send: Send, status: int, message: str, kind: str, extra: dict[str, str] | None = None) -> None:
+    body = json.dumps({"error": {"message": message, "type": kind, "code": status}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.encode(), v.encode()) for k, v in (extra or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
