@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -209,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None, help="default 2020, or the next free port")
     p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs")
     p.add_argument("--allow-file-images", action="store_true", help="read file:// image URLs")
+    p.add_argument("--api-key", default=os.environ.get("MOONBASE_API_KEY"), help="require this key (default $MOONBASE_API_KEY)")
+    p.add_argument("--max-body-mb", type=float, default=50.0, help="larger request bodies get 413")
+    p.add_argument("--max-in-flight", type=int, default=256, help="more concurrent requests get 429")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request before 504")
     _model_args(p)
     p.set_defaults(fn=cmd_serve)
 
