@@ -89,17 +89,20 @@ class VL:
             raise SettingsError(f"prompt of {len(prompt.ids)} tokens does not fit the context ({room} left)")
         return Request(skill, prompt, s, source, key, adapter=adapter, **kw)
 
-    def _wait(self, handle: Handle):
+    def _wait(self, handle: Handle, stats: dict | None):
         try:
-            return handle.result(self.timeout)
+            result = handle.result(self.timeout)
         except TimeoutError:
             handle.cancel()  # frees its place in the engine
             raise RequestTimeoutError(f"the request did not finish within {self.timeout} s") from None
+        if stats is not None:
+            stats.update(result.stats)
+        return result
 
-    def _text(self, handle: Handle, stream: bool) -> str | Iterator[str]:
+    def _text(self, handle: Handle, stream: bool, stats: dict | None) -> str | Iterator[str]:
         if not stream:
-            return self.model.tokenizer.decode(self._wait(handle).run.ids)
-        return _stream(handle.tokens(), TextStream(self.model.tokenizer), handle)
+            return self.model.tokenizer.decode(self._wait(handle, stats).run.ids)
+        return _stream(handle.tokens(), TextStream(self.model.tokenizer), handle, stats)
 
     def caption(
         self,
@@ -107,10 +110,12 @@ class VL:
         length: str = "normal",
         stream: bool = False,
         settings: dict[str, Any] | None = None,
+        stats: dict | None = None,
     ) -> dict[str, Any]:
+        """`stats`, if given, is filled with the request's token counts and timings when it finishes."""
         s = self._settings(settings)
         prompt = skills.caption_prompt(self.model.cfg.tokenizer, length)
-        return {"caption": self._text(self._submit("caption", image, prompt, s), stream)}
+        return {"caption": self._text(self._submit("caption", image, prompt, s), stream, stats)}
 
     def query(
         self,
@@ -120,6 +125,7 @@ class VL:
         settings: dict[str, Any] | None = None,
         reasoning: bool = False,
         spatial_refs: Any = None,
+        stats: dict | None = None,
     ) -> dict[str, Any]:
         s = self._settings(settings)
         if question is None:
@@ -130,24 +136,31 @@ class VL:
         handle = self._submit("query", image, prompt, s, reasoning=reasoning)
         out: dict[str, Any] = {}
         if reasoning:
-            trace = self._wait(handle).trace
+            trace = self._wait(handle, None).trace
             out["reasoning"] = skills.reasoning_output(simple.reasoning_chunks(trace, self.model), self.model.tokenizer)
-        out["answer"] = self._text(handle, stream)
+        out["answer"] = self._text(handle, stream, stats)
         return out
 
-    def _locate(self, skill: str, image, obj: str, settings, spatial_refs=None) -> list:
+    def _locate(self, skill: str, image, obj: str, settings, spatial_refs=None, stats=None) -> list:
         s = self._settings(settings)
         prompt = skills.object_prompt(self.model.tokenizer, skill, obj, spatial_refs)
-        return self._wait(self._submit(skill, image, prompt, s)).objects
+        return self._wait(self._submit(skill, image, prompt, s), stats).objects
 
-    def detect(self, image: ImageInput | EncodedImage, object: str, settings: dict[str, Any] | None = None) -> dict[str, Any]:
-        objs = self._locate("detect", image, object, settings)
+    def detect(
+        self, image: ImageInput | EncodedImage, object: str, settings: dict[str, Any] | None = None, stats: dict | None = None
+    ) -> dict[str, Any]:
+        objs = self._locate("detect", image, object, settings, stats=stats)
         return {"objects": [skills.region_output(o.x, o.y, *o.size) for o in objs]}
 
     def point(
-        self, image: ImageInput | EncodedImage, object: str, settings: dict[str, Any] | None = None, spatial_refs: Any = None
+        self,
+        image: ImageInput | EncodedImage,
+        object: str,
+        settings: dict[str, Any] | None = None,
+        spatial_refs: Any = None,
+        stats: dict | None = None,
     ) -> dict[str, Any]:
-        objs = self._locate("point", image, object, settings, spatial_refs)
+        objs = self._locate("point", image, object, settings, spatial_refs, stats)
         return {"points": [{"x": o.x, "y": o.y} for o in objs]}
 
     def detect_gaze(
@@ -171,13 +184,15 @@ def image_key(crops: Crops) -> str:
     return h.hexdigest()
 
 
-def _stream(ids: Iterator[int], stream: TextStream, handle: Handle) -> Iterator[str]:
+def _stream(ids: Iterator[int], stream: TextStream, handle: Handle, stats: dict | None) -> Iterator[str]:
     try:
         for t in ids:
             piece = stream.push(t)
             if piece:
                 yield piece
-        handle.result()  # raises if the request failed
+        result = handle.result()  # raises if the request failed
+        if stats is not None:
+            stats.update(result.stats)
         tail = stream.flush()
         if tail:
             yield tail

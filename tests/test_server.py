@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import threading
 import time
 
@@ -151,3 +152,18 @@ def test_oversized_bodies_full_queues_and_timeouts(tiny, image):
     while (vl.engine.scheduler.running or vl.engine.scheduler.waiting) and time.time() < deadline:
         time.sleep(0.02)
     assert not vl.engine.scheduler.running and not vl.engine.scheduler.waiting  # the timed-out request was freed
+
+
+def test_responses_carry_real_token_counts_and_timings(served, image):
+    vl, base = served
+    body = {"image_url": _data_url(image), "question": "How many?", "settings": GREEDY}
+    first = httpx.post(base + "/v1/query", json=body, timeout=30).json()["_stats"]
+    again = httpx.post(base + "/v1/query", json=body, timeout=30).json()["_stats"]
+    assert first["image_tokens"] == vl.model.cfg.prefix_len and first["input_tokens"] > 3
+    assert 1 <= first["output_tokens"] <= GREEDY["max_tokens"] + 1 and 0 < first["ttft_ms"] <= first["total_ms"]
+    assert again["image_cached"]  # the second question about the image skipped vision and prefill
+    with httpx.stream(
+        "POST", base + "/v1/caption", json={"image_url": _data_url(image), "stream": True, "settings": GREEDY}
+    ) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1]["completed"] and events[-1]["_stats"]["output_tokens"] >= 1

@@ -164,6 +164,7 @@ class Scheduler:
             if key is not None:
                 prefix_blocks = self.cache.attach(key)
                 self.cache.hits += not needs_image
+                seq.stats.image_tokens, seq.stats.image_cached = self.prefix_len, not needs_image
             seq.prefix_key, seq.prefix_blocks = key, prefix_blocks
             seq.prefix_len = seq.length = self.prefix_len if key is not None else 0
             if not self._grow(seq, len(seq.pending)):

@@ -209,7 +209,9 @@ class Request:
 
 @dataclass
 class Stats:
-    input_tokens: int = 0
+    input_tokens: int = 0  # prompt tokens
+    image_tokens: int = 0  # the image prefix (BOS + image tokens), when there is an image
+    image_cached: bool = False  # the prefix came from the cache: no vision encoder, no prefill
     output_tokens: int = 0
     submitted: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
@@ -220,6 +222,8 @@ class Stats:
         total = None if self.finished is None else (self.finished - self.submitted) * 1000
         return {
             "input_tokens": self.input_tokens,
+            "image_tokens": self.image_tokens,
+            "image_cached": self.image_cached,
             "output_tokens": self.output_tokens,
             "ttft_ms": ttft,
             "total_ms": total,

@@ -80,13 +80,14 @@ def create_app(registry: ModelRegistry, cfg: ServerConfig = ServerConfig()) -> F
 
     @app.post("/v1/caption")
     def caption(body: CaptionRequest):
-        sel = registry.select(body.model, body.adapter())
-        out = sel.vl.caption(image_of(body.image_url), body.length, stream=body.stream, settings=settings_of(body, sel.adapter))
-        return _answer("caption", out["caption"], body.stream)
+        sel, stats = registry.select(body.model, body.adapter()), {}
+        settings = settings_of(body, sel.adapter)
+        out = sel.vl.caption(image_of(body.image_url), body.length, stream=body.stream, settings=settings, stats=stats)
+        return _answer("caption", out["caption"], body.stream, stats)
 
     @app.post("/v1/query")
     def query(body: QueryRequest):
-        sel = registry.select(body.model, body.adapter())
+        sel, stats = registry.select(body.model, body.adapter()), {}
         out = sel.vl.query(
             image_of(body.image_url),
             body.question,
@@ -94,14 +95,15 @@ def create_app(registry: ModelRegistry, cfg: ServerConfig = ServerConfig()) -> F
             settings=settings_of(body, sel.adapter),
             reasoning=body.reasoning,
             spatial_refs=body.spatial_refs,
+            stats=stats,
         )
-        return _answer("answer", out["answer"], body.stream, {"reasoning": out["reasoning"]} if "reasoning" in out else {})
+        return _answer("answer", out["answer"], body.stream, stats, {"reasoning": out["reasoning"]} if "reasoning" in out else {})
 
     @app.post("/v1/detect")
     def detect(body: DetectRequest):
-        sel = registry.select(body.model, body.adapter())
-        out = sel.vl.detect(image_of(body.image_url), body.object, settings=settings_of(body, sel.adapter))
-        return {**out, "request_id": _request_id()}
+        sel, stats = registry.select(body.model, body.adapter()), {}
+        out = sel.vl.detect(image_of(body.image_url), body.object, settings=settings_of(body, sel.adapter), stats=stats)
+        return {**out, "request_id": _request_id(), "_stats": stats}
 
     @app.post("/v1/point")
     def point(body: PointRequest):
@@ -123,14 +125,16 @@ def _request_id() -> str:
     return uuid.uuid4().hex
 
 
-def _answer(key: str, value: str | Iterator[str], stream: bool, extra: dict[str, Any] | None = None):
+def _answer(key: str, value: str | Iterator[str], stream: bool, stats: dict, extra: dict[str, Any] | None = None):
+    """The response; `stats` (token counts and timings) is filled by the time the answer is complete."""
     rid = _request_id()
     if not stream:
-        return {key: value, **(extra or {}), "request_id": rid}
-    return StreamingResponse(_sse(value, rid, extra or {}), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return {key: value, **(extra or {}), "request_id": rid, "_stats": stats}
+    body = _sse(value, rid, stats, extra or {})
+    return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-def _sse(pieces: Iterator[str], rid: str, extra: dict[str, Any]) -> Iterator[str]:
+def _sse(pieces: Iterator[str], rid: str, stats: dict, extra: dict[str, Any]) -> Iterator[str]:
     """`data: {"chunk": ...}` per piece, then a final `completed` event; a failure after the 200 header
     ends the stream with an error event (the status can no longer change)."""
     try:
@@ -139,7 +143,7 @@ def _sse(pieces: Iterator[str], rid: str, extra: dict[str, Any]) -> Iterator[str
     except (SettingsError, ImageError, AdapterNotFoundError, RuntimeError, MemoryError) as e:
         yield _event({"chunk": "", "completed": True, "error": {"message": str(e), "type": type(e).__name__}, "request_id": rid})
         return
-    yield _event({"chunk": "", "completed": True, "request_id": rid, **extra})
+    yield _event({"chunk": "", "completed": True, "request_id": rid, **extra, "_stats": stats})
 
 
 def _event(payload: dict[str, Any]) -> str:
