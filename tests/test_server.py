@@ -167,3 +167,15 @@ def test_responses_carry_real_token_counts_and_timings(served, image):
     ) as r:
         events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1]["completed"] and events[-1]["_stats"]["output_tokens"] >= 1
+
+
+def test_stats_and_metrics_count_what_happened(tiny, image):
+    client = _app(VL(tiny))
+    client.post("/v1/detect", json={"image_url": _data_url(image), "object": "circle"})
+    client.post("/v1/detect", json={"image_url": "data:image/png;base64,@@", "object": "circle"})
+    stats = client.get("/v1/stats").json()
+    assert stats["responses"]["/v1/detect"] == {"200": 1, "400": 1}
+    assert stats["models"]["tiny"]["prefix_cache_entries"] == 1
+    metrics = client.get("/metrics").text
+    assert 'moonbase_responses_total{path="/v1/detect",status="400"} 1' in metrics
+    assert 'moonbase_engine_kv_blocks{model="tiny"}' in metrics

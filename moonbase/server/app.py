@@ -20,6 +20,7 @@ from ..errors import AdapterNotFoundError, ImageError, ModelNotFoundError, Moonb
 from ..image import DEFAULT_MAX_PIXELS
 from .gate import Gate
 from .images import decode_image_url
+from .ops import add_ops_routes
 from .registry import ModelRegistry
 from .schemas import CaptionRequest, DetectRequest, PointRequest, QueryRequest, SkillRequest
 
@@ -39,9 +40,11 @@ def error_response(status: int, message: str, kind: str) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
 
 
-def create_app(registry: ModelRegistry, cfg: ServerConfig = ServerConfig()) -> FastAPI:
+def create_app(registry: ModelRegistry, cfg: ServerConfig = ServerConfig()) -> Gate:
+    """The ASGI application: the FastAPI routes behind the Gate (auth, body limit, admission, counters)."""
     app = FastAPI(title="moonbase", description="Moondream vision-language models, served locally.")
-    app.add_middleware(Gate, api_key=cfg.api_key, max_body=int(cfg.max_body_mb * 2**20), max_in_flight=cfg.max_in_flight)
+    gate = Gate(app, cfg.api_key, int(cfg.max_body_mb * 2**20), cfg.max_in_flight)
+    add_ops_routes(app, registry, gate)
     for vl in registry.models.values():
         vl.timeout = cfg.timeout_s
 
@@ -118,7 +121,7 @@ def create_app(registry: ModelRegistry, cfg: ServerConfig = ServerConfig()) -> F
         registry.select(body.model, body.adapter())
         return error_response(501, "this model has no segmentation head (Moondream 2 does not segment)", "not_implemented_error")
 
-    return app
+    return gate
 
 
 def _request_id() -> str:

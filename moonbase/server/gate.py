@@ -6,6 +6,7 @@ from __future__ import annotations
 import hmac
 import json
 import threading
+from collections import Counter
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -14,12 +15,14 @@ class Gate:
     def __init__(self, app: ASGIApp, api_key: str | None, max_body: int, max_in_flight: int):
         self.app, self.api_key, self.max_body, self.max_in_flight = app, api_key, max_body, max_in_flight
         self.in_flight = 0
+        self.responses: Counter[tuple[str, int]] = Counter()  # (path, status) -> count
         self._lock = threading.Lock()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
             await self.app(scope, receive, send)
             return
+        send = self._counted(scope["path"], send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if self.api_key is not None and not self._authorized(headers):
             await _error(
@@ -45,6 +48,15 @@ class Gate:
         finally:
             with self._lock:
                 self.in_flight -= 1
+
+    def _counted(self, path: str, send: Send) -> Send:
+        async def wrapped(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                with self._lock:
+                    self.responses[(path, message["status"])] += 1
+            await send(message)
+
+        return wrapped
 
     def _authorized(self, headers: dict[str, str]) -> bool:
         given = headers.get("x-moondream-auth") or headers.get("authorization", "").removeprefix("Bearer ").strip()

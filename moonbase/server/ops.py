@@ -1,0 +1,48 @@
+"""Operational endpoints: /v1/stats (JSON) and /metrics (Prometheus text)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import PlainTextResponse
+
+from .gate import Gate
+from .registry import ModelRegistry
+
+
+def add_ops_routes(app: FastAPI, registry: ModelRegistry, gate: Gate) -> None:
+    def snapshot() -> dict[str, Any]:
+        engines = {}
+        for name, vl in registry.models.items():
+            e = vl.engine
+            engines[name] = e.stats | {"prefix_cache_hits": e.cache.hits, "prefix_cache_evictions": e.cache.evictions}
+        responses: dict[str, dict[str, int]] = {}
+        for (path, status), n in sorted(gate.responses.items()):
+            responses.setdefault(path, {})[str(status)] = n
+        return {
+            "status": "running",
+            "in_flight": gate.in_flight,
+            "max_in_flight": gate.max_in_flight,
+            "models": engines,
+            "responses": responses,
+        }
+
+    @app.get("/v1/stats")
+    def stats() -> dict[str, Any]:
+        return snapshot()
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def metrics() -> str:
+        s = snapshot()
+        lines = [
+            "# TYPE moonbase_in_flight gauge",
+            f"moonbase_in_flight {s['in_flight']}",
+            "# TYPE moonbase_responses_total counter",
+        ]
+        for path, by_status in s["responses"].items():
+            lines += [f'moonbase_responses_total{{path="{path}",status="{st}"}} {n}' for st, n in by_status.items()]
+        for key in ("running", "waiting", "kv_blocks_free", "kv_blocks", "prefix_cache_entries", "prefix_cache_hits", "steps"):
+            lines.append(f"# TYPE moonbase_engine_{key} {'counter' if key in ('prefix_cache_hits', 'steps') else 'gauge'}")
+            lines += [f'moonbase_engine_{key}{{model="{name}"}} {e[key]}' for name, e in s["models"].items()]
+        return "\n".join(lines) + "\n"
