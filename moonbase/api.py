@@ -96,7 +96,7 @@ class VL:
             handle.cancel()  # frees its place in the engine
             raise RequestTimeoutError(f"the request did not finish within {self.timeout} s") from None
         if stats is not None:
-            stats.update(result.stats)
+            stats.update(result.stats | ({"stop_reason": result.run.stop_reason} if result.run else {}))
         return result
 
     def _text(self, handle: Handle, stream: bool, stats: dict | None) -> str | Iterator[str]:
@@ -192,7 +192,7 @@ def _stream(ids: Iterator[int], stream: TextStream, handle: Handle, stats: dict 
                 yield piece
         result = handle.result()  # raises if the request failed
         if stats is not None:
-            stats.update(result.stats)
+            stats.update(result.stats | {"stop_reason": result.run.stop_reason})
         tail = stream.flush()
         if tail:
             yield tail

@@ -179,3 +179,23 @@ def test_stats_and_metrics_count_what_happened(tiny, image):
     metrics = client.get("/metrics").text
     assert 'moonbase_responses_total{path="/v1/detect",status="400"} 1' in metrics
     assert 'moonbase_engine_kv_blocks{model="tiny"}' in metrics
+
+
+def test_chat_completions_answer_like_query(served, image):
+    vl, base = served
+    client = md.vl(endpoint=base + "/v1")
+    url = _data_url(image)
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "How many?"}]},
+    ]
+    want = vl.query(np.asarray(image.convert("RGB")), "How many?", settings=GREEDY)["answer"]
+    got = client.chat(messages, settings=GREEDY)
+    assert got["message"]["content"] == want and got["finish_reason"] in ("stop", "length")
+    assert "".join(client.chat(messages, stream=True, settings=GREEDY)["message"]) == want
+    r = httpx.post(base + "/v1/chat/completions", json={"messages": [{"role": "system", "content": "x"}]})
+    assert r.status_code == 400
+    usage = httpx.post(base + "/v1/chat/completions", json={"messages": messages, "max_tokens": 4, "temperature": 0}).json()[
+        "usage"
+    ]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] and usage["completion_tokens"] >= 1

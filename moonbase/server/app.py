@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..errors import AdapterNotFoundError, ImageError, ModelNotFoundError, MoonbaseError, RequestTimeoutError, SettingsError
 from ..image import DEFAULT_MAX_PIXELS
+from .chat import add_chat_route
 from .gate import Gate
 from .images import decode_image_url
 from .ops import add_ops_routes
@@ -72,6 +73,8 @@ def create_app(registry: ModelRegistry, cfg: ServerConfig = ServerConfig()) -> G
     def settings_of(body: SkillRequest, adapter: str | None) -> dict[str, Any]:
         s = body.merged_settings()
         return s | {"variant": adapter} if adapter else s
+
+    add_chat_route(app, registry, image_of)
 
     @app.get("/health")
     def health() -> dict[str, Any]:
