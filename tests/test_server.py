@@ -81,36 +81,96 @@ def _data_url(img: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-@pytest.mark.parametrize(
-    ("path", "body", "status"),
-    [
-        ("/v1/caption", {}, 400),
-        ("/v1/caption", {"image_url": "data:image/png;base64,@@@"}, 400),
-        ("/v1/caption", {"image_url": "data:image/png;base64," + base64.b64encode(b"not an image").decode()}, 400),
-        ("/v1/caption", {"image_url": "https://example.com/cat.jpg"}, 400),
-        ("/v1/caption", {"image_url": "file:///etc/passwd"}, 400),
-        ("/v1/caption", {"image_url": "IMG", "length": "huge"}, 400),
-        ("/v1/caption", {"image_url": "IMG", "settings": {"temperature": -1}}, 400),
-        ("/v1/caption", {"image_url": "IMG", "settings": {"top_p": 0}}, 400),
-        ("/v1/caption", {"image_url": "IMG", "settings": {"max_tokens": 0}}, 400),
-        ("/v1/caption", {"image_url": "IMG", "stream": "yes"}, 400),
-        ("/v1/caption", {"image_url": "IMG", "model": "nope"}, 404),
-        ("/v1/caption", {"image_url": "IMG", "model": "tiny/01ABC@5"}, 404),
-        ("/v1/query", {"image_url": "IMG"}, 400),
-        ("/v1/query", {"question": "x", "spatial_refs": [[0.5, 0.5]]}, 400),
-        ("/v1/query", {"question": "x", "image_url": "IMG", "spatial_refs": [[2, 0.5]]}, 400),
-        ("/v1/detect", {"image_url": "IMG", "object": ""}, 400),
-        ("/v1/point", {"image_url": "IMG", "object": "x", "settings": {"max_objects": 0}}, 400),
-        ("/v1/segment", {"image_url": "IMG", "object": "cat"}, 501),
-    ],
-)
+def _png(width: int, height: int) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 100, 50)).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+_TRUNCATED = "data:image/png;base64," + base64.b64encode(base64.b64decode(_png(64, 64).split(",")[1])[:60]).decode()
+_HUGE = _png(9000, 8000)  # 72 MP: over the default 64 MP limit (a decompression bomb)
+BAD = [  # (path, body, status): every one must get this 4xx JSON error, never a 5xx
+    ("/v1/caption", {}, 400),
+    ("/v1/caption", {"image_url": None}, 400),
+    ("/v1/caption", {"image_url": 42}, 400),
+    ("/v1/caption", {"image_url": ["IMG"]}, 400),
+    ("/v1/caption", {"image_url": ""}, 400),
+    ("/v1/caption", {"image_url": "data:image/png;base64,"}, 400),
+    ("/v1/caption", {"image_url": "data:image/png;base64,@@@"}, 400),
+    ("/v1/caption", {"image_url": "data:image/png"}, 400),
+    ("/v1/caption", {"image_url": "data:image/png;base64," + base64.b64encode(b"not an image").decode()}, 400),
+    ("/v1/caption", {"image_url": _TRUNCATED}, 400),
+    ("/v1/caption", {"image_url": _png(1, 1)[:-4] + "!!!!"}, 400),
+    ("/v1/caption", {"image_url": _HUGE}, 400),
+    ("/v1/caption", {"image_url": "https://example.com/cat.jpg"}, 400),
+    ("/v1/caption", {"image_url": "http://169.254.169.254/latest"}, 400),
+    ("/v1/caption", {"image_url": "file:///etc/passwd"}, 400),
+    ("/v1/caption", {"image_url": "/etc/passwd"}, 400),
+    ("/v1/caption", {"image_url": "IMG", "length": "huge"}, 400),
+    ("/v1/caption", {"image_url": "IMG", "length": 3}, 400),
+    ("/v1/caption", {"image_url": "IMG", "stream": "yes"}, 400),
+    ("/v1/caption", {"image_url": "IMG", "settings": "hot"}, 400),
+    ("/v1/caption", {"image_url": "IMG", "settings": {"temperature": -1}}, 400),
+    ("/v1/caption", {"image_url": "IMG", "settings": {"temperature": "warm"}}, 400),
+    ("/v1/caption", {"image_url": "IMG", "settings": {"temperature": None, "top_p": 0}}, 400),
+    ("/v1/caption", {"image_url": "IMG", "settings": {"top_p": 1.5}}, 400),
+    ("/v1/caption", {"image_url": "IMG", "settings": {"max_tokens": 0}}, 400),
+    ("/v1/caption", {"image_url": "IMG", "settings": {"max_tokens": -5}}, 400),
+    ("/v1/caption", {"image_url": "IMG", "settings": {"max_tokens": 2.5}}, 400),
+    ("/v1/caption", {"image_url": "IMG", "settings": {"max_tokens": True}}, 400),
+    ("/v1/caption", {"image_url": "IMG", "settings": {"seed": "x"}}, 400),
+    ("/v1/caption", {"image_url": "IMG", "settings": {"bogus": 1}}, 400),
+    ("/v1/caption", {"image_url": "IMG", "temperature": -3}, 400),
+    ("/v1/caption", {"image_url": "IMG", "model": "nope"}, 404),
+    ("/v1/caption", {"image_url": "IMG", "model": "tiny/01ABC@5"}, 404),
+    ("/v1/caption", {"image_url": "IMG", "variant": "no-such-adapter"}, 404),
+    ("/v1/caption", {"image_url": "IMG", "settings": {"variant": "no-such-adapter"}}, 404),
+    ("/v1/query", {"image_url": "IMG"}, 400),
+    ("/v1/query", {"image_url": "IMG", "question": ""}, 400),
+    ("/v1/query", {"image_url": "IMG", "question": 7}, 400),
+    ("/v1/query", {"image_url": "IMG", "question": "x", "reasoning": "sure"}, 400),
+    ("/v1/query", {"question": "x", "spatial_refs": [[0.5, 0.5]]}, 400),
+    ("/v1/query", {"question": "x", "image_url": "IMG", "spatial_refs": [[2, 0.5]]}, 400),
+    ("/v1/query", {"question": "x", "image_url": "IMG", "spatial_refs": [[0.5]]}, 400),
+    ("/v1/query", {"question": "x", "image_url": "IMG", "spatial_refs": [[0.6, 0.6, 0.2, 0.2]]}, 400),
+    ("/v1/query", {"question": "x", "image_url": "IMG", "spatial_refs": "middle"}, 400),
+    ("/v1/query", {"question": "x" * 20000, "image_url": "IMG"}, 400),
+    ("/v1/detect", {"image_url": "IMG"}, 400),
+    ("/v1/detect", {"image_url": "IMG", "object": ""}, 400),
+    ("/v1/detect", {"image_url": "IMG", "object": "   "}, 400),
+    ("/v1/detect", {"image_url": "IMG", "object": ["cat"]}, 400),
+    ("/v1/detect", {"object": "cat"}, 400),
+    ("/v1/detect", {"image_url": "IMG", "object": "cat", "settings": {"max_objects": 0}}, 400),
+    ("/v1/point", {"image_url": "IMG", "object": "x", "settings": {"max_objects": 0}}, 400),
+    ("/v1/point", {"image_url": "IMG", "object": "x", "spatial_refs": [[0.1, 0.2, 0.3]]}, 400),
+    ("/v1/segment", {"image_url": "IMG", "object": "cat"}, 501),
+    ("/v1/chat/completions", {}, 400),
+    ("/v1/chat/completions", {"messages": []}, 400),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": 5}}]}]}, 400),
+    ("/v1/nothing", {}, 404),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status"), BAD, ids=[f"{i}:{p}" for i, (p, _, _) in enumerate(BAD)])
 def test_bad_requests_get_a_json_error_status(served, image, path, body, status):
     _, base = served
     body = {k: (_data_url(image) if v == "IMG" else v) for k, v in body.items()}
-    r = httpx.post(base + path, json=body, timeout=30)
+    r = httpx.post(base + path, json=body, timeout=60)
     assert r.status_code == status, r.text
-    assert r.json()["error"]["message"]
+    assert r.json().get("error", {}).get("message") or r.json().get("detail")
     assert httpx.get(base + "/health").json()["status"] == "ok"
+
+
+def test_odd_unicode_is_answered_not_crashed(served, image):
+    _, base = served
+    for text in ("\u0000", "\U0001f600 emoji", "\u202e reversed", "ℌ𝔢𝔩𝔩𝔬", "\u3042" * 50, "e\u0301" * 30):
+        body = {"image_url": _data_url(image), "question": text, "settings": GREEDY}
+        assert httpx.post(base + "/v1/query", json=body, timeout=60).status_code == 200
+    lone_surrogate = b'{"question": "\\ud83d", "image_url": "x"}'  # valid JSON, not encodable as UTF-8
+    r = httpx.post(base + "/v1/query", content=lone_surrogate, headers={"Content-Type": "application/json"}, timeout=60)
+    assert r.status_code == 400
 
 
 def test_malformed_json_is_a_400(served):
@@ -199,3 +259,49 @@ def test_chat_completions_answer_like_query(served, image):
         "usage"
     ]
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] and usage["completion_tokens"] >= 1
+
+
+def test_fuzzed_request_bodies_never_get_a_server_error(tiny):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    client = _app(VL(tiny), timeout_s=30)
+    small = _png(20, 16)
+    junk = st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-5, 5),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.text(max_size=8),
+        st.lists(st.integers(), max_size=3),
+    )
+    value = {
+        "image_url": st.one_of(st.just(small), st.text(max_size=12), junk),
+        "question": st.one_of(st.text(max_size=20), junk),
+        "object": st.one_of(st.sampled_from(["circle", "red shape"]), st.text(max_size=10), junk),
+        "length": st.one_of(st.sampled_from(["short", "normal", "long"]), junk),
+        "stream": st.one_of(st.booleans(), junk),
+        "reasoning": st.one_of(st.booleans(), junk),
+        "spatial_refs": st.one_of(st.lists(st.lists(st.floats(-1, 2), min_size=1, max_size=5), max_size=3), junk),
+        "model": st.one_of(st.sampled_from(["tiny", "moondream3-preview", "tiny/x@1"]), junk),
+        "settings": st.one_of(
+            st.fixed_dictionaries(
+                {"max_tokens": st.integers(-2, 6)},
+                optional={"temperature": st.floats(-1, 2), "top_p": st.floats(-0.5, 1.5), "max_objects": st.integers(-1, 3)},
+            ),
+            junk,
+        ),
+    }
+    bodies = st.fixed_dictionaries({}, optional=value)
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(path=st.sampled_from(["/v1/caption", "/v1/query", "/v1/detect", "/v1/point"]), body=bodies)
+    def check(path, body):
+        if "settings" in body and isinstance(body["settings"], dict) and "max_tokens" not in body["settings"]:
+            body["settings"]["max_tokens"] = 4
+        r = client.post(path, json=body)
+        assert r.status_code < 500, (path, body, r.text)
+        if r.status_code != 200:
+            assert r.json()["error"]["message"]
+
+    check()

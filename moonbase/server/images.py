@@ -26,9 +26,11 @@ def decode_image_url(value: str, max_pixels: int, allow_remote: bool = False, al
         if not allow_files:
             raise ImageError("file paths are disabled on this server; send a data URL (start it with --allow-file-images)")
         return load_image(Path(value.removeprefix("file://")), max_pixels)
-    payload = value.split(",", 1)[1] if value.startswith("data:") else value
     if value.startswith("data:") and "," not in value:
         raise ImageError("malformed data URL: no comma before the payload")
+    payload = value.split(",", 1)[1] if value.startswith("data:") else value
+    if not payload.strip():
+        raise ImageError("image_url holds no image data")
     try:
         data = base64.b64decode(payload.strip(), validate=True)
     except (binascii.Error, ValueError) as e:
