@@ -138,13 +138,15 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from .server.run import serve
 
     vl = _vl(a)
-    serve(
-        vl,
-        vl.model.name,
-        a.host,
-        a.port,
-        ServerConfig(allow_remote_images=a.allow_remote_images, allow_file_images=a.allow_file_images),
+    cfg = ServerConfig(
+        allow_remote_images=a.allow_remote_images,
+        allow_file_images=a.allow_file_images,
+        api_key=a.api_key,
+        max_body_mb=a.max_body_mb,
+        max_in_flight=a.max_in_flight,
+        timeout_s=a.timeout,
     )
+    serve(vl, vl.model.name, a.host, a.port, cfg)
     return 0
 
 
