@@ -133,6 +133,28 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(a: argparse.Namespace) -> int:
+    from .hub import local_models
+
+    for m in local_models():
+        print(f"{m['name']:<32} {m['kind']:<10} {m['note']}")
+    return 0
+
+
+def cmd_pull(a: argparse.Namespace) -> int:
+    from .hub import hub_snapshot
+
+    path = hub_snapshot(a.repo, a.revision)  # huggingface_hub shows its own progress bars
+    print(path)
+    if not (path / "tokenizer.json").is_file() or "moondream2" in a.repo:
+        print(
+            "note: Moondream 2 needs the tokenizer.json of moondream/starmie-v1 next to model.safetensors "
+            "(the repository's own tokenizer.json is a stale GPT-2 one); see the README",
+            file=sys.stderr,
+        )
+    return 0
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
     from .server.app import ServerConfig
     from .server.run import serve
@@ -206,6 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="data-rendering processes (default 0: one background thread)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("models", help="list the models available locally")
+    p.set_defaults(fn=cmd_models)
+
+    p = sub.add_parser("pull", help="download a model from the Hugging Face hub (needs network and huggingface_hub)")
+    p.add_argument("repo", help="hub id, e.g. vikhyatk/moondream2")
+    p.add_argument("--revision", default=None, help="branch, tag or commit (e.g. 2025-06-21)")
+    p.set_defaults(fn=cmd_pull)
 
     p = sub.add_parser("serve", help="serve the Moondream HTTP API (the official client's endpoint)")
     p.add_argument("--host", default="127.0.0.1")

@@ -125,7 +125,7 @@ def load(
     raise ModelNotFoundError(f"no model {model!r}: not a built-in ({', '.join(BUILTIN)}), a directory, or a hub id")
 
 
-def hub_snapshot(repo_id: str) -> Path:
+def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
     """The local snapshot of a hub repo; downloads only when huggingface_hub is installed and online."""
     try:
         from huggingface_hub import snapshot_download
@@ -135,9 +135,31 @@ def hub_snapshot(repo_id: str) -> Path:
             "(pip install huggingface_hub), and it is not a local directory"
         ) from e
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"]))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=["*.json", "*.safetensors"]))
     except Exception as e:  # offline, unknown repo, auth: all end the same way for the user
         raise ModelNotFoundError(f"cannot get {repo_id!r} from the Hugging Face hub: {e}") from e
+
+
+def local_models() -> list[dict[str, str]]:
+    """Built-in models and Moondream snapshots already in the Hugging Face cache."""
+    out = [
+        {"name": "nano", "kind": "built-in", "note": "embedded default" if DEFAULT_MODEL == "nano" else "weights missing"},
+        {"name": "tiny-random", "kind": "built-in", "note": "random weights, for tests"},
+    ]
+    try:
+        from huggingface_hub import scan_cache_dir
+    except ImportError:
+        return out
+    try:
+        repos = scan_cache_dir().repos
+    except Exception:  # no cache directory yet
+        return out
+    for repo in sorted(repos, key=lambda r: r.repo_id):
+        if repo.repo_type == "model" and "moondream" in repo.repo_id.lower():
+            for rev in repo.revisions:
+                if any(f.file_name.endswith(".safetensors") for f in rev.files):
+                    out.append({"name": repo.repo_id, "kind": "hub cache", "note": str(rev.snapshot_path)})
+    return out
 
 
 def save_dir(m: Moondream, directory: str | Path) -> Path:

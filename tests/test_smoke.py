@@ -86,3 +86,18 @@ def test_bad_arguments_raise_typed_errors(vl, image):
 def test_context_overflow_is_a_clear_error(vl, image):
     with pytest.raises(SettingsError, match="does not fit the context"):
         vl.query(image, "word " * 2000, settings=GREEDY)
+
+
+def test_cli_models_and_pull_errors(capsys, monkeypatch):
+    from moonbase import cli, hub
+    from moonbase.errors import ModelNotFoundError
+
+    assert cli.main(["models"]) == 0
+    assert "nano" in capsys.readouterr().out
+
+    def offline(repo, revision=None):
+        raise ModelNotFoundError(f"cannot get {repo!r} from the Hugging Face hub: offline")
+
+    monkeypatch.setattr(hub, "hub_snapshot", offline)
+    assert cli.main(["pull", "vikhyatk/moondream2"]) == 2
+    assert "cannot get 'vikhyatk/moondream2'" in capsys.readouterr().err
