@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import threading
+import time
 from collections import Counter
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+access_log = logging.getLogger("moonbase.access")
 
 
 class Gate:
@@ -22,7 +26,7 @@ class Gate:
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
             await self.app(scope, receive, send)
             return
-        send = self._counted(scope["path"], send)
+        send = self._counted(scope, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if self.api_key is not None and not self._authorized(headers):
             await _error(
@@ -49,11 +53,17 @@ class Gate:
             with self._lock:
                 self.in_flight -= 1
 
-    def _counted(self, path: str, send: Send) -> Send:
+    def _counted(self, scope: Scope, send: Send) -> Send:
+        path, start = scope["path"], time.perf_counter()
+        client = (scope.get("client") or ("-", 0))[0]
+
         async def wrapped(message: Message) -> None:
             if message["type"] == "http.response.start":
                 with self._lock:
                     self.responses[(path, message["status"])] += 1
+                ms = round((time.perf_counter() - start) * 1000, 1)
+                record = {"method": scope["method"], "path": path, "status": message["status"], "ms": ms, "client": client}
+                access_log.info(json.dumps(record))  # for a stream: time to the first byte
             await send(message)
 
         return wrapped

@@ -3,6 +3,7 @@ uvicorn, drain in-flight requests on shutdown."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import sys
 
@@ -10,6 +11,7 @@ import uvicorn
 
 from ..api import VL
 from .app import ServerConfig, create_app
+from .gate import access_log
 from .registry import ModelRegistry
 
 DEFAULT_PORT = 2020
@@ -33,4 +35,9 @@ def serve(vl: VL, name: str, host: str = "127.0.0.1", port: int | None = None, c
         print(f"port {DEFAULT_PORT} is busy; using {chosen}", file=sys.stderr)
     app = create_app(ModelRegistry({name: vl}, name), cfg)
     print(f"moonbase serving {name} on http://{host}:{chosen}/v1", file=sys.stderr)
-    uvicorn.run(app, host=host, port=chosen, log_level="info", timeout_graceful_shutdown=30)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s access %(message)s"))
+    access_log.addHandler(handler)  # one JSON line per request
+    access_log.setLevel(logging.INFO)
+    access_log.propagate = False
+    uvicorn.run(app, host=host, port=chosen, log_level="info", access_log=False, timeout_graceful_shutdown=30)
