@@ -11,7 +11,9 @@ model.point(image, "face")["points"]        # [{"x", "y"}]
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -37,6 +39,7 @@ class VL:
     ):
         self.model, self.max_pixels, self.timeout = model, max_pixels, timeout  # timeout: seconds per request
         self._engine = engine
+        self._scopes = threading.local()
 
     @property
     def engine(self) -> Engine:
@@ -66,7 +69,21 @@ class VL:
         return None if s.variant is None else self.engine.adapters.get(s.variant)
 
     def _submit(self, skill: str, image: ImageInput | EncodedImage | None, prompt: skills.Prompt, s, **kw) -> Handle:
-        return self.engine.submit(self._request(skill, image, prompt, s, **kw))
+        handle = self.engine.submit(self._request(skill, image, prompt, s, **kw))
+        scope = getattr(self._scopes, "current", None)
+        if scope is not None:
+            scope.add(handle)
+        return handle
+
+    @contextmanager
+    def cancel_scope(self, scope: CancelScope) -> Iterator[CancelScope]:
+        """Requests this thread submits inside the block can be cancelled from any thread with
+        `scope.cancel()` (the server does so when a client disconnects)."""
+        previous, self._scopes.current = getattr(self._scopes, "current", None), scope
+        try:
+            yield scope
+        finally:
+            self._scopes.current = previous
 
     def _request(self, skill: str, image: ImageInput | EncodedImage | None, prompt: skills.Prompt, s, **kw) -> Request:
         source = key = None
@@ -170,6 +187,27 @@ class VL:
         Unstable: the reference's own gaze prompt is stale for these weights (spec D6)."""
         points = self.point(image, "gaze", {**(settings or {}), "max_objects": 1}, spatial_refs=[list(eye)])["points"]
         return {"gaze": points[0] if points else None}
+
+
+class CancelScope:
+    """A set of in-flight requests that can be cancelled together, from another thread."""
+
+    def __init__(self):
+        self._handles: list[Handle] = []
+        self._lock = threading.Lock()
+        self.cancelled = False
+
+    def add(self, handle: Handle) -> None:
+        with self._lock:
+            self._handles.append(handle)
+            if self.cancelled:
+                handle.cancel()
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled = True
+            for handle in self._handles:
+                handle.cancel()
 
 
 def _kv_key(image: EncodedImage) -> str:

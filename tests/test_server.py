@@ -305,3 +305,32 @@ def test_fuzzed_request_bodies_never_get_a_server_error(tiny):
             assert r.json()["error"]["message"]
 
     check()
+
+
+def test_a_client_that_goes_away_frees_its_sequence(tiny, image):
+    vl = VL(tiny)
+    real_step = vl.engine.step
+
+    def slow_step():  # 40 tokens now take over 4 s
+        time.sleep(0.1)
+        return real_step()
+
+    vl.engine.step = slow_step
+    app = create_app(ModelRegistry({"tiny": vl}, "tiny"))
+    port = free_port("127.0.0.1", 25020)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        body = {"image_url": _data_url(image), "length": "long", "settings": {"max_tokens": 40, "temperature": 0}}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"http://127.0.0.1:{port}/v1/caption", json=body, timeout=0.5)
+        deadline = time.time() + 1.5  # well before the 4 s the answer would take
+        while vl.engine.scheduler.running and time.time() < deadline:
+            time.sleep(0.02)
+        assert not vl.engine.scheduler.running and not vl.engine.scheduler.waiting
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

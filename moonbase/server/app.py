@@ -6,16 +6,20 @@ engine's batch."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
+from ..api import VL, CancelScope
 from ..errors import AdapterNotFoundError, ImageError, ModelNotFoundError, MoonbaseError, RequestTimeoutError, SettingsError
 from ..image import DEFAULT_MAX_PIXELS
 from .chat import add_chat_route
@@ -24,6 +28,8 @@ from .images import decode_image_url
 from .ops import add_ops_routes
 from .registry import ModelRegistry
 from .schemas import CaptionRequest, DetectRequest, PointRequest, QueryRequest, SkillRequest
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,10 @@ def create_app(registry: ModelRegistry, cfg: ServerConfig = ServerConfig()) -> G
     def _timeout(_: Request, exc: RequestTimeoutError) -> JSONResponse:
         return error_response(504, str(exc), "timeout_error")
 
+    @app.exception_handler(ClientGone)
+    def _gone(_: Request, exc: ClientGone) -> JSONResponse:
+        return error_response(499, "the client closed the connection; the request was cancelled", "client_closed_request")
+
     @app.exception_handler(MoonbaseError)
     def _bad(_: Request, exc: MoonbaseError) -> JSONResponse:
         return error_response(400, str(exc), "invalid_request_error")
@@ -85,39 +95,49 @@ def create_app(registry: ModelRegistry, cfg: ServerConfig = ServerConfig()) -> G
         return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "moonbase"} for name in registry.models]}
 
     @app.post("/v1/caption")
-    def caption(body: CaptionRequest):
+    async def caption(request: Request, body: CaptionRequest):
         sel, stats = registry.select(body.model, body.adapter()), {}
-        settings = settings_of(body, sel.adapter)
-        out = sel.vl.caption(image_of(body.image_url), body.length, stream=body.stream, settings=settings, stats=stats)
+
+        def run():
+            settings = settings_of(body, sel.adapter)
+            return sel.vl.caption(image_of(body.image_url), body.length, stream=body.stream, settings=settings, stats=stats)
+
+        out = await cancellable(request, sel.vl, run)
         return _answer("caption", out["caption"], body.stream, stats)
 
     @app.post("/v1/query")
-    def query(body: QueryRequest):
+    async def query(request: Request, body: QueryRequest):
         sel, stats = registry.select(body.model, body.adapter()), {}
-        out = sel.vl.query(
-            image_of(body.image_url),
-            body.question,
-            stream=body.stream,
-            settings=settings_of(body, sel.adapter),
-            reasoning=body.reasoning,
-            spatial_refs=body.spatial_refs,
-            stats=stats,
-        )
+
+        def run():
+            image, settings = image_of(body.image_url), settings_of(body, sel.adapter)
+            return sel.vl.query(
+                image, body.question, body.stream, settings, body.reasoning, spatial_refs=body.spatial_refs, stats=stats
+            )
+
+        out = await cancellable(request, sel.vl, run)
         return _answer("answer", out["answer"], body.stream, stats, {"reasoning": out["reasoning"]} if "reasoning" in out else {})
 
     @app.post("/v1/detect")
-    def detect(body: DetectRequest):
+    async def detect(request: Request, body: DetectRequest):
         sel, stats = registry.select(body.model, body.adapter()), {}
-        out = sel.vl.detect(image_of(body.image_url), body.object, settings=settings_of(body, sel.adapter), stats=stats)
+
+        def run():
+            return sel.vl.detect(image_of(body.image_url), body.object, settings=settings_of(body, sel.adapter), stats=stats)
+
+        out = await cancellable(request, sel.vl, run)
         return {**out, "request_id": _request_id(), "_stats": stats}
 
     @app.post("/v1/point")
-    def point(body: PointRequest):
-        sel = registry.select(body.model, body.adapter())
-        out = sel.vl.point(
-            image_of(body.image_url), body.object, settings=settings_of(body, sel.adapter), spatial_refs=body.spatial_refs
-        )
-        return {**out, "count": len(out["points"]), "request_id": _request_id()}
+    async def point(request: Request, body: PointRequest):
+        sel, stats = registry.select(body.model, body.adapter()), {}
+
+        def run():
+            settings = settings_of(body, sel.adapter)
+            return sel.vl.point(image_of(body.image_url), body.object, settings, spatial_refs=body.spatial_refs, stats=stats)
+
+        out = await cancellable(request, sel.vl, run)
+        return {**out, "count": len(out["points"]), "request_id": _request_id(), "_stats": stats}
 
     @app.post("/v1/segment")
     def segment(body: DetectRequest):
@@ -125,6 +145,31 @@ def create_app(registry: ModelRegistry, cfg: ServerConfig = ServerConfig()) -> G
         return error_response(501, "this model has no segmentation head (Moondream 2 does not segment)", "not_implemented_error")
 
     return gate
+
+
+class ClientGone(Exception):
+    """The client disconnected before the answer was ready."""
+
+
+async def cancellable(request: Request, vl: VL, fn: Callable[[], T]) -> T:
+    """Run a blocking model call in the thread pool; if the client goes away first, cancel the engine
+    requests it submitted, so their sequences are freed at the next step."""
+    scope = CancelScope()
+
+    def call() -> T:
+        with vl.cancel_scope(scope):
+            return fn()
+
+    task = asyncio.ensure_future(run_in_threadpool(call))
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.2)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            scope.cancel()
+            with contextlib.suppress(Exception):
+                await task
+            raise ClientGone
 
 
 def _request_id() -> str:
