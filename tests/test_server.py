@@ -13,6 +13,7 @@ import httpx
 import moondream as md  # the official client: pip install --no-deps moondream==2.6.1
 import numpy as np
 import pytest
+import torch
 import uvicorn
 from PIL import Image
 
@@ -334,3 +335,19 @@ def test_a_client_that_goes_away_frees_its_sequence(tiny, image):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_model_names_aliases_and_adapters(tiny, image, tmp_path):
+    from .test_lora import _raw_state, random_adapter
+
+    vl = VL(tiny)
+    client = _app(vl)
+    body = {"image_url": _data_url(image), "object": "circle", "settings": {"max_objects": 2}}
+    base = client.post("/v1/point", json=body).json()["points"]
+    assert (
+        client.post("/v1/point", json={**body, "model": "moondream3-preview"}).json()["points"] == base
+    )  # the tuning client's alias
+    torch.save(_raw_state(random_adapter(tiny.cfg.text, 4, 3, "x", scale=0.5)), tmp_path / "final.pt")
+    adapted = client.post("/v1/point", json={**body, "variant": str(tmp_path)})  # a variant directory on disk
+    want = vl.point(np.asarray(image.convert("RGB")), "circle", settings={"max_objects": 2, "variant": str(tmp_path)})
+    assert adapted.status_code == 200 and adapted.json()["points"] == want["points"]
