@@ -6,30 +6,25 @@ engine's batch."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
-from ..api import VL, CancelScope
 from ..errors import AdapterNotFoundError, ImageError, ModelNotFoundError, MoonbaseError, RequestTimeoutError, SettingsError
 from ..image import DEFAULT_MAX_PIXELS
+from .cancel import ClientGone, cancellable
 from .chat import add_chat_route
 from .gate import Gate
 from .images import decode_image_url
 from .ops import add_ops_routes
 from .registry import ModelRegistry
 from .schemas import CaptionRequest, DetectRequest, PointRequest, QueryRequest, SkillRequest
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -145,31 +140,6 @@ def create_app(registry: ModelRegistry, cfg: ServerConfig = ServerConfig()) -> G
         return error_response(501, "this model has no segmentation head (Moondream 2 does not segment)", "not_implemented_error")
 
     return gate
-
-
-class ClientGone(Exception):
-    """The client disconnected before the answer was ready."""
-
-
-async def cancellable(request: Request, vl: VL, fn: Callable[[], T]) -> T:
-    """Run a blocking model call in the thread pool; if the client goes away first, cancel the engine
-    requests it submitted, so their sequences are freed at the next step."""
-    scope = CancelScope()
-
-    def call() -> T:
-        with vl.cancel_scope(scope):
-            return fn()
-
-    task = asyncio.ensure_future(run_in_threadpool(call))
-    while True:
-        done, _ = await asyncio.wait({task}, timeout=0.2)
-        if done:
-            return task.result()
-        if await request.is_disconnected():
-            scope.cancel()
-            with contextlib.suppress(Exception):
-                await task
-            raise ClientGone
 
 
 def _request_id() -> str:

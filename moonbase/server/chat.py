@@ -10,11 +10,12 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from ..errors import SettingsError
+from .cancel import cancellable
 from .registry import ModelRegistry
 
 
@@ -56,7 +57,7 @@ def _parts(message: ChatMessage) -> tuple[str, str | None]:
 
 def add_chat_route(app: FastAPI, registry: ModelRegistry, image_of: Callable[[str | None], Any]) -> None:
     @app.post("/v1/chat/completions")
-    def chat(body: ChatRequest):
+    async def chat(request: Request, body: ChatRequest):
         sel = registry.select(body.model)
         users = [m for m in body.messages if m.role == "user"]
         if not users:
@@ -67,9 +68,11 @@ def add_chat_route(app: FastAPI, registry: ModelRegistry, image_of: Callable[[st
         settings["max_tokens"] = body.max_completion_tokens or body.max_tokens
         settings = {k: v for k, v in settings.items() if v is not None} | ({"variant": sel.adapter} if sel.adapter else {})
         stats: dict[str, Any] = {}
-        out = sel.vl.query(
-            image_of(image), question, stream=body.stream, settings=settings, reasoning=bool(body.reasoning), stats=stats
-        )
+
+        def run():
+            return sel.vl.query(image_of(image), question, body.stream, settings, bool(body.reasoning), stats=stats)
+
+        out = await cancellable(request, sel.vl, run)
         rid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
         if body.stream:
             return StreamingResponse(_chunks(out["answer"], rid, created, sel.name, stats), media_type="text/event-stream")
