@@ -1,6 +1,6 @@
 """The `nano` model: config, tokenizer and from-scratch training recipe on the synthetic mixture.
 
-python -m moonbase train nano --out runs/nano          # about 50 minutes on a 2-core CPU
+python -m moonbase train nano --out runs/nano          # about 56 minutes on a 2-core CPU
 python -m moonbase train nano --out runs/nano --resume  # continue from runs/nano/checkpoint.pt
 """
 
@@ -87,7 +87,7 @@ def nano_config(tok: HFTokenizer) -> ModelConfig:
 @dataclass(frozen=True)
 class TrainArgs:
     out: str = "runs/nano"
-    steps: int = 3200
+    steps: int = 2900
     batch_images: int = 16
     lr: float = 1e-3
     warmup: int = 100
