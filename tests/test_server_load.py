@@ -59,3 +59,36 @@ def test_128_concurrent_clients(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_shutdown_drains_requests_in_flight(tmp_path):
+    import signal
+
+    port = free_port("127.0.0.1", 26020)
+    cmd = [sys.executable, "-m", "moonbase", "serve", "--model", "tiny-random", "--port", str(port)]
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "w"))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        body = {"question": "Tell me everything.", "settings": {"max_tokens": 400, "temperature": 1.0, "top_p": 1.0}}
+
+        def one(i: int) -> tuple[int, int]:
+            r = httpx.post(base + "/v1/query", json={**body, "settings": {**body["settings"], "seed": i}}, timeout=120)
+            return r.status_code, r.json()["_stats"]["output_tokens"] if r.status_code == 200 else 0
+
+        with ThreadPoolExecutor(16) as pool:
+            futures = [pool.submit(one, i) for i in range(16)]
+            time.sleep(0.5)  # requests are running in the engine
+            server.send_signal(signal.SIGINT)
+            results = [f.result() for f in futures]
+        assert all(status == 200 for status, _ in results), results
+        assert server.wait(timeout=60) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
