@@ -24,19 +24,26 @@ def _rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-def test_128_concurrent_clients(tmp_path):
-    port = free_port("127.0.0.1", 24020)
-    cmd = [sys.executable, "-m", "moonbase", "serve", "--model", "tiny-random", "--port", str(port), "--max-in-flight", "8"]
+def _start_server(tmp_path: Path, first_port: int, *flags: str) -> tuple[subprocess.Popen, str]:
+    """`moonbase serve` with the tiny model in another process, once it answers /health."""
+    port = free_port("127.0.0.1", first_port)
+    cmd = [sys.executable, "-m", "moonbase", "serve", "--model", "tiny-random", "--port", str(port), *flags]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "w"))
     base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                return server, base
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    server.kill()
+    raise RuntimeError(f"the server did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
+
+
+def test_128_concurrent_clients(tmp_path):
+    server, base = _start_server(tmp_path, 24020, "--max-in-flight", "8")
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
         buf = io.BytesIO()
         Image.new("RGB", (64, 48), (90, 140, 200)).save(buf, format="PNG")
         url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
@@ -64,18 +71,8 @@ def test_128_concurrent_clients(tmp_path):
 def test_shutdown_drains_requests_in_flight(tmp_path):
     import signal
 
-    port = free_port("127.0.0.1", 26020)
-    cmd = [sys.executable, "-m", "moonbase", "serve", "--model", "tiny-random", "--port", str(port)]
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "w"))
-    base = f"http://127.0.0.1:{port}"
+    server, base = _start_server(tmp_path, 26020)
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
         body = {"question": "Tell me everything.", "settings": {"max_tokens": 400, "temperature": 1.0, "top_p": 1.0}}
 
         def one(i: int) -> tuple[int, int]:
