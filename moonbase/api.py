@@ -21,7 +21,7 @@ import torch
 
 from . import simple, skills
 from .engine.engine import Engine
-from .engine.handle import Handle
+from .engine.handle import Handle, Result
 from .engine.sequence import Request
 from .errors import RequestTimeoutError, SettingsError
 from .image import DEFAULT_MAX_PIXELS, Crops, ImageInput, load_image, overlap_crops
@@ -112,8 +112,7 @@ class VL:
         except TimeoutError:
             handle.cancel()  # frees its place in the engine
             raise RequestTimeoutError(f"the request did not finish within {self.timeout} s") from None
-        if stats is not None:
-            stats.update(result.stats | ({"stop_reason": result.run.stop_reason} if result.run else {}))
+        _record(stats, result)
         return result
 
     def _text(self, handle: Handle, stream: bool, stats: dict | None) -> str | Iterator[str]:
@@ -222,15 +221,18 @@ def image_key(crops: Crops) -> str:
     return h.hexdigest()
 
 
+def _record(stats: dict | None, result: Result) -> None:
+    if stats is not None:
+        stats.update(result.stats | ({"stop_reason": result.run.stop_reason} if result.run else {}))
+
+
 def _stream(ids: Iterator[int], stream: TextStream, handle: Handle, stats: dict | None) -> Iterator[str]:
     try:
         for t in ids:
             piece = stream.push(t)
             if piece:
                 yield piece
-        result = handle.result()  # raises if the request failed
-        if stats is not None:
-            stats.update(result.stats | {"stop_reason": result.run.stop_reason})
+        _record(stats, handle.result())  # raises if the request failed
         tail = stream.flush()
         if tail:
             yield tail

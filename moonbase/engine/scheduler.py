@@ -57,10 +57,6 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    @property
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
-
     def schedule(self, preempt: bool = True) -> StepPlan:
         """The next step. With `preempt` False (a pipelined step is in flight, so sequences may not be
         replayed yet), a sequence that needs a preemption to go on makes the plan `stalled` instead."""
@@ -104,7 +100,7 @@ class Scheduler:
 
     def _free(self, seq: Sequence) -> None:
         self.pool.release(seq.blocks + seq.prefix_blocks)
-        seq.blocks, seq.prefix_blocks, seq.prefix_key, seq.length = [], [], None, 0
+        seq.blocks, seq.prefix_blocks, seq.length = [], [], 0
 
     def _take(self, n: int, protect: Sequence | None = None) -> list[int] | None:
         """n blocks: free ones, then idle prefixes evicted, then (only to let a running sequence go on,
@@ -144,12 +140,10 @@ class Scheduler:
 
     def _admit(self, plan: StepPlan) -> None:
         budget = self.cfg.max_step_tokens
-        new_images: dict[Hashable, NewPrefix] = {}
         while self.waiting and len(self.running) < self.cfg.max_batch:
             seq = self.waiting[0]
             key = seq.req.prefix_key
-            cached = key is not None and key not in new_images and self.cache.get(key) is not None
-            needs_image = key is not None and not cached and key not in new_images
+            needs_image = key is not None and self.cache.get(key) is None  # a prefix built this step is cached already
             cost = len(seq.pending) + (self.prefix_len if needs_image else 0)
             if cost > budget and (plan.prefills or plan.prefixes):
                 break  # the next step takes it
@@ -158,14 +152,13 @@ class Scheduler:
                 got = self._take(self.pool.blocks_for(self.prefix_len))
                 if got is None:
                     break
-                new_images[key] = NewPrefix(key, seq.req.image, got, seq.req.adapter)
-                plan.prefixes.append(new_images[key])
+                plan.prefixes.append(NewPrefix(key, seq.req.image, got, seq.req.adapter))
                 self.cache.put(key, PrefixEntry(got, self.prefix_len))
             if key is not None:
                 prefix_blocks = self.cache.attach(key)
                 self.cache.hits += not needs_image
                 seq.stats.image_tokens, seq.stats.image_cached = self.prefix_len, not needs_image
-            seq.prefix_key, seq.prefix_blocks = key, prefix_blocks
+            seq.prefix_blocks = prefix_blocks
             seq.prefix_len = seq.length = self.prefix_len if key is not None else 0
             if not self._grow(seq, len(seq.pending)):
                 self._free(seq)

@@ -92,7 +92,7 @@ class TextProgram:
             self.feed = Feed(token=token)
         return None
 
-    def on_region(self, value: torch.Tensor) -> None:
+    def on_region(self, value: float | list[float]) -> None:
         self.run.coords[len(self.run.ids) - 1] = float(value)
         self.feed = Feed(coord=float(value))
 
@@ -127,7 +127,7 @@ class RegionProgram:
             return None
         return Head.COORD
 
-    def on_region(self, value: torch.Tensor) -> None:
+    def on_region(self, value: float | list[float]) -> None:
         if self.state == "size":
             w, h = (float(v) for v in value)
             self.objects.append(RegionObject(self.partial[0], self.partial[1], (w, h)))
@@ -149,7 +149,7 @@ class QueryProgram:
     then the answer token is fed and the answer generated."""
 
     def __init__(self, tok: TokenizerConfig, max_tokens: int, reasoning: bool):
-        self.tok, self.max_tokens = tok, max_tokens
+        self.tok = tok
         self.answer = TextProgram(tok, (tok.answer_id,), (tok.eos_id,), max_tokens)
         self.trace = TextProgram(tok, (tok.eos_id, tok.size_id), (tok.answer_id,), max_tokens, decode_coords=True)
         self.phase = self.trace if reasoning else self.answer
@@ -179,7 +179,7 @@ class QueryProgram:
             self.phase, self.feed = self.answer, Feed(token=self.tok.answer_id)
         return need
 
-    def on_region(self, value: torch.Tensor) -> None:
+    def on_region(self, value: float | list[float]) -> None:
         self.phase.on_region(value)
         self.feed = self.phase.feed
 
@@ -260,7 +260,6 @@ class Sequence:
         if req.settings.seed is not None and not greedy:
             self.rng = torch.Generator(device=device).manual_seed(req.settings.seed)
         self.status = Status.WAITING
-        self.prefix_key: Hashable | None = None  # the cache entry this sequence reads, once attached
         self.prefix_blocks: list[int] = []
         self.prefix_len = 0  # positions that attend bidirectionally (0 for text-only)
         self.blocks: list[int] = []  # own blocks, after the prefix
