@@ -20,7 +20,7 @@ from ..errors import AdapterNotFoundError, ImageError, ModelNotFoundError, Moonb
 from ..image import DEFAULT_MAX_PIXELS
 from .cancel import ClientGone, cancellable
 from .chat import add_chat_route
-from .gate import Gate
+from .gate import Gate, error_response
 from .images import decode_image_url
 from .ops import add_ops_routes
 from .registry import ModelRegistry
@@ -36,10 +36,6 @@ class ServerConfig:
     max_body_mb: float = 50.0
     max_in_flight: int = 256  # requests admitted at once; more get 429
     timeout_s: float | None = 600.0  # per request, then 504 (and the engine frees it)
-
-
-def error_response(status: int, message: str, kind: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
 
 
 def create_app(registry: ModelRegistry, cfg: ServerConfig = ServerConfig()) -> Gate:

@@ -10,6 +10,7 @@ import threading
 import time
 from collections import Counter
 
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 access_log = logging.getLogger("moonbase.access")
@@ -90,9 +91,14 @@ class _TooLarge(Exception):
     pass
 
 
+def error_response(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The one error body of every route and of the gate: `{"error": {"message", "type", "code"}}`."""
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status, headers=headers)
+
+
 async def _error(send: Send, status: int, message: str, kind: str, extra: dict[str, str] | None = None) -> None:
-    body = json.dumps({"error": {"message": message, "type": kind, "code": status}}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers += [(k.encode(), v.encode()) for k, v in (extra or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await error_response(status, message, kind, extra)({"type": "http"}, _no_body, send)
+
+
+async def _no_body() -> Message:
+    return {"type": "http.request", "body": b"", "more_body": False}
