@@ -214,11 +214,11 @@ def _kv_key(image: EncodedImage) -> str:
 
 
 def image_key(crops: Crops) -> str:
-    """Content hash of the tiled image: equal pixels share one cached prefix."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(repr((crops.pixels.shape, crops.tiling)).encode())
+    """Content hash of the tiled image: equal pixels share one cached prefix. SHA-256 because CPUs hash it
+    in hardware (about twice blake2b's speed; a 13-crop image is 5.6 MB)."""
+    h = hashlib.sha256(repr((crops.pixels.shape, crops.tiling)).encode())
     h.update(np.ascontiguousarray(crops.pixels).data)
-    return h.hexdigest()
+    return h.hexdigest()[:32]
 
 
 def _record(stats: dict | None, result: Result) -> None:

@@ -32,3 +32,16 @@ def test_engine_on_cuda_matches_the_single_request_path():
 
     model = tiny_random(seed=0, device="cuda", dtype=torch.float32)
     _check_batch(model, _images(3), EngineConfig(max_batch=32, kv_memory_mb=64))
+
+
+def test_decode_graphs_replay_and_match_the_single_request_path():
+    from moonbase.engine.engine import EngineConfig
+
+    from .test_engine import _check_adapters, _check_batch, _images
+
+    model = tiny_random(seed=0, device="cuda", dtype=torch.float32)
+    engine = _check_batch(model, _images(3), EngineConfig(max_batch=12, kv_memory_mb=64), repeat=2)
+    assert engine.runner.graphs.graphs  # decode steps went through captured graphs
+    eager = _check_batch(model, _images(3), EngineConfig(max_batch=12, kv_memory_mb=64, cuda_graphs=False))
+    assert eager.runner.graphs is None
+    _check_adapters(model, _images(3))  # steps with adapters run eagerly, next to graph steps of the base

@@ -83,7 +83,7 @@ def _outcome(result, args):
     return result.run.ids
 
 
-def _check_batch(m, images, engine_cfg: EngineConfig, repeat: int = 1):
+def _check_batch(m, images, engine_cfg: EngineConfig, repeat: int = 1) -> Engine:
     """Blocking and pipelined engines against the reference; returns the pipelined engine."""
     cases = _cases(images) * repeat
     expected = [_reference(m, images, *c) for c in cases]
@@ -169,7 +169,10 @@ def test_two_adapters_and_the_base_in_one_batch(which, tiny, images):
 
 def _check_adapters(tiny, images):
     engine = Engine(tiny, EngineConfig(max_batch=32, kv_memory_mb=8), background=False)
-    adapters = {name: random_adapter(tiny.cfg.text, rank, seed, name) for name, rank, seed in (("one", 4, 1), ("two", 8, 2))}
+    adapters = {
+        name: random_adapter(tiny.cfg.text, rank, seed, name).to(tiny.device, tiny.dtype)
+        for name, rank, seed in (("one", 4, 1), ("two", 8, 2))
+    }
     for adapter in adapters.values():
         engine.adapters.register(adapter)
     vl = VL(tiny, engine=engine)

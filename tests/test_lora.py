@@ -65,11 +65,11 @@ def _explicit_decoder(x, w, cfg, rope, adapter):
     reads the attention input."""
     import torch.nn.functional as F
 
-    from moonbase.model.rope import apply_rope
+    from moonbase.model.rope import apply_rope, rope_rows
 
     b, t, _ = x.shape
     pos = torch.arange(t)
-    cos, sin = rope[0][pos], rope[1][pos]
+    cos, sin = rope_rows(rope[0][pos], rope[1][pos])
     hd, nq, nkv = cfg.hd, cfg.n_heads, cfg.n_kv_heads
     for i, block in enumerate(w.blocks):
         lo = adapter.layers[i]

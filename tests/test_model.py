@@ -5,7 +5,7 @@ import torch
 
 from moonbase.config import RegionConfig, md2
 from moonbase.model import region
-from moonbase.model.rope import apply_rope, k_to_interleaved, rope_table
+from moonbase.model.rope import apply_rope, k_to_interleaved, rope_rows, rope_table
 from moonbase.model.text import KVCache, prefix_lm_mask
 
 
@@ -21,12 +21,15 @@ def test_rope_layouts_give_equal_scores_and_permuted_keys():
     cos, sin = rope_table(32, 64, 10000.0)
     q, k = torch.randn(1, 2, 10, 64), torch.randn(1, 2, 10, 64)
     pos = torch.arange(5, 15)
-    qn, kn = apply_rope(q, cos[pos], sin[pos]), apply_rope(k, cos[pos], sin[pos])
+    rows = rope_rows(cos[pos], sin[pos])
+    qn, kn = apply_rope(q, *rows), apply_rope(k, *rows)
     qi, ki = _interleaved_rope(q, cos[pos], sin[pos]), _interleaved_rope(k, cos[pos], sin[pos])
     assert torch.allclose(qn @ kn.transpose(-1, -2), qi @ ki.transpose(-1, -2), atol=1e-4)
     assert torch.allclose(k_to_interleaved(kn, 32), ki, atol=1e-6)
     assert not torch.allclose(kn, ki)
-    assert torch.equal(apply_rope(q, cos[:10], sin[:10])[..., 32:], q[..., 32:])  # pass-through dims
+    assert torch.equal(apply_rope(q, *rope_rows(cos[:10], sin[:10]))[..., 32:], q[..., 32:])  # pass-through dims
+    c, s, x1, x2 = cos[pos], sin[pos], q[..., :16], q[..., 16:32]  # the textbook rotation, bit for bit
+    assert torch.equal(qn[..., :32], torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], -1))
 
 
 def test_rope_frequencies():

@@ -24,6 +24,7 @@ import torch
 from ..model.moondream import Moondream
 from ..model.quant import int8_text
 from .adapters import AdapterStore
+from .graphs import ForwardGraphs
 from .handle import DONE, CancelledError, Handle, Result
 from .kv import KVPool, PrefixCache
 from .runner import HeadOut, Runner
@@ -41,6 +42,7 @@ class EngineConfig:
     kv_memory_mb: float | None = None  # the paged pool, shared by image prefixes and sequences; None: auto
     int8_decode: bool = False  # CPU only: single-token steps through int8 linear layers (faster, approximate)
     pipeline: bool | None = None  # launch step t+1 before committing step t; None: on CUDA only
+    cuda_graphs: bool = True  # CUDA: replay captured graphs of the text forwards (ignored on CPU)
 
     def n_blocks(self, m: Moondream) -> int:
         t = m.cfg.text
@@ -72,7 +74,8 @@ class Engine:
             if m.device.type != "cpu":
                 raise ValueError("int8_decode is a CPU option; on CUDA the engine runs bf16")
             decode_w = int8_text(m.w.text)
-        self.runner = Runner(m, self.pool, decode_w)
+        graphs = ForwardGraphs(m, self.pool, cfg.max_batch) if cfg.cuda_graphs and m.device.type == "cuda" else None
+        self.runner = Runner(m, self.pool, decode_w, graphs)
         self.adapters = AdapterStore(m.cfg.text, m.device, m.dtype)
         self._inbox: queue.SimpleQueue[tuple[Sequence, Handle]] = queue.SimpleQueue()
         self._handles: dict[int, Handle] = {}
@@ -80,6 +83,7 @@ class Engine:
         self._lock = threading.Lock()  # one step at a time
         self._wakeup = threading.Event()
         self._thread: threading.Thread | None = None
+        self._closed = False
         self.pipeline = cfg.pipeline if cfg.pipeline is not None else m.device.type == "cuda"
         self._inflight: HeadOut | None = None  # the heads of the last pipelined step, not yet committed
         self.steps = 0
@@ -87,6 +91,8 @@ class Engine:
     # --- public -------------------------------------------------------------------------------------
 
     def submit(self, req: Request) -> Handle:
+        if self._closed:
+            raise RuntimeError("engine closed")
         with self._lock:
             self._next_id += 1
             seq = Sequence(self._next_id, req, self.m.cfg.tokenizer, self.m.device)
@@ -94,6 +100,14 @@ class Engine:
         self._inbox.put((seq, handle))
         self._wake()
         return handle
+
+    def close(self) -> None:
+        """Stop the background thread (after the step in progress); requests still in flight fail."""
+        self._closed = True
+        self._wakeup.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._fail_all(RuntimeError("engine closed"))
 
     def step(self) -> bool:
         """One scheduling step; False when there was nothing to do."""
@@ -219,11 +233,11 @@ class Engine:
         self._wakeup.set()
 
     def _loop(self) -> None:
-        while True:
+        while not self._closed:
             self._wakeup.wait(timeout=1.0)
             self._wakeup.clear()
             try:
-                while self.step():
+                while not self._closed and self.step():
                     pass
             except Exception as e:  # a bug in scheduling must not leave callers waiting forever
                 log.exception("engine step failed; failing the requests in flight")
@@ -231,6 +245,7 @@ class Engine:
 
     def _fail_all(self, error: Exception) -> None:
         with self._lock:
+            self._drain_inbox()
             self._inflight = None
             now = time.perf_counter()
             for seq in [*self.scheduler.running, *self.scheduler.waiting]:

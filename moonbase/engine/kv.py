@@ -7,6 +7,7 @@ from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..config import TextConfig
@@ -27,6 +28,7 @@ class KVPool:
         shape = (n + 2, cfg.n_kv_heads, cfg.hd)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self._offsets = np.arange(block_size, dtype=np.int64)
         self.refs = [0] * n_blocks
         self.free = list(range(n_blocks - 1, -1, -1))  # a stack: low block ids first
 
@@ -58,10 +60,10 @@ class KVPool:
             if self.refs[b] == 0:
                 self.free.append(b)
 
-    def slots(self, blocks: list[int], start: int, stop: int) -> list[int]:
-        """Slots of token positions [start, stop) in a sequence laid out over `blocks`."""
-        bs = self.block_size
-        return [blocks[i // bs] * bs + i % bs for i in range(start, stop)]
+    def slots(self, blocks: list[int], stop: int) -> np.ndarray:
+        """Slots of token positions [0, stop) in a sequence laid out over `blocks`."""
+        table = np.asarray(blocks, dtype=np.int64)[: self.blocks_for(stop)]
+        return (table[:, None] * self.block_size + self._offsets).ravel()[:stop]
 
 
 @dataclass

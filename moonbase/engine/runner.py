@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..model import text
 from ..model.lora import Adapter, LoraBatch
 from ..model.moondream import Moondream
 from ..model.text import EncodedImage
+from . import layout
+from .graphs import ForwardGraphs, Graph
 from .kv import KVPool, PagedBatch
 from .sampler import sample
 from .scheduler import NewPrefix, StepPlan
@@ -24,8 +27,10 @@ class Runner:
     """`decode_weights`: the text weights single-token rows run with (e.g. int8 on a CPU); prompts, replays
     and image prefixes always use the model's own."""
 
-    def __init__(self, m: Moondream, pool: KVPool, decode_weights: torch.nn.Module | None = None):
-        self.m, self.pool = m, pool
+    def __init__(
+        self, m: Moondream, pool: KVPool, decode_weights: torch.nn.Module | None = None, graphs: ForwardGraphs | None = None
+    ):
+        self.m, self.pool, self.graphs = m, pool, graphs
         self.decode_w = decode_weights if decode_weights is not None else m.w.text
 
     @torch.no_grad()
@@ -47,7 +52,7 @@ class Runner:
         fresh = [p for p in prefixes if not isinstance(p.source, EncodedImage)]
         for p in prefixes:
             if isinstance(p.source, EncodedImage):  # already prefilled elsewhere: copy its K/V in
-                slots = torch.tensor(pool.slots(p.blocks, 0, n), device=m.device)
+                slots = torch.from_numpy(pool.slots(p.blocks, n)).to(m.device)
                 for layer, (k, v) in enumerate(p.source.kv):
                     pool.k[layer][slots] = k[0].transpose(0, 1).to(pool.k[layer].dtype)
                     pool.v[layer][slots] = v[0].transpose(0, 1).to(pool.v[layer].dtype)
@@ -56,44 +61,59 @@ class Runner:
         embeddings = m.embed_crops([p.source for p in fresh])  # every new image's crops in one forward
         bos = m.w.text.wte[m.cfg.tokenizer.bos_id]
         x = torch.stack([torch.cat([bos[None], e]) for e in embeddings])
-        slots = torch.tensor([pool.slots(p.blocks, 0, n) for p in fresh], device=m.device)
-        pos = torch.arange(n, device=m.device)
         lora = _lora([p.adapter for p in fresh], m.device)
+        rows = layout.prefix_rows(pool, [p.blocks for p in fresh], n)
+        graph = self._graph(len(rows), n, n, m.w.text, lora)
+        if graph is not None:
+            graph.replay(x, layout.pack(pool, rows, graph.b, graph.t, graph.s))
+            return
+        slots = torch.from_numpy(np.stack([r.slots for r in rows])).to(m.device)
+        pos = torch.arange(n, device=m.device)
         text.decoder(x, m.w.text, m.cfg.text, m.rope, pos, None, PagedBatch(pool, slots, slots), lora=lora)
+
+    def _graph(self, b: int, t: int, s: int, w: torch.nn.Module, lora: LoraBatch | None) -> Graph | None:
+        """A captured graph for this forward: CUDA, the base weights, no adapter, within the buckets."""
+        if self.graphs is None or lora is not None or w is not self.m.w.text:
+            return None
+        return self.graphs.find(b, t, s)
 
     # --- text ---------------------------------------------------------------------------------------
 
     def forward(self, rows: list[Sequence], w: torch.nn.Module) -> torch.Tensor:
         """Feed every row's pending inputs; returns the hidden state after each row's last input (B, D)."""
-        m, pool, dev = self.m, self.pool, self.m.device
+        m, dev = self.m, self.m.device
         lengths = [len(s.pending) for s in rows]
-        t_max, s_max = max(lengths), max(s.length + t for s, t in zip(rows, lengths, strict=True))
-        b = len(rows)
-        x = torch.zeros(b, t_max, m.cfg.text.dim, device=dev, dtype=m.dtype)
-        write = torch.full((b, t_max), pool.scratch_slot, dtype=torch.long)
-        read = torch.full((b, s_max), pool.zero_slot, dtype=torch.long)
-        q_pos = torch.zeros(b, t_max, dtype=torch.long)
-        mask = torch.zeros(b, t_max, s_max, dtype=torch.bool)
-        k_pos = torch.arange(s_max)
-        for i, (seq, t) in enumerate(zip(rows, lengths, strict=True)):
-            x[i, :t] = seq.next_emb[None] if seq.next_emb is not None else self._embed(seq.pending)
-            start, end = seq.length, seq.length + t
-            own = pool.slots(seq.blocks, start - seq.prefix_len, end - seq.prefix_len)
-            write[i, :t] = torch.tensor(own)
-            prefix = pool.slots(seq.prefix_blocks, 0, seq.prefix_len)
-            read[i, :end] = torch.tensor(prefix + pool.slots(seq.blocks, 0, end - seq.prefix_len))
-            q_pos[i, :t] = torch.arange(start, end)
-            q = q_pos[i, :t, None]
-            allowed = (k_pos[None] <= q) | ((q < seq.prefix_len) & (k_pos[None] < seq.prefix_len))
-            mask[i, :t] = allowed & (k_pos[None] < end)
-            mask[i, t:, 0] = True  # padding queries look at one key so their softmax stays finite
-        store = PagedBatch(pool, write.to(dev), read.to(dev))
-        lora = _lora([s.req.adapter for s in rows], dev)
-        h = text.decoder(x, w, m.cfg.text, m.rope, q_pos.to(dev), mask.to(dev), store, lora=lora)
-        last = torch.tensor(lengths, device=dev) - 1
-        for seq, t in zip(rows, lengths, strict=True):
-            seq.length += t
-        return h[torch.arange(b, device=dev), last]
+        b, t, s = len(rows), max(lengths), max(seq.length + n for seq, n in zip(rows, lengths, strict=True))
+        x = self._inputs(rows, lengths, t)
+        lora = _lora([seq.req.adapter for seq in rows], dev)
+        placed = layout.sequence_rows(self.pool, rows, lengths)
+        graph = self._graph(b, t, s, w, lora)
+        if graph is not None:
+            h = graph.replay(x, layout.pack(self.pool, placed, graph.b, graph.t, graph.s))[:b]
+        else:
+            meta = torch.from_numpy(layout.pack(self.pool, placed, b, t, s)).to(dev)
+            write, read, q_pos, mask = layout.unpack(meta, b, t, s)
+            h = text.decoder(x, w, m.cfg.text, m.rope, q_pos, mask, PagedBatch(self.pool, write, read), lora=lora)
+        for seq, n in zip(rows, lengths, strict=True):
+            seq.length += n
+        if t == 1:
+            return h[:, 0]
+        return h[torch.arange(b, device=dev), torch.tensor(lengths, device=dev) - 1]
+
+    def _inputs(self, rows: list[Sequence], lengths: list[int], t: int) -> torch.Tensor:
+        """(B, t, D) input embeddings: the heads' next embedding where a row has one, else its pending feeds."""
+        m = self.m
+        if t == 1:
+            missing = [i for i, seq in enumerate(rows) if seq.next_emb is None]
+            fed = self._embed([rows[i].pending[0] for i in missing]) if missing else None
+            embs = [seq.next_emb for seq in rows]
+            for j, i in enumerate(missing):
+                embs[i] = fed[j]
+            return torch.stack(embs)[:, None]
+        x = torch.zeros(len(rows), t, m.cfg.text.dim, device=m.device, dtype=m.dtype)
+        for i, (seq, n) in enumerate(zip(rows, lengths, strict=True)):
+            x[i, :n] = seq.next_emb[None] if seq.next_emb is not None else self._embed(seq.pending)
+        return x
 
     def _embed(self, feeds: list[Feed]) -> torch.Tensor:
         m = self.m
@@ -123,23 +143,25 @@ class Runner:
         size_rows = [i for i, h in enumerate(heads) if h is Head.SIZE]
         tokens = torch.zeros(b, dtype=torch.long, device=dev)
         if lm:
-            logits = text.lm_logits(hidden[lm], w).float()
+            logits = text.lm_logits(hidden[_index(lm, b)], w).float()
             for j, i in enumerate(lm):
                 masked = rows[i].program.mask()
                 if masked:
                     logits[j, list(masked)] = float("-inf")
             temps = [rows[i].temperature for i in lm]
-            tokens[lm] = sample(
+            hot = any(t > 0 for t in temps)
+            on = dev if hot else "cpu"  # all greedy: the sampler only takes the argmax
+            tokens[_index(lm, b)] = sample(
                 logits,
-                torch.tensor(temps, device=dev),
-                torch.tensor([rows[i].top_p for i in lm], device=dev),
+                torch.tensor(temps, device=on),
+                torch.tensor([rows[i].top_p for i in lm], device=on),
                 [rows[i].rng for i in lm],
-                any_hot=any(t > 0 for t in temps),
+                any_hot=hot,
             )
         next_emb = m.w.text.wte[tokens]
         coords = torch.zeros(b, device=dev, dtype=m.dtype)
         if coord_rows:
-            coords[coord_rows] = m.decode_coord(hidden[coord_rows]).to(m.dtype)
+            coords[_index(coord_rows, b)] = m.decode_coord(hidden[_index(coord_rows, b)]).to(m.dtype)
             use = torch.zeros(b, dtype=torch.bool, device=dev)
             use[[i for i in coord_rows if heads[i] is Head.COORD or follow[i] == "always"]] = True
             on_token = [i for i in coord_rows if follow[i] == "on_coord_token"]
@@ -148,18 +170,21 @@ class Runner:
             next_emb = torch.where(use[:, None], m.encode_coords(coords), next_emb)
         sizes = torch.zeros(b, 2, device=dev, dtype=m.dtype)
         if size_rows:
-            sizes[size_rows] = m.decode_size(hidden[size_rows]).to(m.dtype)
-            next_emb[size_rows] = m.encode_sizes(sizes[size_rows])
+            picked = _index(size_rows, b)
+            sizes[picked] = m.decode_size(hidden[picked]).to(m.dtype)
+            next_emb[picked] = m.encode_sizes(sizes[picked])
         rooms = [m.cfg.text.max_context - s.length for s in rows]
         for i, seq in enumerate(rows):  # what a pipelined step feeds before the programs have decided
             seq.next_emb = next_emb[i]
-        return HeadOut(rows, heads, follow, rooms, tokens, coords, sizes, next_emb)
+        values = torch.cat([tokens.double(), coords.double(), sizes.double().ravel()])  # one copy to the host
+        return HeadOut(rows, heads, follow, rooms, values, next_emb)
 
     def commit(self, out: HeadOut) -> list[Sequence]:
         """Hand the head values to the programs (this is where the host waits for the device). Returns the
         sequences whose program chose an input other than the one `heads` embedded (a reasoning trace cut
         by max_tokens goes on with the answer token): they are fed from their `pending` input instead."""
-        tokens, coords, sizes = out.tokens.tolist(), out.coords.tolist(), out.sizes.tolist()
+        b, values = len(out.rows), out.values.tolist()
+        tokens, coords, sizes = [int(t) for t in values[:b]], values[b : 2 * b], values[2 * b :]
         coord_id, mispredicted = self.m.cfg.tokenizer.coord_id, []
         for i, seq in enumerate(out.rows):
             if seq.finished or seq.cancelled:
@@ -170,7 +195,7 @@ class Runner:
                     if program.on_token(tokens[i], out.rooms[i]) is Head.COORD:
                         program.on_region(coords[i])
                 else:
-                    program.on_region(coords[i] if head is Head.COORD else sizes[i])
+                    program.on_region(coords[i] if head is Head.COORD else (sizes[2 * i], sizes[2 * i + 1]))
             except Exception as e:  # a request-level failure (e.g. the context filled up): fail that one
                 seq.error = e
                 continue
@@ -178,7 +203,7 @@ class Runner:
                 continue
             seq.history.append(program.feed)
             if head is Head.SIZE:
-                embedded = Feed(size=(sizes[i][0], sizes[i][1]))
+                embedded = Feed(size=(sizes[2 * i], sizes[2 * i + 1]))
             elif head is Head.COORD or out.follow[i] == "always" or (out.follow[i] and tokens[i] == coord_id):
                 embedded = Feed(coord=coords[i])
             else:
@@ -197,10 +222,13 @@ class HeadOut:
     heads: list[Head]
     follow: list[str | None]  # each LM row's `coord_after_token` when the heads ran
     rooms: list[int]  # context left when the heads ran (a later forward may already have grown it)
-    tokens: torch.Tensor
-    coords: torch.Tensor
-    sizes: torch.Tensor
+    values: torch.Tensor  # float64: B token ids, B coordinates, B (w, h) sizes
     next_emb: torch.Tensor
+
+
+def _index(rows: list[int], b: int) -> list[int] | slice:
+    """Rows of a batch as an index; a slice when it is all of them (no index tensor to copy to the device)."""
+    return slice(None) if len(rows) == b else rows
 
 
 def _lora(adapters: list[Adapter | None], device: torch.device) -> LoraBatch | None:

@@ -18,13 +18,19 @@ def rope_table(
     return torch.cos(angles), torch.sin(angles)
 
 
-def apply_rope(x_BHTD: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor) -> torch.Tensor:
-    """Rotate the first 2F dims of x at the positions whose cos/sin rows are given; rotation in fp32."""
-    half = cos_TF.shape[-1]
-    rot = x_BHTD[..., : 2 * half].float()
-    x1, x2 = rot[..., :half], rot[..., half:]
-    rotated = torch.cat([x1 * cos_TF - x2 * sin_TF, x1 * sin_TF + x2 * cos_TF], dim=-1)
-    return torch.cat([rotated.to(x_BHTD.dtype), x_BHTD[..., 2 * half :]], dim=-1)
+def rope_rows(cos_TF: torch.Tensor, sin_TF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of the tables widened to the 2F rotated dims: (cos, cos) and (-sin, sin)."""
+    return torch.cat([cos_TF, cos_TF], -1), torch.cat([-sin_TF, sin_TF], -1)
+
+
+def apply_rope(x_BHTD: torch.Tensor, cos_T2F: torch.Tensor, sin_T2F: torch.Tensor) -> torch.Tensor:
+    """Rotate the first 2F dims of x with widened table rows (`rope_rows`); rotation in fp32.
+    x1' = x1 cos - x2 sin and x2' = x2 cos + x1 sin, computed as x * cos + swap(x) * (-sin, sin): the same
+    floating-point operations in fewer kernels."""
+    rot_dims = cos_T2F.shape[-1]
+    rot = x_BHTD[..., :rot_dims].float()
+    rotated = rot * cos_T2F + rot.roll(rot_dims // 2, dims=-1) * sin_T2F
+    return torch.cat([rotated.to(x_BHTD.dtype), x_BHTD[..., rot_dims:]], dim=-1)
 
 
 def k_to_interleaved(k: torch.Tensor, rotary_dim: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ from torch import nn
 from ..config import TextConfig
 from .layers import gelu, layer_norm, linear, mlp, mlp_weights
 from .lora import LoraBatch
-from .rope import apply_rope
+from .rope import apply_rope, rope_rows
 
 
 def build_text(cfg: TextConfig) -> nn.Module:
@@ -117,7 +117,7 @@ def decoder(
     each layer's post-RoPE (q, k). `lora` adds each row's adapter to qkv, proj, fc1 and fc2.
     """
     b, t, _ = x_BTC.shape
-    cos, sin = rope[0][pos], rope[1][pos]
+    cos, sin = rope_rows(rope[0][pos], rope[1][pos])
     if pos.dim() == 2:
         cos, sin = cos[:, None], sin[:, None]
     if mask is not None and mask.dim() == 3:
@@ -127,10 +127,9 @@ def decoder(
     for i, block in enumerate(w.blocks):
         h = layer_norm(x, block["ln"])
         qkv = _adapted(linear(h, block["attn"]["qkv"]), lora, i, "qkv", h)
-        q, k, v = qkv.split([nq * hd, nkv * hd, nkv * hd], dim=-1)
-        q = apply_rope(q.view(b, t, nq, hd).transpose(1, 2), cos, sin)
-        k = apply_rope(k.view(b, t, nkv, hd).transpose(1, 2), cos, sin)
-        v = v.view(b, t, nkv, hd).transpose(1, 2)
+        qk = apply_rope(qkv[..., : (nq + nkv) * hd].view(b, t, nq + nkv, hd).transpose(1, 2), cos, sin)
+        q, k = qk[:, :nq], qk[:, nq:]  # q and k rotated together: one set of kernels
+        v = qkv[..., (nq + nkv) * hd :].view(b, t, nkv, hd).transpose(1, 2)
         if taps is not None:
             taps.append((q, k))
         if cache is not None:
