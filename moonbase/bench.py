@@ -1,17 +1,20 @@
 """Engine benchmark: throughput and latency at several concurrencies against the single-request path,
 on the same model and workload in one run, and the time-to-first-token gain of the image-prefix cache.
 
-python -m moonbase.bench --model nano --json
+python -m moonbase.bench --model nano --json [--soak 10000]
 
 Workload: `--requests` requests, each about its own new image (so no cache can help), cycling through
 caption, query, detect and point with greedy settings. Closed loop: `c` client threads each send their
-next request when the previous one is answered.
+next request when the previous one is answered. `--soak N` then sends N more (new images, 16 clients) and
+reports resident memory after warm-up and at the end, and anything the idle engine still holds.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
 import platform
 import statistics
 import threading
@@ -26,6 +29,7 @@ from . import simple, skills
 from .api import VL
 from .data.shapes import render_scene
 from .engine.engine import Engine, EngineConfig
+from .engine.sequence import Sequence
 from .hub import DEFAULT_MODEL, load
 from .image import overlap_crops
 
@@ -105,6 +109,47 @@ def followup(vl: VL, images: list[np.ndarray]) -> dict[str, float]:
     return {"first_ttft_ms": statistics.median(first), "followup_ttft_ms": statistics.median(second)}
 
 
+def soak(vl: VL, n: int, seed: int, clients: int = 16) -> dict[str, Any]:
+    """`n` requests, each about its own new image, from `clients` threads. Resident memory is sampled after
+    warm-up (the first 10%) and at the end; when idle the engine must hold nothing but cached prefixes."""
+    engine, lock, done = vl.engine, threading.Lock(), [0]
+    rss: dict[str, float] = {}
+
+    def client(k: int) -> None:
+        for i in range(k, n, clients):
+            skill, args = WORKLOAD[i % len(WORKLOAD)]
+            _run_one(vl, np.asarray(render_scene(seed * 1_000_000 + i).image), skill, args)
+            with lock:
+                done[0] += 1
+                if done[0] == n // 10:
+                    rss["warm"] = _rss_mb()
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    gc.collect()
+    stats = engine.stats
+    return {
+        "requests": n,
+        "seconds": time.perf_counter() - t0,
+        "rss_after_warmup_mb": rss.get("warm"),
+        "rss_end_mb": _rss_mb(),
+        "leaked_blocks": stats["kv_blocks"] - stats["kv_blocks_free"] - stats["kv_blocks_cached"],
+        "sequences_alive": sum(type(o) is Sequence for o in gc.get_objects()),
+        "in_flight": stats["in_flight"],
+    }
+
+
+def _rss_mb() -> float | None:
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:  # not Linux
+        return None
+
+
 def _summary(n: int, seconds: float, latencies: list[float]) -> dict[str, float]:
     ms = sorted(x * 1000 for x in latencies)
     return {
@@ -116,7 +161,13 @@ def _summary(n: int, seconds: float, latencies: list[float]) -> dict[str, float]
 
 
 def run(
-    model: str | None, requests: int, concurrencies: tuple[int, ...], seed: int, device: str | None, int8: bool = False
+    model: str | None,
+    requests: int,
+    concurrencies: tuple[int, ...],
+    seed: int,
+    device: str | None,
+    int8: bool = False,
+    soak_requests: int = 0,
 ) -> dict[str, Any]:
     m = load(model, device)
     engine = Engine(m, EngineConfig(max_batch=max(concurrencies), int8_decode=int8))
@@ -138,6 +189,8 @@ def run(
     fu = followup(vl, _images(8, seed + 999))
     out |= fu
     out["followup_speedup"] = fu["first_ttft_ms"] / fu["followup_ttft_ms"]
+    if soak_requests:
+        out["soak"] = soak(vl, soak_requests, seed + 7)
     out["machine"] = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
@@ -157,10 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--int8", action="store_true", help="engine decode steps through int8 linear layers (CPU)")
+    p.add_argument("--soak", type=int, default=0, help="then this many more requests, checking memory stays flat")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--out", default=None, help="also write the result to this file (e.g. bench/results/NAME.json)")
     a = p.parse_args(argv)
-    result = run(a.model, a.requests, tuple(int(c) for c in a.concurrency.split(",")), a.seed, a.device, a.int8)
+    result = run(a.model, a.requests, tuple(int(c) for c in a.concurrency.split(",")), a.seed, a.device, a.int8, a.soak)
     text = json.dumps(result, indent=None if a.json else 2)
     print(text)
     if a.out:

@@ -242,3 +242,14 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(tiny, images):
     assert vl.caption(images[0], "short", settings=GREEDY)["caption"] == tiny.tokenizer.decode(
         _reference(tiny, images, "caption", 0, {"length": "short"})
     )
+
+
+def test_many_requests_leave_nothing_behind(tiny):
+    from moonbase.bench import soak
+
+    engine = Engine(tiny, EngineConfig(max_batch=16, kv_memory_mb=0.5))  # the prefix cache evicts all along
+    out = soak(VL(tiny, engine=engine), 400, seed=3, clients=8)
+    assert out["leaked_blocks"] == 0 and out["in_flight"] == 0 and out["sequences_alive"] == 0, out
+    assert engine.cache.evictions > 0
+    assert out["rss_end_mb"] - out["rss_after_warmup_mb"] < 50, out
+    engine.close()

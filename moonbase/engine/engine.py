@@ -184,7 +184,9 @@ class Engine:
             "waiting": len(self.scheduler.waiting),
             "kv_blocks_free": self.pool.n_free,
             "kv_blocks": self.pool.n_blocks,
+            "kv_blocks_cached": sum(len(e.blocks) for e in self.cache.entries.values()),
             "prefix_cache_entries": len(self.cache.entries),
+            "in_flight": len(self._handles),
             "steps": self.steps,
         }
 
