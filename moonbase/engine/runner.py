@@ -15,6 +15,7 @@ from ..model.lora import Adapter, LoraBatch
 from ..model.moondream import Moondream
 from ..model.text import EncodedImage
 from .kv import KVPool, PagedBatch
+from .rollout import RolloutHeads, embed_images, rollout_heads
 from .sampler import sample
 from .scheduler import NewPrefix, StepPlan
 from .sequence import Feed, Head, Sequence
@@ -53,7 +54,7 @@ class Runner:
                     pool.v[layer][slots] = v[0].transpose(0, 1).to(pool.v[layer].dtype)
         if not fresh:
             return
-        embeddings = m.embed_crops([p.source for p in fresh])  # every new image's crops in one forward
+        embeddings = embed_images(m, [p.source for p in fresh], [p.adapter for p in fresh])  # all crops in one forward
         bos = m.w.text.wte[m.cfg.tokenizer.bos_id]
         x = torch.stack([torch.cat([bos[None], e]) for e in embeddings])
         slots = torch.tensor([pool.slots(p.blocks, 0, n) for p in fresh], device=m.device)
@@ -122,12 +123,15 @@ class Runner:
         coord_rows = [i for i in range(b) if heads[i] is Head.COORD or (heads[i] is Head.LM and follow[i] is not None)]
         size_rows = [i for i, h in enumerate(heads) if h is Head.SIZE]
         tokens = torch.zeros(b, dtype=torch.long, device=dev)
+        extra = rollout_heads(m, rows)  # None unless a row records a rollout or has its own region head
         if lm:
             logits = text.lm_logits(hidden[lm], w).float()
             for j, i in enumerate(lm):
                 masked = rows[i].program.mask()
                 if masked:
                     logits[j, list(masked)] = float("-inf")
+            if extra is not None:
+                extra.restrict(lm, logits)
             temps = [rows[i].temperature for i in lm]
             tokens[lm] = sample(
                 logits,
@@ -136,10 +140,13 @@ class Runner:
                 [rows[i].rng for i in lm],
                 any_hot=any(t > 0 for t in temps),
             )
+            if extra is not None:
+                extra.tokens(lm, logits, tokens[lm])
         next_emb = m.w.text.wte[tokens]
         coords = torch.zeros(b, device=dev, dtype=m.dtype)
         if coord_rows:
-            coords[coord_rows] = m.decode_coord(hidden[coord_rows]).to(m.dtype)
+            decoded = extra.coords(coord_rows, hidden) if extra is not None else m.decode_coord(hidden[coord_rows])
+            coords[coord_rows] = decoded.to(m.dtype)
             use = torch.zeros(b, dtype=torch.bool, device=dev)
             use[[i for i in coord_rows if heads[i] is Head.COORD or follow[i] == "always"]] = True
             on_token = [i for i in coord_rows if follow[i] == "on_coord_token"]
@@ -148,12 +155,13 @@ class Runner:
             next_emb = torch.where(use[:, None], m.encode_coords(coords), next_emb)
         sizes = torch.zeros(b, 2, device=dev, dtype=m.dtype)
         if size_rows:
-            sizes[size_rows] = m.decode_size(hidden[size_rows]).to(m.dtype)
+            decoded = extra.sizes(size_rows, hidden) if extra is not None else m.decode_size(hidden[size_rows])
+            sizes[size_rows] = decoded.to(m.dtype)
             next_emb[size_rows] = m.encode_sizes(sizes[size_rows])
         rooms = [m.cfg.text.max_context - s.length for s in rows]
         for i, seq in enumerate(rows):  # what a pipelined step feeds before the programs have decided
             seq.next_emb = next_emb[i]
-        return HeadOut(rows, heads, follow, rooms, tokens, coords, sizes, next_emb)
+        return HeadOut(rows, heads, follow, rooms, tokens, coords, sizes, next_emb, extra)
 
     def commit(self, out: HeadOut) -> list[Sequence]:
         """Hand the head values to the programs (this is where the host waits for the device). Returns the
@@ -165,15 +173,18 @@ class Runner:
             if seq.finished or seq.cancelled:
                 continue  # it rode along in a step launched before it finished
             program, head = seq.program, out.heads[i]
+            then = None
             try:
                 if head is Head.LM:
-                    if program.on_token(tokens[i], out.rooms[i]) is Head.COORD:
+                    if (then := program.on_token(tokens[i], out.rooms[i])) is Head.COORD:
                         program.on_region(coords[i])
                 else:
                     program.on_region(coords[i] if head is Head.COORD else sizes[i])
             except Exception as e:  # a request-level failure (e.g. the context filled up): fail that one
                 seq.error = e
                 continue
+            if out.extra is not None:
+                out.extra.commit(i, seq, head, then)
             if program.feed is None:
                 continue
             seq.history.append(program.feed)
@@ -201,6 +212,7 @@ class HeadOut:
     coords: torch.Tensor
     sizes: torch.Tensor
     next_emb: torch.Tensor
+    extra: RolloutHeads | None = None  # rollout log-probabilities and bins (engine/rollout.py)
 
 
 def _lora(adapters: list[Adapter | None], device: torch.device) -> LoraBatch | None:
