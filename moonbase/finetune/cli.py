@@ -1,0 +1,232 @@
+"""`moonbase finetune ...`: SFT and RL from a JSONL file, export to PEFT, import from PEFT, list.
+
+moonbase finetune sft data.jsonl --name captchas --rank 16 --steps 500
+moonbase finetune rl data.jsonl --reward mymodule:score --rollouts 8 --steps 100
+moonbase finetune export 01J...@500 --peft out/adapter
+moonbase finetune import out/adapter --name imported
+
+Training runs in this process through the same service the HTTP tuning API uses, into the same registry
+(`--store`, default ~/.cache/moonbase/finetunes; `serve --finetunes` serves it). Before and after
+training the held-out split is evaluated greedily (query: exact match; detect: (F1 + mean IoU) / 2; point:
+F1 of points in boxes; or the --reward function); the final checkpoint is saved and its model string
+printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+DEFAULT_STORE = "~/.cache/moonbase/finetunes"
+
+
+def add_parser(sub, model_args) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a LoRA adapter (SFT or RL), export / import PEFT adapters")
+    fsub = p.add_subparsers(dest="finetune_command", required=True)
+    for mode in ("sft", "rl"):
+        q = fsub.add_parser(mode, help=f"{'supervised' if mode == 'sft' else 'reinforcement (GRPO)'} fine-tuning from JSONL")
+        q.add_argument("data", help="JSONL file (see docs/finetuning.md for the row format)")
+        q.add_argument("--name", default=None, help="finetune name (default: the data file's stem); an existing one resumes")
+        q.add_argument("--rank", type=int, default=16, choices=(8, 16, 24, 32))
+        q.add_argument("--steps", type=int, default=None, help="train steps (default: one epoch)")
+        q.add_argument("--batch", type=int, default=8, help="examples (groups) per step")
+        q.add_argument("--lr", type=float, default=2e-3 if mode == "sft" else 1e-3)
+        q.add_argument("--held-out", type=float, default=0.1, help="fraction (< 1) or count of examples held out for eval")
+        q.add_argument("--targets", default="qkv,proj,fc1,fc2", help="LoRA targets (qkv,fc1,fc2 export exactly to PEFT)")
+        q.add_argument("--train-region", action="store_true", help="also train the region decoders (detect/point)")
+        q.add_argument("--train-vision", action="store_true", help="also train the vision encoder")
+        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--store", default=DEFAULT_STORE)
+        if mode == "rl":
+            q.add_argument(
+                "--reward", default=None, help="module:function scoring fn(row, output) -> float (default: ground truth)"
+            )
+            q.add_argument("--rollouts", type=int, default=8, help="rollouts per example")
+            q.add_argument("--temperature", type=float, default=1.0)
+            q.add_argument("--kl", type=float, default=0.0, help="KL-to-base coefficient")
+        model_args(q)
+        q.set_defaults(fn=cmd_train, mode=mode)
+    q = fsub.add_parser("export", help="write a checkpoint as a PEFT adapter directory")
+    q.add_argument("checkpoint", help="FINETUNE_ID@STEP (or FINETUNE_ID for its latest checkpoint)")
+    q.add_argument("--peft", required=True, metavar="DIR")
+    q.add_argument("--store", default=DEFAULT_STORE)
+    q.set_defaults(fn=cmd_export)
+    q = fsub.add_parser("import", help="import a PEFT LoRA adapter as a finetune (checkpoint at step 0)")
+    q.add_argument("directory")
+    q.add_argument("--name", required=True)
+    q.add_argument("--store", default=DEFAULT_STORE)
+    model_args(q)
+    q.set_defaults(fn=cmd_import)
+    q = fsub.add_parser("list", help="finetunes and their checkpoints")
+    q.add_argument("--store", default=DEFAULT_STORE)
+    q.set_defaults(fn=cmd_list)
+
+
+def _service(a: argparse.Namespace):
+    from .. import vl as make_vl
+    from .registry import Registry
+    from .service import TuningService
+
+    model = make_vl(a.model, a.device, a.dtype)
+    return TuningService(model, Registry(a.store), model.model.name)
+
+
+def evaluate(svc, examples: list, variant: str | None, reward=None, max_tokens: int = 64) -> float:
+    """Mean greedy score over `examples` (several at once, so the engine batches them)."""
+    from ..image import load_image
+    from .rewards import reward_from_truth
+
+    vl = svc.vl
+    settings = {"temperature": 0.0, "max_tokens": max_tokens} | ({"variant": variant} if variant else {})
+
+    def score(ex) -> float:
+        r, image = ex.request, load_image(ex.request.image, vl.max_pixels)
+        refs = None if r.spatial_refs is None else [list(x) for x in r.spatial_refs]
+        if r.skill == "query":
+            out = vl.query(image, r.question, settings=settings, spatial_refs=refs)
+        elif r.skill == "detect":
+            out = vl.detect(image, r.object, settings=settings)
+        else:
+            out = vl.point(image, r.object, settings=settings, spatial_refs=refs)
+        return _clip(reward(ex.row, out)) if reward else reward_from_truth(r.skill, out, ex.target)
+
+    if not examples:
+        return float("nan")
+    with ThreadPoolExecutor(16) as pool:
+        return sum(pool.map(score, examples)) / len(examples)
+
+
+def _clip(x: Any) -> float:
+    return min(1.0, max(0.0, float(x)))
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from .data import load_jsonl, split
+    from .rewards import load_reward
+
+    examples = load_jsonl(a.data)
+    train, held = split(examples, a.held_out if a.held_out < 1 else int(a.held_out), a.seed)
+    reward = load_reward(a.reward) if getattr(a, "reward", None) else None
+    svc = _service(a)
+    options = {"targets": a.targets.split(","), "train_region": a.train_region, "train_vision": a.train_vision}
+    fid = svc.create(a.name or Path(a.data).stem, a.rank, options)["finetune_id"]
+    start = svc.session(fid).trainer.step
+    if start:  # resuming: evaluate the adapter as it is now
+        svc.save_checkpoint(fid)
+    before = evaluate(svc, held, f"{fid}@{start}" if start else None, reward)
+    steps = a.steps or max(1, len(train) // a.batch)
+    print(
+        f"finetune {fid}: {len(train)} train / {len(held)} held-out examples, {steps} steps; held-out score {before:.4f}",
+        file=sys.stderr,
+    )
+    t0, bar = time.perf_counter(), tqdm(range(steps), desc=f"finetune {a.mode}", unit="step", dynamic_ncols=True)
+    for s in bar:
+        batch = [train[(s * a.batch + i) % len(train)] for i in range(a.batch)]
+        out = _sft_step(svc, fid, batch, a.lr) if a.mode == "sft" else _rl_step(svc, fid, batch, a, reward)
+        bar.set_postfix(
+            {k: f"{v:.4f}" for k, v in out.items() if k in ("sft_loss", "reward_mean", "grad_norm") and v is not None}
+        )
+    seconds = time.perf_counter() - t0
+    step = svc.session(fid).trainer.step
+    svc.save_checkpoint(fid)
+    after = evaluate(svc, held, f"{fid}@{step}", reward)
+    result = {
+        "finetune_id": fid,
+        "model": f"{svc.base_name}/{fid}@{step}",
+        "steps": step - start,
+        "train_seconds": round(seconds, 1),
+    }
+    print(json.dumps(result | {"held_out": len(held), "score_before": round(before, 4), "score_after": round(after, 4)}))
+    return 0
+
+
+def _sft_step(svc, fid: str, batch: list, lr: float) -> dict[str, Any]:
+    from .types import SFTGroup
+
+    return svc.train_groups(fid, [SFTGroup(ex.request, ex.target) for ex in batch], lr)
+
+
+def _rl_step(svc, fid: str, batch: list, a: argparse.Namespace, reward) -> dict[str, Any]:
+    import dataclasses
+
+    from .rewards import reward_from_truth
+    from .rl import RLConfig
+    from .rollouts import sample_rollouts
+    from .types import RLGroup, parse_rollout
+
+    session = svc.session(fid)
+    live, step = session.live, session.trainer.step
+    settings = {"temperature": a.temperature}
+
+    def group(ex) -> RLGroup:
+        req = dataclasses.replace(ex.request, settings=tuple(sorted((dict(ex.request.settings) | settings).items())))
+        rollouts = sample_rollouts(svc.vl, req, a.rollouts, live, step)
+        score = (lambda out: _clip(reward(ex.row, out))) if reward else (lambda out: reward_from_truth(req.skill, out, ex.target))
+        parsed = tuple(parse_rollout(req.skill, r, svc.vl.model.cfg) for r in rollouts)
+        return RLGroup(ex.request, parsed, tuple(score(r["output"]) for r in rollouts))
+
+    with ThreadPoolExecutor(len(batch)) as pool:
+        groups = list(pool.map(group, batch))
+    cfg = dataclasses.replace(svc.step_cfg, rl=RLConfig(kl_coef=a.kl))
+    return svc.train_groups(fid, groups, a.lr, cfg)
+
+
+def _checkpoint(svc_store, ref: str) -> tuple[str, int]:
+    from ..errors import FinetuneNotFoundError
+
+    fid, _, step = ref.partition("@")
+    if step:
+        return fid, int(step)
+    saved = svc_store.checkpoints(fid)
+    if not saved:
+        raise FinetuneNotFoundError(f"finetune {fid} has no checkpoints")
+    return fid, saved[-1]["step"]
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from .lora import LoraConfig, export_peft
+    from .registry import Registry
+
+    store = Registry(a.store)
+    fid, step = _checkpoint(store, a.checkpoint)
+    state = store.load_checkpoint(fid, step)
+    cfg = LoraConfig.from_dict(state["lora_config"])
+    if cfg.train_region or cfg.train_vision:
+        print("note: PEFT holds only the text LoRA; the trained region/vision weights stay in the checkpoint", file=sys.stderr)
+    path = export_peft(state["lora_state_dict"], cfg, Path(a.peft), state.get("base_model", "moondream"))
+    print(json.dumps({"checkpoint": f"{fid}@{step}", "peft": str(path)}))
+    return 0
+
+
+def cmd_import(a: argparse.Namespace) -> int:
+    from .lora import import_peft
+
+    state, cfg = import_peft(Path(a.directory))
+    svc = _service(a)
+    info, created = svc.store.create(a.name, cfg.rank, svc.base_name, cfg.to_dict())
+    if not created:
+        print(f"error: a finetune named {a.name!r} exists", file=sys.stderr)
+        return 2
+    trainer = svc._new_trainer(info.finetune_id, cfg)
+    trainer.lora.load_variant_state(state)
+    svc.store.save_state(info.finetune_id, trainer.state_dict() | {"responses": {}})
+    svc.save_checkpoint(info.finetune_id)
+    print(json.dumps({"finetune_id": info.finetune_id, "model": f"{svc.base_name}/{info.finetune_id}@0"}))
+    return 0
+
+
+def cmd_list(a: argparse.Namespace) -> int:
+    from .registry import Registry
+
+    store = Registry(a.store)
+    for info in store.list():
+        steps = [c["step"] for c in store.checkpoints(info.finetune_id)]
+        print(f"{info.finetune_id}  {info.name:<24} rank {info.rank:<3} base {info.base_model:<12} checkpoints {steps}")
+    return 0
