@@ -108,7 +108,7 @@ def test_rl_loss_through_the_model_is_the_token_level_group_mean(tiny, image):
 
 
 def test_engine_rollouts_are_replayed_with_exactly_their_logprobs(tiny, image):
-    trainer = _perturbed(Trainer(tiny, LoraConfig(rank=4, train_region=True)))
+    trainer = _perturbed(Trainer(tiny, LoraConfig(rank=4, train_region=True, train_vision=True)))
     vl = VL(tiny, engine=Engine(tiny, EngineConfig(kv_memory_mb=16), background=False))
     live = trainer.adapter("live")
     for skill, kw in [

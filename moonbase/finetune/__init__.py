@@ -1,7 +1,7 @@
 """Fine-tuning: LoRA adapters trained by SFT and RL (GRPO), a registry of finetunes on disk, and the
 service behind the tuning API. See docs/finetuning.md.
 
-    from moonbase.finetune import Registry, TuningService, LoraConfig, Trainer
+    from moonbase.finetune import Registry, TuningService, RunConfig, fine_tune, from_iterable, load_jsonl
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ _EXPORTS = {
     "Trainer": "trainer",
     "load_jsonl": "data",
     "from_iterable": "data",
+    "RunConfig": "run",
+    "fine_tune": "run",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -15,14 +15,10 @@ printed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
-
-from tqdm import tqdm
 
 DEFAULT_STORE = "~/.cache/moonbase/finetunes"
 
@@ -78,104 +74,19 @@ def _service(a: argparse.Namespace):
     return TuningService(model, Registry(a.store), model.model.name)
 
 
-def evaluate(svc, examples: list, variant: str | None, reward=None, max_tokens: int = 64) -> float:
-    """Mean greedy score over `examples` (several at once, so the engine batches them)."""
-    from ..image import load_image
-    from .rewards import reward_from_truth
-
-    vl = svc.vl
-    settings = {"temperature": 0.0, "max_tokens": max_tokens} | ({"variant": variant} if variant else {})
-
-    def score(ex) -> float:
-        r, image = ex.request, load_image(ex.request.image, vl.max_pixels)
-        refs = None if r.spatial_refs is None else [list(x) for x in r.spatial_refs]
-        if r.skill == "query":
-            out = vl.query(image, r.question, settings=settings, spatial_refs=refs)
-        elif r.skill == "detect":
-            out = vl.detect(image, r.object, settings=settings)
-        else:
-            out = vl.point(image, r.object, settings=settings, spatial_refs=refs)
-        return _clip(reward(ex.row, out)) if reward else reward_from_truth(r.skill, out, ex.target)
-
-    if not examples:
-        return float("nan")
-    with ThreadPoolExecutor(16) as pool:
-        return sum(pool.map(score, examples)) / len(examples)
-
-
-def _clip(x: Any) -> float:
-    return min(1.0, max(0.0, float(x)))
-
-
 def cmd_train(a: argparse.Namespace) -> int:
-    from .data import load_jsonl, split
+    from .data import load_jsonl
     from .rewards import load_reward
+    from .run import RunConfig, fine_tune
 
     examples = load_jsonl(a.data)
-    train, held = split(examples, a.held_out if a.held_out < 1 else int(a.held_out), a.seed)
     reward = load_reward(a.reward) if getattr(a, "reward", None) else None
-    svc = _service(a)
     options = {"targets": a.targets.split(","), "train_region": a.train_region, "train_vision": a.train_vision}
-    fid = svc.create(a.name or Path(a.data).stem, a.rank, options)["finetune_id"]
-    start = svc.session(fid).trainer.step
-    if start:  # resuming: evaluate the adapter as it is now
-        svc.save_checkpoint(fid)
-    before = evaluate(svc, held, f"{fid}@{start}" if start else None, reward)
-    steps = a.steps or max(1, len(train) // a.batch)
-    print(
-        f"finetune {fid}: {len(train)} train / {len(held)} held-out examples, {steps} steps; held-out score {before:.4f}",
-        file=sys.stderr,
-    )
-    t0, bar = time.perf_counter(), tqdm(range(steps), desc=f"finetune {a.mode}", unit="step", dynamic_ncols=True)
-    for s in bar:
-        batch = [train[(s * a.batch + i) % len(train)] for i in range(a.batch)]
-        out = _sft_step(svc, fid, batch, a.lr) if a.mode == "sft" else _rl_step(svc, fid, batch, a, reward)
-        bar.set_postfix(
-            {k: f"{v:.4f}" for k, v in out.items() if k in ("sft_loss", "reward_mean", "grad_norm") and v is not None}
-        )
-    seconds = time.perf_counter() - t0
-    step = svc.session(fid).trainer.step
-    svc.save_checkpoint(fid)
-    after = evaluate(svc, held, f"{fid}@{step}", reward)
-    result = {
-        "finetune_id": fid,
-        "model": f"{svc.base_name}/{fid}@{step}",
-        "steps": step - start,
-        "train_seconds": round(seconds, 1),
-    }
-    print(json.dumps(result | {"held_out": len(held), "score_before": round(before, 4), "score_after": round(after, 4)}))
+    cfg = RunConfig(a.mode, a.rank, a.steps, a.batch, a.lr, a.held_out, options=tuple(options.items()), seed=a.seed)
+    if a.mode == "rl":
+        cfg = dataclasses.replace(cfg, rollouts=a.rollouts, temperature=a.temperature, kl_coef=a.kl)
+    print(json.dumps(fine_tune(_service(a), a.name or Path(a.data).stem, examples, cfg, reward)))
     return 0
-
-
-def _sft_step(svc, fid: str, batch: list, lr: float) -> dict[str, Any]:
-    from .types import SFTGroup
-
-    return svc.train_groups(fid, [SFTGroup(ex.request, ex.target) for ex in batch], lr)
-
-
-def _rl_step(svc, fid: str, batch: list, a: argparse.Namespace, reward) -> dict[str, Any]:
-    import dataclasses
-
-    from .rewards import reward_from_truth
-    from .rl import RLConfig
-    from .rollouts import sample_rollouts
-    from .types import RLGroup, parse_rollout
-
-    session = svc.session(fid)
-    live, step = session.live, session.trainer.step
-    settings = {"temperature": a.temperature}
-
-    def group(ex) -> RLGroup:
-        req = dataclasses.replace(ex.request, settings=tuple(sorted((dict(ex.request.settings) | settings).items())))
-        rollouts = sample_rollouts(svc.vl, req, a.rollouts, live, step)
-        score = (lambda out: _clip(reward(ex.row, out))) if reward else (lambda out: reward_from_truth(req.skill, out, ex.target))
-        parsed = tuple(parse_rollout(req.skill, r, svc.vl.model.cfg) for r in rollouts)
-        return RLGroup(ex.request, parsed, tuple(score(r["output"]) for r in rollouts))
-
-    with ThreadPoolExecutor(len(batch)) as pool:
-        groups = list(pool.map(group, batch))
-    cfg = dataclasses.replace(svc.step_cfg, rl=RLConfig(kl_coef=a.kl))
-    return svc.train_groups(fid, groups, a.lr, cfg)
 
 
 def _checkpoint(svc_store, ref: str) -> tuple[str, int]:

@@ -50,9 +50,14 @@ class Session:
 
     def __init__(self, fid: str, trainer: Trainer, responses: dict[str, Any]):
         self.fid, self.trainer = fid, trainer
-        self.live = trainer.adapter(f"{fid}@live{trainer.step}")
+        self.refresh()
         self.responses: OrderedDict[str, Any] = OrderedDict(responses)
         self.lock = threading.Lock()
+
+    def refresh(self) -> None:
+        """Rollouts sample from a frozen copy of the current policy, swapped in whole after each step."""
+        step = self.trainer.step
+        self.policy = (step, self.trainer.adapter(f"{self.fid}@live{step}"))  # a new name: no stale cached prefixes
 
 
 class TuningService:
@@ -142,9 +147,7 @@ class TuningService:
         req = parse_request(body.get("request"), self.image_of)
         truth = body.get("ground_truth")
         truth = None if truth is None else parse_target(req.skill, truth, "ground_truth")
-        session = self.session(fid)
-        live = session.live
-        step = int(live.name.rsplit("@live", 1)[1])
+        step, live = self.session(fid).policy
         rollouts = sample_rollouts(self.vl, req, n, live, step)
         rewards = None if truth is None else [reward_from_truth(req.skill, r["output"], truth) for r in rollouts]
         return {"request": body.get("request"), "rollouts": rollouts, "rewards": rewards}
@@ -208,7 +211,7 @@ class TuningService:
                 self._sessions.pop(fid, None)
             raise
         if out["applied"]:
-            session.live = trainer.adapter(f"{fid}@live{trainer.step}")
+            session.refresh()
             logged = {f"train/{k}": v for k, v in out.items() if isinstance(v, float)} | {"train/lr": lr}
             self.store.log_metrics(fid, trainer.step, logged)
         return out

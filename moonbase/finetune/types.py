@@ -154,6 +154,8 @@ def parse_request(d: Any, image_of: Callable[[Any], Any], where: str = "request"
     if not isinstance(settings, dict):
         raise TuningError(f"{where}.settings must be an object")
     image = d.get("image_url", d.get("image"))
+    if "image_url" in d and not isinstance(image, (str, type(None))):
+        raise TuningError(f"{where}.image_url must be a data URL or base64 string")
     if image is None and skill != "query":
         raise TuningError(f"{where}.image_url is required for {skill}")
     return SkillRequest(
