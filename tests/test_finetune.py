@@ -149,6 +149,11 @@ def test_checkpoints_export_in_the_variant_layout_with_the_scale_folded(tiny, tm
     torch.testing.assert_close(loaded.layers[0]["qkv"][1], b_raw * 4.0)  # alpha / rank = 4, folded into B
     torch.testing.assert_close(run(loaded), want)
     torch.testing.assert_close(run(adapter_from_checkpoint("c", state, tiny)), want)
+    with_region = _perturbed(Trainer(tiny, LoraConfig(rank=8, train_region=True)))
+    served = adapter_from_checkpoint("r", with_region.checkpoint(), tiny)
+    own = with_region.own["region"].coord_decoder["fc1"].weight
+    assert torch.equal(served.region.coord_decoder["fc1"].weight, own)
+    assert not torch.equal(own, tiny.w.region.coord_decoder["fc1"].weight) and served.vision is None
     peft_state, cfg = import_peft(export_peft(state["lora_state_dict"], trainer.cfg, tmp_path / "peft", "tiny"))
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["r"] == 8 and config["lora_alpha"] == 32.0 and config["target_modules"] == ["fc1", "fc2", "qkv"]

@@ -44,6 +44,8 @@ SAVE_THEN_CRASH = textwrap.dedent(
 def test_ulids_are_crockford_and_sort_by_time():
     a, b = new_ulid(1_000), new_ulid(2_000)
     assert len(a) == 26 and a < b and set(a) <= set("0123456789ABCDEFGHJKMNPQRSTVWXYZ")
+    same_ms = [new_ulid(3_000) for _ in range(50)]
+    assert same_ms == sorted(same_ms) and len(set(same_ms)) == 50
 
 
 def test_create_is_idempotent_by_name_and_rank(tmp_path):

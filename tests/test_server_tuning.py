@@ -139,6 +139,10 @@ def test_tuning_errors_are_typed_json(server, image):
         (httpx.get(f"{base}/v1/tuning/finetunes/{fid}/checkpoints/9/download"), 404),
         (httpx.get(f"{base}/tuning-files/nope"), 403),
     ]
+    other = _post(base, "/finetunes", {"name": "errs-2", "rank": 8}).json()["finetune_id"]
+    page = httpx.get(f"{base}/v1/tuning/finetunes", params={"limit": 1, "cursor": fid}).json()
+    assert page["finetunes"][0]["finetune_id"] == other and [f["name"] for f in page["finetunes"]] == ["errs-2"]
+    assert httpx.get(f"{base}/v1/tuning/finetunes", params={"limit": 0}).status_code == 400
     for response, status in cases:
         assert response.status_code == status, response.text
         if status >= 400:

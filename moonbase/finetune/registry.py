@@ -35,9 +35,17 @@ _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 crash_at: str | None = None  # tests: SIGKILL this process at the named write point (see `_point`)
 
 
+_last_ulid = [0]  # monotonic within a process: ids created in the same millisecond still sort by creation
+_ulid_lock = threading.Lock()
+
+
 def new_ulid(now_ms: int | None = None) -> str:
     """26 characters of Crockford base32: 48 bits of milliseconds, then 80 random bits (sortable by time)."""
     value = ((now_ms if now_ms is not None else int(time.time() * 1000)) << 80) | secrets.randbits(80)
+    with _ulid_lock:
+        if value <= _last_ulid[0]:
+            value = _last_ulid[0] + 1
+        _last_ulid[0] = value
     return "".join(_CROCKFORD[(value >> (5 * i)) & 31] for i in reversed(range(26)))
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from .. import simple, skills
 from ..api import VL, image_key
 from ..engine.sequence import Request
+from ..errors import RequestTimeoutError
 from ..image import load_image, overlap_crops
 from ..model.lora import Adapter
 from .sft import request_prompt
@@ -46,7 +47,13 @@ def sample_rollouts(vl: VL, req: SkillRequest, n: int, adapter: Adapter | None, 
         )
         for s in seeds
     ]
-    return [_rollout(req, h.result(vl.timeout), vl, settings.temperature, policy_step) for h in handles]
+    try:
+        results = [h.result(vl.timeout) for h in handles]
+    except TimeoutError:
+        for h in handles:
+            h.cancel()  # frees their places in the engine
+        raise RequestTimeoutError(f"rollouts did not finish within {vl.timeout} s") from None
+    return [_rollout(req, r, vl, settings.temperature, policy_step) for r in results]
 
 
 def _rollout(req: SkillRequest, result, vl: VL, temperature: float, policy_step: int) -> dict[str, Any]:
