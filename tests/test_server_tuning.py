@@ -132,6 +132,8 @@ def test_tuning_errors_are_typed_json(server, image):
         (_post(base, "/train_step", {"finetune_id": fid, "groups": []}), 400),
         (_post(base, "/train_step", {"finetune_id": fid, "groups": [{"mode": "x"}]}), 400),
         (_post(base, "/train_step", _sft_body("01ARZ3NDEKTSV4RRFFQ69G5FAV", url)), 404),
+        (_post(base, "/train_step", _sft_body(fid, url, sft_weight="x")), 400),
+        (_post(base, "/train_step", _sft_body(fid, url, lr=0)), 400),
         (_post(base, "/rollouts", {"finetune_id": fid, "num_rollouts": 17, "request": {"skill": "query", "question": "q"}}), 400),
         (_post(base, "/rollouts", {"finetune_id": fid, "request": {"skill": "segment", "image_url": url}}), 400),
         (httpx.post(f"{base}/v1/tuning/finetunes/{fid}/checkpoints/save"), 200),

@@ -121,23 +121,27 @@ def advantages(rewards: list[float], eps: float) -> list[float]:
 
 
 def rl_batch(groups: list[RLGroup], m: Moondream, cfg: RLConfig, max_pixels: int) -> RLBatch:
-    images, rows, per_action = [], [], []
-    limit = m.cfg.text.max_context
-    n_rollouts = 0
+    """Every group's rollouts packed behind its image prefix (more rows of the same image when they do not
+    fit the context), and one entry per action: where it is read, what it is, its old log-probability, its
+    group, rollout and advantage."""
+    images, rows = [], []
+    col: dict[str, list] = {k: [] for k in ("row", "pos", "action", "temperature", "old", "group", "rollout", "advantage")}
+    n_rollouts, prefix = 0, m.cfg.prefix_len
     for gi, g in enumerate(groups):
         image = group_image(g.request, max_pixels)
         adv = advantages(list(g.rewards), cfg.std_eps)
         row: list[tuple[int, Segment]] = []
-        used = m.cfg.prefix_len
+        used = prefix
         for ri, r in enumerate(g.rollouts):
             seg, acts = rollout_segment(g.request, r, m)
-            if used + len(seg) > limit and row:  # one row per image while it fits the context; else another
+            if used + len(seg) > m.cfg.text.max_context and row:
                 images.append(image), rows.append(row)
-                row, used = [], m.cfg.prefix_len
-            start = used  # where the segment begins in its packed row
+                row, used = [], prefix
             old = r.logprobs if r.logprobs is not None else [float("nan")] * len(acts)
             for a, lp in zip(acts, old, strict=True):
-                per_action.append((len(rows), start + a.pos, a, r.temperature or 1.0, lp, gi, n_rollouts, adv[ri]))
+                entry = (len(rows), used + a.pos, a, r.temperature or 1.0, lp, gi, n_rollouts, adv[ri])
+                for k, v in zip(col, entry, strict=True):
+                    col[k].append(v)
             row.append((SKILLS.index(g.request.skill), seg))
             used += len(seg)
             n_rollouts += 1
@@ -146,17 +150,17 @@ def rl_batch(groups: list[RLGroup], m: Moondream, cfg: RLConfig, max_pixels: int
         batch = pack_rows(images, rows, m.cfg)
     except ValueError as e:
         raise TuningError(f"a rollout is too long: {e}") from e
-    col = list(zip(*per_action, strict=True)) if per_action else [[]] * 8
+    long, flt = torch.long, torch.float32
     return RLBatch(
         batch,
-        torch.tensor(col[0], dtype=torch.long),
-        torch.tensor(col[1], dtype=torch.long),
-        list(col[2]),
-        torch.tensor(col[3], dtype=torch.float32),
-        torch.tensor(col[4], dtype=torch.float32),
-        torch.tensor(col[5], dtype=torch.long),
-        torch.tensor(col[6], dtype=torch.long),
-        torch.tensor(col[7], dtype=torch.float32),
+        torch.tensor(col["row"], dtype=long),
+        torch.tensor(col["pos"], dtype=long),
+        col["action"],
+        torch.tensor(col["temperature"], dtype=flt),
+        torch.tensor(col["old"], dtype=flt),
+        torch.tensor(col["group"], dtype=long),
+        torch.tensor(col["rollout"], dtype=long),
+        torch.tensor(col["advantage"], dtype=flt),
         [list(g.rewards) for g in groups],
     )
 

@@ -13,14 +13,12 @@ without a key that arrives after the first copy finished is applied again (see d
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from ..api import VL
@@ -31,18 +29,12 @@ from .lora import RANKS, LoraConfig
 from .registry import Registry
 from .rewards import reward_from_truth
 from .rollouts import sample_rollouts
+from .steps import Limits, body_digest, finetune_id_of, int_of, parse_step
 from .trainer import StepConfig, Trainer, adapter_from_checkpoint
-from .types import parse_group, parse_request, parse_target
+from .types import parse_request, parse_target
 
 NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 KEPT_KEYS = 1000
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_rollouts: int = 16  # per /rollouts request
-    max_groups: int = 256  # per train step
-    max_step_rollouts: int = 1024  # RL rollouts per train step
 
 
 class Session:
@@ -52,7 +44,6 @@ class Session:
         self.fid, self.trainer = fid, trainer
         self.refresh()
         self.responses: OrderedDict[str, Any] = OrderedDict(responses)
-        self.lock = threading.Lock()
 
     def refresh(self) -> None:
         """Rollouts sample from a frozen copy of the current policy, swapped in whole after each step."""
@@ -77,6 +68,7 @@ class TuningService:
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._lock = threading.Lock()
         self._inflight: dict[tuple[str, str], Future] = {}
+        self._writers: dict[str, threading.Lock] = {}
         store_ = vl.engine.adapters
         fallback = store_.resolve
         store_.resolve = lambda name: self.resolve(name) or fallback(name)
@@ -134,13 +126,19 @@ class TuningService:
                 self._sessions.popitem(last=False)
         return session
 
+    def writer(self, fid: str) -> threading.Lock:
+        """The lock every change to a finetune's training state holds. Kept per id, not per cached session:
+        a session evicted from the cache mid-step must not let a second copy train at the same time."""
+        with self._lock:
+            return self._writers.setdefault(fid, threading.Lock())
+
     def _step(self, fid: str) -> int:
         return self.session(fid).trainer.step
 
     # --- rollouts and train steps -------------------------------------------------------------------
 
     def rollouts(self, body: dict[str, Any]) -> dict[str, Any]:
-        fid = _fid(body)
+        fid = finetune_id_of(body)
         n = body.get("num_rollouts", 1)
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.limits.max_rollouts:
             raise TuningError(f"num_rollouts must be an integer in 1..{self.limits.max_rollouts}")
@@ -153,14 +151,11 @@ class TuningService:
         return {"request": body.get("request"), "rollouts": rollouts, "rewards": rewards}
 
     def train_step(self, body: dict[str, Any], key: str | None = None) -> dict[str, Any]:
-        fid = _fid(body)
+        fid = finetune_id_of(body)
         key = key or body.get("idempotency_key")
         if key is not None and (not isinstance(key, str) or not 0 < len(key) <= 256):
             raise TuningError("an idempotency key must be a string of 1-256 characters")
-        unkeyed = {k: v for k, v in body.items() if k != "idempotency_key"}
-        digest = hashlib.sha256(
-            json.dumps(unkeyed, sort_keys=True, separators=(",", ":"), default=_digestable).encode()
-        ).hexdigest()
+        digest = body_digest(body)
         twin_key = (fid, "key:" + key if key else "body:" + digest)
         with self._lock:
             twin = self._inflight.get(twin_key)
@@ -180,21 +175,20 @@ class TuningService:
                 self._inflight.pop(twin_key, None)
 
     def _apply(self, fid: str, body: dict[str, Any], key: str | None, digest: str) -> dict[str, Any]:
-        session = self.session(fid)
-        with session.lock:
+        with self.writer(fid):
+            session = self.session(fid)
             if key is not None and key in session.responses:
                 seen, response = session.responses[key]
                 if seen != digest:
                     raise IdempotencyKeyReusedError(f"idempotency key {key!r} was used for a different train step")
                 return response
-            groups, lr, cfg = self._parse_step(body)
+            groups, lr, cfg = parse_step(body, self.image_of, self.vl.model.cfg, self.step_cfg, self.limits)
             return self._train(session, groups, lr, cfg, key, digest)
 
     def train_groups(self, fid: str, groups: list, lr: float, cfg: StepConfig | None = None) -> dict[str, Any]:
         """A train step from typed groups (the CLI's path), persisted like an API step."""
-        session = self.session(fid)
-        with session.lock:
-            return self._train(session, groups, lr, cfg or self.step_cfg, None, "")
+        with self.writer(fid):
+            return self._train(self.session(fid), groups, lr, cfg or self.step_cfg, None, "")
 
     def _train(self, session: Session, groups: list, lr: float, cfg: StepConfig, key: str | None, digest: str) -> dict[str, Any]:
         """Train, then make the new state durable before anyone sees the response."""
@@ -216,29 +210,6 @@ class TuningService:
             self.store.log_metrics(fid, trainer.step, logged)
         return out
 
-    def _parse_step(self, body: dict[str, Any]) -> tuple[list, float, StepConfig]:
-        raw = body.get("groups")
-        if not isinstance(raw, list) or not raw:
-            raise TuningError("groups must be a non-empty list")
-        if len(raw) > self.limits.max_groups:
-            raise TuningError(f"at most {self.limits.max_groups} groups per train step")
-        groups = [parse_group(g, self.image_of, self.vl.model.cfg, f"groups[{i}]") for i, g in enumerate(raw)]
-        if sum(len(getattr(g, "rollouts", ())) for g in groups) > self.limits.max_step_rollouts:
-            raise TuningError(f"at most {self.limits.max_step_rollouts} rollouts per train step")
-        lr = body.get("lr", 2e-4)
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and 0 < lr <= 1):
-            raise TuningError(f"lr must be a number in (0, 1], got {lr!r}")
-        cfg = self.step_cfg
-        for name in ("kl_coef", "clip_low", "clip_high"):  # documented extras that train_step(**kwargs) forwards
-            v = body.get(name)
-            if v is not None:
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and 0 <= v <= 10):
-                    raise TuningError(f"{name} must be a number in [0, 10]")
-                cfg = replace(cfg, rl=replace(cfg.rl, **{name: float(v)}))
-        if body.get("sft_weight") is not None:
-            cfg = replace(cfg, sft_weight=float(body["sft_weight"]))
-        return groups, float(lr), cfg
-
     # --- metrics and checkpoints --------------------------------------------------------------------
 
     def log_metrics(self, fid: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -250,13 +221,12 @@ class TuningService:
         return {"ok": True, "step": step, "logged_count": self.store.log_metrics(fid, step, values)}
 
     def save_checkpoint(self, fid: str) -> dict[str, Any]:
-        session = self.session(fid)
-        with session.lock:
-            trainer = session.trainer
+        with self.writer(fid):
+            trainer = self.session(fid).trainer
             return {"ok": True, "checkpoint": self.store.save_checkpoint(fid, trainer.step, trainer.checkpoint())}
 
     def list_checkpoints(self, fid: str, limit: int = 50, cursor: str | None = None) -> dict[str, Any]:
-        after = -1 if cursor in (None, "") else _int(cursor, "cursor")
+        after = -1 if cursor in (None, "") else int_of(cursor, "cursor")
         items = [c for c in self.store.checkpoints(fid) if c["step"] > after]
         page, more = items[:limit], len(items) > limit
         return {"checkpoints": page, "next_cursor": str(page[-1]["step"]) if more else None, "has_more": more}
@@ -276,25 +246,3 @@ class TuningService:
         if info.base_model != self.base_name:
             raise FinetuneNotFoundError(f"finetune {fid} was trained on {info.base_model!r}, not on {self.base_name!r}")
         return adapter_from_checkpoint(name, self.store.load_checkpoint(fid, int(step)), self.vl.model)
-
-
-def _fid(body: Any) -> str:
-    if not isinstance(body, dict):
-        raise TuningError("the body must be a JSON object")
-    fid = body.get("finetune_id")
-    if not isinstance(fid, str) or not fid:
-        raise TuningError("finetune_id is required")
-    return fid
-
-
-def _int(v: Any, what: str) -> int:
-    try:
-        return int(v)
-    except (TypeError, ValueError):
-        raise TuningError(f"{what} must be an integer, got {v!r}") from None
-
-
-def _digestable(value: Any) -> str:
-    """In-process callers pass images as arrays or PIL images: hash their pixels into the body digest."""
-    data = getattr(value, "tobytes", None)
-    return hashlib.blake2b(data() if data else repr(value).encode(), digest_size=16).hexdigest()
