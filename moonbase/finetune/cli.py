@@ -91,10 +91,11 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 def _checkpoint(svc_store, ref: str) -> tuple[str, int]:
     from ..errors import FinetuneNotFoundError
+    from .steps import int_of
 
     fid, _, step = ref.partition("@")
     if step:
-        return fid, int(step)
+        return fid, int_of(step, "step")
     saved = svc_store.checkpoints(fid)
     if not saved:
         raise FinetuneNotFoundError(f"finetune {fid} has no checkpoints")
@@ -121,15 +122,8 @@ def cmd_import(a: argparse.Namespace) -> int:
 
     state, cfg = import_peft(Path(a.directory))
     svc = _service(a)
-    info, created = svc.store.create(a.name, cfg.rank, svc.base_name, cfg.to_dict())
-    if not created:
-        print(f"error: a finetune named {a.name!r} exists", file=sys.stderr)
-        return 2
-    trainer = svc._new_trainer(info.finetune_id, cfg)
-    trainer.lora.load_variant_state(state)
-    svc.store.save_state(info.finetune_id, trainer.state_dict() | {"responses": {}})
-    svc.save_checkpoint(info.finetune_id)
-    print(json.dumps({"finetune_id": info.finetune_id, "model": f"{svc.base_name}/{info.finetune_id}@0"}))
+    fid = svc.import_adapter(a.name, state, cfg)
+    print(json.dumps({"finetune_id": fid, "model": f"{svc.base_name}/{fid}@0"}))
     return 0
 
 

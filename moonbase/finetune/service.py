@@ -22,9 +22,9 @@ from dataclasses import replace
 from typing import Any
 
 from ..api import VL
-from ..errors import FinetuneNotFoundError, IdempotencyKeyReusedError, TuningError
+from ..errors import FinetuneConflictError, FinetuneNotFoundError, IdempotencyKeyReusedError, TuningError
 from ..image import load_image
-from ..model.lora import TARGETS, Adapter
+from ..model.lora import TARGETS, Adapter, adapter_from_state_dict
 from .lora import RANKS, LoraConfig
 from .registry import Registry
 from .rewards import reward_from_truth
@@ -104,6 +104,18 @@ class TuningService:
         self.store.delete(fid)
         with self._lock:
             self._sessions.pop(fid, None)
+
+    def import_adapter(self, name: str, variant: dict[str, Any], cfg: LoraConfig) -> str:
+        """A new finetune whose adapter is `variant` (scale folded into B), saved as its step-0 checkpoint."""
+        adapter_from_state_dict(name, variant, self.vl.model.cfg.text)  # the shapes must fit this model
+        info, created = self.store.create(name, cfg.rank, self.base_name, cfg.to_dict())
+        if not created:
+            raise FinetuneConflictError(f"a finetune named {name!r} exists")
+        trainer = self._new_trainer(info.finetune_id, cfg)
+        trainer.lora.load_variant_state(variant)
+        self.store.save_state(info.finetune_id, trainer.state_dict() | {"responses": {}})
+        self.save_checkpoint(info.finetune_id)
+        return info.finetune_id
 
     def _new_trainer(self, fid: str, cfg: LoraConfig) -> Trainer:
         seed = int(hashlib.blake2b(fid.encode(), digest_size=4).hexdigest(), 16)  # A's init, reproducible per finetune
