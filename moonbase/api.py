@@ -60,7 +60,7 @@ class VL:
         adapter = self._adapter(self._settings(settings))
         crops = self._crops(image)
         with torch.no_grad():
-            encoded = m.prefill_image(m.embed_crops([crops])[0], adapter)
+            encoded = m.prefill_image(m.embed_crops([crops], None if adapter is None else adapter.vision)[0], adapter)
         return EncodedImage(encoded.kv, key=image_key(crops), variant=None if adapter is None else adapter.name)
 
     def _crops(self, image: ImageInput) -> Crops:

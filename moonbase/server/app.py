@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..errors import AdapterNotFoundError, ImageError, ModelNotFoundError, MoonbaseError, RequestTimeoutError, SettingsError
+from ..finetune.registry import Registry
 from ..image import DEFAULT_MAX_PIXELS
 from .cancel import ClientGone, cancellable
 from .chat import add_chat_route
@@ -38,8 +39,10 @@ class ServerConfig:
     timeout_s: float | None = 600.0  # per request, then 504 (and the engine frees it)
 
 
-def create_app(registry: ModelRegistry, cfg: ServerConfig = ServerConfig()) -> Gate:
-    """The ASGI application: the FastAPI routes behind the Gate (auth, body limit, admission, counters)."""
+def create_app(registry: ModelRegistry, cfg: ServerConfig = ServerConfig(), finetunes: Registry | None = None) -> Gate:
+    """The ASGI application: the FastAPI routes behind the Gate (auth, body limit, admission, counters).
+    With a finetune registry, the tuning API (/v1/tuning) trains adapters of the default model, and
+    `model="<base>/<finetune_id>@<step>"` serves its checkpoints."""
     app = FastAPI(title="moonbase", description="Moondream vision-language models, served locally.")
     gate = Gate(app, cfg.api_key, int(cfg.max_body_mb * 2**20), cfg.max_in_flight)
     add_ops_routes(app, registry, gate)
@@ -76,6 +79,12 @@ def create_app(registry: ModelRegistry, cfg: ServerConfig = ServerConfig()) -> G
         return s | {"variant": adapter} if adapter else s
 
     add_chat_route(app, registry, image_of)
+    if finetunes is not None:
+        from ..finetune.service import TuningService
+        from .tuning import add_tuning_routes
+
+        base = registry.models[registry.default]
+        add_tuning_routes(app, TuningService(base, finetunes, registry.default, image_of))
 
     @app.get("/health")
     def health() -> dict[str, Any]:
