@@ -3,21 +3,18 @@ the documented flow end to end, idempotency and retries, and errors that are typ
 
 from __future__ import annotations
 
-import threading
-import time
-
 import httpx
 import moondream as md
 import pytest
 import torch
-import uvicorn
 
 from moonbase.api import VL
 from moonbase.data.shapes import render_scene
 from moonbase.finetune.registry import Registry
 from moonbase.server.app import create_app
 from moonbase.server.registry import ModelRegistry
-from moonbase.server.run import free_port
+
+from .serving import serving
 
 QUESTION = "What is the secret word?"
 GREEDY = {"temperature": 0.0, "max_tokens": 8}
@@ -26,17 +23,8 @@ GREEDY = {"temperature": 0.0, "max_tokens": 8}
 @pytest.fixture(scope="module")
 def server(tiny, tmp_path_factory):
     store = Registry(tmp_path_factory.mktemp("finetunes"))
-    app = create_app(ModelRegistry({"tiny": VL(tiny)}, "tiny"), finetunes=store)
-    port = free_port("127.0.0.1", 22020)
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", store
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serving(create_app(ModelRegistry({"tiny": VL(tiny)}, "tiny"), finetunes=store), 22020) as url:
+        yield url, store
 
 
 @pytest.fixture(scope="module")

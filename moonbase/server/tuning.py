@@ -15,11 +15,11 @@ import time
 from typing import Any
 
 from fastapi import Body, FastAPI, Header, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse
 
 from ..errors import FinetuneConflictError, FinetuneNotFoundError, IdempotencyKeyReusedError, TuningError
 from ..finetune.service import TuningService
-from .gate import error_response
+from .gate import error_response, errors_as_json
 
 DOWNLOAD_TTL_S = 600
 
@@ -28,13 +28,7 @@ def add_tuning_routes(app: FastAPI, service: TuningService) -> None:
     links: dict[str, tuple[Any, float]] = {}  # download token -> (path, expiry)
     links_lock = threading.Lock()
 
-    @app.exception_handler(FinetuneConflictError)
-    def _conflict(_: Request, exc: FinetuneConflictError) -> JSONResponse:
-        return error_response(409, str(exc), "conflict_error")
-
-    @app.exception_handler(IdempotencyKeyReusedError)
-    def _reused(_: Request, exc: IdempotencyKeyReusedError) -> JSONResponse:
-        return error_response(422, str(exc), "idempotency_error")
+    errors_as_json(app, {FinetuneConflictError: (409, "conflict_error"), IdempotencyKeyReusedError: (422, "idempotency_error")})
 
     @app.post("/v1/tuning/finetunes")
     def create(body: dict[str, Any] = Body(...)) -> dict[str, Any]:
