@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from . import simple, skills
 from .api import VL
@@ -61,18 +62,71 @@ def sequential(vl: VL, images: list[np.ndarray]) -> dict[str, float]:
     latencies = []
     t0 = time.perf_counter()
     for i, image in enumerate(images):
-        skill, args = WORKLOAD[i % len(WORKLOAD)]
         start = time.perf_counter()
-        with torch.no_grad():
-            enc = m.prefill_image(m.embed_crops([overlap_crops(image, m.cfg.vision)])[0])
-        if skill == "caption":
-            list(simple.caption(m, enc, args["length"], s))
-        elif skill == "query":
-            list(simple.query(m, enc, args["question"], s))
-        else:
-            simple.locate(m, enc, skill, args["object"], s)
+        _single(m, s, image, i)
         latencies.append(time.perf_counter() - start)
     return _summary(len(images), time.perf_counter() - t0, latencies)
+
+
+@torch.no_grad()
+def _single(m, s: skills.Settings, image: np.ndarray, i: int) -> None:
+    """Request `i` of the workload on the single-request path."""
+    skill, args = WORKLOAD[i % len(WORKLOAD)]
+    enc = m.prefill_image(m.embed_crops([overlap_crops(image, m.cfg.vision)])[0])
+    if skill == "caption":
+        list(simple.caption(m, enc, args["length"], s))
+    elif skill == "query":
+        list(simple.query(m, enc, args["question"], s))
+    else:
+        simple.locate(m, enc, skill, args["object"], s)
+
+
+def work(vl: VL, images: list[np.ndarray], sequential_rps: float) -> dict[str, float]:
+    """The workload's arithmetic (the linear layers' products as torch's counter sees them; attention at
+    these lengths is a few percent more) and the rates it bounds if every product ran as fast as one large
+    matmul on this machine: requests/s (so the most `speedup` any batching could give over the measured
+    single-request path), and the follow-up time-to-first-token gain if that time were proportional to work."""
+    m, s = vl.model, skills.resolve_settings(SETTINGS, vl.model.cfg.defaults)
+
+    def flops(fn: Callable[[], Any]) -> float:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            fn()
+        return float(counter.get_total_flops())
+
+    per_request = [flops(lambda i=i, image=image: _single(m, s, image, i)) for i, image in enumerate(images)]
+    enc = m.prefill_image(m.embed_crops([overlap_crops(images[0], m.cfg.vision)])[0])
+    image = flops(lambda: m.prefill_image(m.embed_crops([overlap_crops(images[0], m.cfg.vision)])[0]))
+    followup = flops(lambda: next(simple.query(m, enc, "What color is the star?", s), None))
+    gflops = _matmul_gflops(m)
+    request = statistics.mean(per_request)
+    return {
+        "request_mflop": request / 1e6,
+        "image_mflop": image / 1e6,
+        "followup_first_token_mflop": followup / 1e6,
+        "matmul_gflops": gflops,
+        "rps_bound": gflops * 1e9 / request,
+        "speedup_bound": gflops * 1e9 / request / sequential_rps,
+        "followup_speedup_bound": (image + followup) / followup,
+    }
+
+
+def _matmul_gflops(m, rows: int = 512, reps: int = 50) -> float:
+    """This machine's speed on one large product of the text decoder's MLP shape (prefill-sized)."""
+    a = torch.randn(rows, m.cfg.text.dim, device=m.device, dtype=m.dtype)
+    b = torch.randn(m.cfg.text.dim, m.cfg.text.ff_dim, device=m.device, dtype=m.dtype)
+    for _ in range(5):
+        a @ b
+    _sync(m.device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(m.device)
+    return 2 * rows * m.cfg.text.dim * m.cfg.text.ff_dim * reps / (time.perf_counter() - t0) / 1e9
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def concurrent(vl: VL, images: list[np.ndarray], clients: int) -> dict[str, float]:
@@ -199,6 +253,7 @@ def run(
     fu = followup(vl, _images(8, seed + 999))
     out |= fu
     out["followup_speedup"] = fu["first_ttft_ms"] / fu["followup_ttft_ms"]
+    out["work"] = work(vl, _images(len(WORKLOAD) * 4, seed + 5), out["sequential_rps"])
     if soak_requests:
         out["soak"] = soak(vl, soak_requests, seed + 7)
     out["machine"] = {

@@ -271,3 +271,15 @@ def test_threads_first_touching_the_api_share_one_engine(tiny):
         t.join()
     assert len({id(e) for e in seen}) == 1
     vl.engine.close()
+
+
+def test_bench_work_counts_the_linear_layers(tiny):
+    from moonbase.bench import _images, work
+
+    out = work(VL(tiny), _images(4, 1), sequential_rps=1.0)
+    t = tiny.cfg.text
+    prompt = len(skills.query_prompt(tiny.tokenizer, "What color is the star?").ids)
+    per_token = 2 * t.dim * (t.qkv_dim + t.dim + 2 * t.ff_dim) * t.n_layers
+    assert out["followup_first_token_mflop"] * 1e6 == prompt * per_token + 2 * t.dim * t.vocab_size
+    assert out["image_mflop"] > out["followup_first_token_mflop"] and out["request_mflop"] > out["image_mflop"]
+    assert out["followup_speedup_bound"] == pytest.approx(1 + out["image_mflop"] / out["followup_first_token_mflop"])
