@@ -74,11 +74,22 @@ def length_buckets(lengths: torch.Tensor, ratio: float = 1.25) -> list[torch.Ten
     return [torch.tensor(g) for g in groups]
 
 
-def losses(m: Moondream, b: Batch, label_sigma: float = 0.0, attn_weight: float = 0.0) -> dict[str, torch.Tensor]:
+def losses(
+    m: Moondream, b: Batch, label_sigma: float = 0.0, attn_weight: float = 0.0, probe: torch.nn.Module | None = None
+) -> dict[str, torch.Tensor]:
     """Mean token, coordinate and size losses (and the grounding attention loss when `attn_weight` > 0), plus
-    the token loss of each skill for logging."""
+    the token loss of each skill for logging. `probe` (training only): a linear map from each image token
+    to the kind and colour of the object under it, a dense signal for the vision encoder."""
     dev = m.device
     x = embed_inputs(m, b)
+    probe_loss = None
+    if probe is not None and bool((b.patch_labels[..., 0] != IGNORE).any()):
+        n_kinds = probe.out_features - 9
+        logits = probe(x[:, 1 : 1 + b.patch_labels.shape[1]]).float()
+        labels = b.patch_labels.to(dev)
+        probe_loss = F.cross_entropy(logits[..., :n_kinds].flatten(0, 1), labels[..., 0].flatten()) + F.cross_entropy(
+            logits[..., n_kinds:].flatten(0, 1), labels[..., 1].flatten()
+        )
     lengths = (b.seg >= 0).sum(1)
     hidden_parts: dict[str, list[torch.Tensor]] = {"tok": [], "coord": [], "size": []}
     label_parts: dict[str, list[torch.Tensor]] = {"tok": [], "coord": [], "size": [], "skill": []}
@@ -114,4 +125,7 @@ def losses(m: Moondream, b: Batch, label_sigma: float = 0.0, attn_weight: float 
     if attn_parts:
         out["attn"] = torch.cat(attn_parts).mean()
         out["loss"] = out["loss"] + attn_weight * out["attn"]
+    if probe_loss is not None:
+        out["probe"] = probe_loss
+        out["loss"] = out["loss"] + probe_loss
     return out

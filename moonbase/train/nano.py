@@ -94,6 +94,7 @@ class TrainArgs:
     weight_decay: float = 0.05
     label_sigma: tuple[float, float] = (8.0, 1.5)  # soft bin labels, annealed linearly from first to second
     attn_weight: float = 1.0  # grounding attention supervision
+    probe: bool = False  # a linear probe on the image tokens predicts the kind and colour under each one
     locate_tasks: int = 8  # detect/point tasks per shape scene (8 doubled detect F1 over 4 at equal steps)
     curriculum: float = 0.4  # scenes hold at most 3 shapes at first, rising to 8 over this fraction of training
     seed: int = 0
@@ -159,11 +160,13 @@ def _train(a: TrainArgs) -> Path:
     weights = weights.to(device)
     m = Moondream(cfg, weights, Tokenizer(hf_tok, cfg.tokenizer), name="nano")
     weights.requires_grad_(True)
+    probe = torch.nn.Linear(cfg.text.dim, 1 + 4 + 9).to(device) if a.probe else None
     decay = [p for n, p in weights.named_parameters() if p.dim() >= 2 and "wte" not in n and "pos_emb" not in n]
     no_decay = [p for n, p in weights.named_parameters() if not (p.dim() >= 2 and "wte" not in n and "pos_emb" not in n)]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": a.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=a.lr, betas=(0.9, 0.98)
-    )
+    groups = [{"params": decay, "weight_decay": a.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if probe is not None:
+        groups.append({"params": list(probe.parameters()), "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, lr=a.lr, betas=(0.9, 0.98))
     step = 0
     if state is not None:
         opt.load_state_dict(state["optimizer"])
@@ -180,7 +183,7 @@ def _train(a: TrainArgs) -> Path:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, a)
         sigma = a.label_sigma[0] + (a.label_sigma[1] - a.label_sigma[0]) * min(1.0, step / max(1, a.steps - 1))
-        parts = losses(m, batch, sigma, a.attn_weight)
+        parts = losses(m, batch, sigma, a.attn_weight, probe)
         opt.zero_grad(set_to_none=True)
         parts["loss"].backward()
         torch.nn.utils.clip_grad_norm_(weights.parameters(), 1.0)
