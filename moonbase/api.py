@@ -39,12 +39,16 @@ class VL:
     ):
         self.model, self.max_pixels, self.timeout = model, max_pixels, timeout  # timeout: seconds per request
         self._engine = engine
+        self._engine_lock = threading.Lock()
         self._scopes = threading.local()
 
     @property
     def engine(self) -> Engine:
-        if self._engine is None:  # created on first use: encode_image alone needs no KV pool
-            self._engine = Engine(self.model)
+        """Created on first use (encode_image alone needs no KV pool), once even when many threads ask at once."""
+        if self._engine is None:
+            with self._engine_lock:
+                if self._engine is None:
+                    self._engine = Engine(self.model)
         return self._engine
 
     def encode_image(self, image: ImageInput | EncodedImage, settings: dict[str, Any] | None = None) -> EncodedImage:
@@ -56,7 +60,7 @@ class VL:
         adapter = self._adapter(self._settings(settings))
         crops = self._crops(image)
         with torch.no_grad():
-            encoded = m.prefill_image(m.embed_crops([crops])[0], adapter)
+            encoded = m.prefill_image(m.embed_crops([crops], None if adapter is None else adapter.vision)[0], adapter)
         return EncodedImage(encoded.kv, key=image_key(crops), variant=None if adapter is None else adapter.name)
 
     def _crops(self, image: ImageInput) -> Crops:

@@ -19,6 +19,7 @@ import platform
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,18 +76,27 @@ def sequential(vl: VL, images: list[np.ndarray]) -> dict[str, float]:
 
 
 def concurrent(vl: VL, images: list[np.ndarray], clients: int) -> dict[str, float]:
+    def request(i: int) -> None:
+        skill, args = WORKLOAD[i % len(WORKLOAD)]
+        _run_one(vl, images[i], skill, args)
+
+    return closed_loop(len(images), clients, request)
+
+
+def closed_loop(jobs: int, clients: int, job: Callable[[int], None], requests_per_job: int = 1) -> dict[str, float]:
+    """`clients` threads run jobs 0..jobs-1, each thread its next job when its previous one is done.
+    Latencies are per job; the rate is in requests per second."""
     latencies: list[float] = []
-    lock, jobs = threading.Lock(), iter(range(len(images)))
+    lock, queue = threading.Lock(), iter(range(jobs))
 
     def client() -> None:
         while True:
             with lock:
-                i = next(jobs, None)
+                i = next(queue, None)
             if i is None:
                 return
-            skill, args = WORKLOAD[i % len(WORKLOAD)]
             start = time.perf_counter()
-            _run_one(vl, images[i], skill, args)
+            job(i)
             with lock:
                 latencies.append(time.perf_counter() - start)
 
@@ -96,7 +106,7 @@ def concurrent(vl: VL, images: list[np.ndarray], clients: int) -> dict[str, floa
         t.start()
     for t in threads:
         t.join()
-    return _summary(len(images), time.perf_counter() - t0, latencies)
+    return _summary(jobs * requests_per_job, time.perf_counter() - t0, latencies)
 
 
 def followup(vl: VL, images: list[np.ndarray]) -> dict[str, float]:

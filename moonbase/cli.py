@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MoonbaseError
+from .finetune.cli import DEFAULT_STORE
+from .finetune.cli import add_parser as add_finetune_parser
 
 NOTES = {
     "tiny-random": "note: the default model is a tiny randomly initialized model (the trained nano model has not "
@@ -169,7 +171,12 @@ def cmd_serve(a: argparse.Namespace) -> int:
         max_in_flight=a.max_in_flight,
         timeout_s=a.timeout,
     )
-    serve(vl, vl.model.name, a.host, a.port, cfg)
+    finetunes = None
+    if a.finetunes != "none":
+        from .finetune.registry import Registry
+
+        finetunes = Registry(a.finetunes)
+    serve(vl, vl.model.name, a.host, a.port, cfg, finetunes)
     return 0
 
 
@@ -248,8 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-mb", type=float, default=50.0, help="larger request bodies get 413")
     p.add_argument("--max-in-flight", type=int, default=256, help="more concurrent requests get 429")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request before 504")
+    p.add_argument(
+        "--finetunes", default=DEFAULT_STORE, help=f"finetune registry for /v1/tuning (default {DEFAULT_STORE}; none = off)"
+    )
     _model_args(p)
     p.set_defaults(fn=cmd_serve)
+
+    add_finetune_parser(sub, _model_args)
 
     p = sub.add_parser("eval", help="evaluate a model on a held-out synthetic suite")
     p.add_argument("--suite", default="synthetic", choices=("synthetic",))

@@ -31,3 +31,19 @@ class AdapterNotFoundError(ModelNotFoundError):
 
 class RequestTimeoutError(MoonbaseError, TimeoutError):
     """A request did not finish within its time limit; it was cancelled."""
+
+
+class TuningError(MoonbaseError, ValueError):
+    """Fine-tuning input is invalid (a data file line, a train-step group, a rollout sent back edited)."""
+
+
+class FinetuneNotFoundError(ModelNotFoundError):
+    """No finetune (or no checkpoint at that step) with that id."""
+
+
+class FinetuneConflictError(MoonbaseError):
+    """A finetune with that name exists with another rank."""
+
+
+class IdempotencyKeyReusedError(MoonbaseError):
+    """An idempotency key came back with a different request body."""

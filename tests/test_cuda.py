@@ -45,3 +45,32 @@ def test_decode_graphs_replay_and_match_the_single_request_path():
     eager = _check_batch(model, _images(3), EngineConfig(max_batch=12, kv_memory_mb=64, cuda_graphs=False))
     assert eager.runner.graphs is None
     _check_adapters(model, _images(3))  # steps with adapters run eagerly, next to graph steps of the base
+
+
+def test_graphs_under_concurrent_clients_in_fp32_and_bf16():
+    """The synthetic eval's pattern: a background engine, 16 client threads, fp32 and bf16. Graph capture
+    must succeed here (a failed capture falls back to eager forwards, which this test would not notice)."""
+    from moonbase.api import VL
+    from moonbase.eval.synthetic import evaluate
+    from moonbase.hub import nano
+
+    for dtype in (torch.float32, torch.bfloat16):
+        vl = VL(nano(device="cuda", dtype=dtype))
+        out = evaluate(vl, seed=1, n_scenes=12, n_captcha=2, n_text=2, progress=False)
+        assert out["n_examples"]["images"] == 16
+        assert vl.engine.runner.graphs.graphs and not vl.engine.runner.graphs.failed, dtype
+
+
+def test_a_failed_capture_falls_back_to_eager_forwards(monkeypatch):
+    from moonbase.engine import graphs
+    from moonbase.engine.engine import EngineConfig
+
+    from .test_engine import _check_batch, _images
+
+    def broken(self, *args):
+        raise RuntimeError("capture failed")
+
+    monkeypatch.setattr(graphs.Graph, "__init__", broken)
+    model = tiny_random(seed=0, device="cuda", dtype=torch.float32)
+    engine = _check_batch(model, _images(2), EngineConfig(max_batch=8, kv_memory_mb=64))
+    assert engine.runner.graphs.failed and not engine.runner.graphs.graphs

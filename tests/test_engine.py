@@ -5,6 +5,7 @@ under memory pressure (eviction and preemption)."""
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import numpy as np
 import pytest
@@ -253,3 +254,20 @@ def test_many_requests_leave_nothing_behind(tiny):
     assert engine.cache.evictions > 0
     assert out["rss_end_mb"] - out["rss_after_warmup_mb"] < 50, out
     engine.close()
+
+
+def test_threads_first_touching_the_api_share_one_engine(tiny):
+    vl, start = VL(tiny), threading.Barrier(16)
+    seen = []
+
+    def touch() -> None:
+        start.wait()
+        seen.append(vl.engine)
+
+    threads = [threading.Thread(target=touch) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({id(e) for e in seen}) == 1
+    vl.engine.close()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import threading
 import time
 
 import httpx
@@ -14,14 +13,14 @@ import moondream as md  # the official client: pip install --no-deps moondream==
 import numpy as np
 import pytest
 import torch
-import uvicorn
 from PIL import Image
 
 from moonbase.api import VL
 from moonbase.data.shapes import render_scene
 from moonbase.server.app import create_app
 from moonbase.server.registry import ModelRegistry
-from moonbase.server.run import free_port
+
+from .serving import serving
 
 GREEDY = {"temperature": 0.0, "max_tokens": 10}
 
@@ -29,17 +28,8 @@ GREEDY = {"temperature": 0.0, "max_tokens": 10}
 @pytest.fixture(scope="module")
 def served(tiny):
     vl = VL(tiny)
-    app = create_app(ModelRegistry({"tiny": vl}, "tiny"))
-    port = free_port("127.0.0.1", 21020)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    yield vl, f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serving(create_app(ModelRegistry({"tiny": vl}, "tiny")), 21020) as url:
+        yield vl, url
 
 
 @pytest.fixture(scope="module")
@@ -317,24 +307,14 @@ def test_a_client_that_goes_away_frees_its_sequence(tiny, image):
         return real_step()
 
     vl.engine.step = slow_step
-    app = create_app(ModelRegistry({"tiny": vl}, "tiny"))
-    port = free_port("127.0.0.1", 25020)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    try:
+    with serving(create_app(ModelRegistry({"tiny": vl}, "tiny")), 25020) as url:
         body = {"image_url": _data_url(image), "length": "long", "settings": {"max_tokens": 40, "temperature": 0}}
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"http://127.0.0.1:{port}/v1/caption", json=body, timeout=0.5)
+            httpx.post(f"{url}/v1/caption", json=body, timeout=0.5)
         deadline = time.time() + 1.5  # well before the 4 s the answer would take
         while vl.engine.scheduler.running and time.time() < deadline:
             time.sleep(0.02)
         assert not vl.engine.scheduler.running and not vl.engine.scheduler.waiting
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_model_names_aliases_and_adapters(tiny, image, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -16,14 +17,15 @@ from ..model.lora import Adapter, load_adapter
 
 class AdapterStore:
     """`get(name)`: an adapter registered under that name, or one loaded from `resolve(name)` (by default
-    the name as a path to a variant file or directory). Loaded adapters live on the model's device."""
+    the name as a path to a variant file or directory; a hook may also return the Adapter itself, as the
+    fine-tuning registry does). Loaded adapters live on the model's device."""
 
     def __init__(
         self,
         cfg: TextConfig,
         device: torch.device,
         dtype: torch.dtype,
-        resolve: Callable[[str], Path | None] | None = None,
+        resolve: Callable[[str], Path | Adapter | None] | None = None,
         capacity: int = 8,
     ):
         self.cfg, self.device, self.dtype, self.capacity = cfg, device, dtype, capacity
@@ -44,16 +46,21 @@ class AdapterStore:
             if name in self._loaded:
                 self._loaded.move_to_end(name)
                 return self._loaded[name]
-        path = self.resolve(name)
-        if path is None:
+        found = self.resolve(name)
+        if found is None:
             raise AdapterNotFoundError(f"unknown adapter (variant) {name!r}")
-        adapter = load_adapter(path, self.cfg)
-        adapter = Adapter(name, adapter.layers).to(self.device, self.dtype)
+        adapter = found if isinstance(found, Adapter) else load_adapter(found, self.cfg)
+        adapter = dataclasses.replace(adapter, name=name).to(self.device, self.dtype)
         with self._lock:
             self._loaded[name] = adapter
             while len(self._loaded) > self.capacity:
                 self._loaded.popitem(last=False)
         return adapter
+
+    def forget(self, name: str) -> None:
+        """Drop a loaded adapter (e.g. its checkpoint was deleted), so the next `get` resolves it again."""
+        with self._lock:
+            self._loaded.pop(name, None)
 
 
 def _as_path(name: str) -> Path | None:

@@ -215,7 +215,7 @@ class Engine:
         p = seq.program
         if seq.cancelled and seq.error is None:
             seq.error = CancelledError("request cancelled")
-        result = Result(seq.req.skill, stats=seq.stats.as_dict())
+        result = Result(seq.req.skill, stats=seq.stats.as_dict(), record=seq.record)
         if seq.req.skill == "caption":
             result.run = p.run
         elif seq.req.skill == "query":

@@ -8,6 +8,8 @@ up to the context bucket; padding is inert (see layout.py)."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
@@ -20,6 +22,9 @@ BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 INPUT_BUCKETS = (1, 16, 32, 64, 128)  # plus the image prefix length
 CONTEXT_STEP = 128  # keys are padded to a multiple of this: fewer graphs, a little more attention work
 MAX_TOKENS = 4096  # larger forwards (rows x inputs) run eagerly: they are GPU-bound anyway
+
+log = logging.getLogger(__name__)
+_failed: list[torch.cuda.CUDAGraph] = []  # destroying a graph whose capture failed aborts the process (PyTorch)
 
 
 class Graph:
@@ -37,8 +42,12 @@ class Graph:
                 owner.forward(self.x, self.meta, b, t, s)
         torch.cuda.current_stream(m.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=owner.mempool, capture_error_mode="thread_local"):
-            self.out = owner.forward(self.x, self.meta, b, t, s)
+        try:
+            with torch.cuda.graph(self.graph, pool=owner.mempool, capture_error_mode="thread_local"):
+                self.out = owner.forward(self.x, self.meta, b, t, s)
+        except Exception:
+            _failed.append(self.graph)
+            raise
 
     def replay(self, x: torch.Tensor, meta: np.ndarray) -> torch.Tensor:
         """x (n <= b, t' <= t, D) and a layout packed for (b, t, s); returns (b, t, D), valid until the
@@ -56,19 +65,26 @@ class ForwardGraphs:
         self.inputs = sorted({*INPUT_BUCKETS, m.cfg.prefix_len})
         self.graphs: dict[tuple[int, int, int], Graph] = {}
         self.mempool = torch.cuda.graph_pool_handle()
+        self.failed = False  # a capture failed: every forward runs eagerly from then on
 
     def find(self, b: int, t: int, s: int) -> Graph | None:
         """The graph for `b` rows of at most `t` inputs over at most `s` keys (captured now if new); None
         when the forward is larger than any bucket."""
         rows = next((x for x in self.batches if x >= b), None)
         inputs = next((x for x in self.inputs if x >= t), None)
-        if rows is None or inputs is None or rows * inputs > MAX_TOKENS:
+        if self.failed or rows is None or inputs is None or rows * inputs > MAX_TOKENS:
             return None
         keys = min(-(-s // CONTEXT_STEP) * CONTEXT_STEP, self.m.cfg.text.max_context)
         graph = self.graphs.get((rows, inputs, keys))
         if graph is None:
-            with torch.no_grad():
-                graph = self.graphs[(rows, inputs, keys)] = Graph(self, rows, inputs, keys)
+            try:
+                with torch.no_grad():
+                    graph = self.graphs[(rows, inputs, keys)] = Graph(self, rows, inputs, keys)
+            except Exception:  # serve eagerly rather than fail requests; the log says why
+                log.exception("capturing a CUDA graph for %s failed; text forwards run eagerly from now on", (rows, inputs, keys))
+                self.failed = True
+                torch.cuda.synchronize(self.m.device)
+                return None
         return graph
 
     def forward(self, x: torch.Tensor, meta: torch.Tensor, b: int, t: int, s: int) -> torch.Tensor:

@@ -22,6 +22,7 @@ class Result:
     trace: Any = None  # TextRun: the reasoning trace
     objects: list | None = None  # detect / point
     stats: dict[str, Any] | None = None
+    record: Any = None  # RolloutRecord of a rollout request
 
 
 class Handle:

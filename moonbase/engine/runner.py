@@ -18,6 +18,7 @@ from ..model.text import EncodedImage
 from . import layout
 from .graphs import ForwardGraphs, Graph
 from .kv import KVPool, PagedBatch
+from .rollout import RolloutHeads, embed_images, rollout_heads
 from .sampler import sample
 from .scheduler import NewPrefix, StepPlan
 from .sequence import Feed, Head, Sequence
@@ -58,7 +59,7 @@ class Runner:
                     pool.v[layer][slots] = v[0].transpose(0, 1).to(pool.v[layer].dtype)
         if not fresh:
             return
-        embeddings = m.embed_crops([p.source for p in fresh])  # every new image's crops in one forward
+        embeddings = embed_images(m, [p.source for p in fresh], [p.adapter for p in fresh])  # all crops in one forward
         bos = m.w.text.wte[m.cfg.tokenizer.bos_id]
         x = torch.stack([torch.cat([bos[None], e]) for e in embeddings])
         lora = _lora([p.adapter for p in fresh], m.device)
@@ -142,12 +143,15 @@ class Runner:
         coord_rows = [i for i in range(b) if heads[i] is Head.COORD or (heads[i] is Head.LM and follow[i] is not None)]
         size_rows = [i for i, h in enumerate(heads) if h is Head.SIZE]
         tokens = torch.zeros(b, dtype=torch.long, device=dev)
+        extra = rollout_heads(m, rows)  # None unless a row records a rollout or has its own region head
         if lm:
             logits = text.lm_logits(hidden[_index(lm, b)], w).float()
             for j, i in enumerate(lm):
                 masked = rows[i].program.mask()
                 if masked:
                     logits[j, list(masked)] = float("-inf")
+            if extra is not None:
+                extra.restrict(lm, logits)
             temps = [rows[i].temperature for i in lm]
             hot = any(t > 0 for t in temps)
             on = dev if hot else "cpu"  # all greedy: the sampler only takes the argmax
@@ -158,10 +162,14 @@ class Runner:
                 [rows[i].rng for i in lm],
                 any_hot=hot,
             )
+            if extra is not None:
+                extra.tokens(lm, logits, tokens[lm])
         next_emb = m.w.text.wte[tokens]
         coords = torch.zeros(b, device=dev, dtype=m.dtype)
         if coord_rows:
-            coords[_index(coord_rows, b)] = m.decode_coord(hidden[_index(coord_rows, b)]).to(m.dtype)
+            picked = _index(coord_rows, b)
+            decoded = extra.coords(coord_rows, hidden) if extra is not None else m.decode_coord(hidden[picked])
+            coords[picked] = decoded.to(m.dtype)
             use = torch.zeros(b, dtype=torch.bool, device=dev)
             use[[i for i in coord_rows if heads[i] is Head.COORD or follow[i] == "always"]] = True
             on_token = [i for i in coord_rows if follow[i] == "on_coord_token"]
@@ -171,13 +179,14 @@ class Runner:
         sizes = torch.zeros(b, 2, device=dev, dtype=m.dtype)
         if size_rows:
             picked = _index(size_rows, b)
-            sizes[picked] = m.decode_size(hidden[picked]).to(m.dtype)
+            decoded = extra.sizes(size_rows, hidden) if extra is not None else m.decode_size(hidden[picked])
+            sizes[picked] = decoded.to(m.dtype)
             next_emb[picked] = m.encode_sizes(sizes[picked])
         rooms = [m.cfg.text.max_context - s.length for s in rows]
         for i, seq in enumerate(rows):  # what a pipelined step feeds before the programs have decided
             seq.next_emb = next_emb[i]
         values = torch.cat([tokens.double(), coords.double(), sizes.double().ravel()])  # one copy to the host
-        return HeadOut(rows, heads, follow, rooms, values, next_emb)
+        return HeadOut(rows, heads, follow, rooms, values, next_emb, extra)
 
     def commit(self, out: HeadOut) -> list[Sequence]:
         """Hand the head values to the programs (this is where the host waits for the device). Returns the
@@ -190,15 +199,18 @@ class Runner:
             if seq.finished or seq.cancelled:
                 continue  # it rode along in a step launched before it finished
             program, head = seq.program, out.heads[i]
+            then = None
             try:
                 if head is Head.LM:
-                    if program.on_token(tokens[i], out.rooms[i]) is Head.COORD:
+                    if (then := program.on_token(tokens[i], out.rooms[i])) is Head.COORD:
                         program.on_region(coords[i])
                 else:
                     program.on_region(coords[i] if head is Head.COORD else (sizes[2 * i], sizes[2 * i + 1]))
             except Exception as e:  # a request-level failure (e.g. the context filled up): fail that one
                 seq.error = e
                 continue
+            if out.extra is not None:
+                out.extra.commit(i, seq, head, then)
             if program.feed is None:
                 continue
             seq.history.append(program.feed)
@@ -224,6 +236,7 @@ class HeadOut:
     rooms: list[int]  # context left when the heads ran (a later forward may already have grown it)
     values: torch.Tensor  # float64: B token ids, B coordinates, B (w, h) sizes
     next_emb: torch.Tensor
+    extra: RolloutHeads | None = None  # rollout log-probabilities and bins (engine/rollout.py)
 
 
 def _index(rows: list[int], b: int) -> list[int] | slice:

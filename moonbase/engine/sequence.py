@@ -104,6 +104,7 @@ class RegionProgram:
     def __init__(self, tok: TokenizerConfig, with_size: bool, max_objects: int):
         self.tok, self.with_size, self.max_objects = tok, with_size, max_objects
         self.objects: list[RegionObject] = []
+        self.stop_reason = ""  # "stop" (eos chosen), "max_objects" or "context"
         self.state = "decide"
         self.partial: list[float] = []
         self.done = False
@@ -124,6 +125,7 @@ class RegionProgram:
         self.feed = None
         if len(self.objects) >= self.max_objects or token == self.tok.eos_id or room < steps:
             self.done = True
+            self.stop_reason = "max_objects" if len(self.objects) >= self.max_objects else "context" if room < steps else "stop"
             return None
         return Head.COORD
 
@@ -198,6 +200,7 @@ class Request:
     image_key: Hashable | None = None
     reasoning: bool = False
     adapter: Adapter | None = None
+    rollout: bool = False  # fine-tuning: detect/point sample too, and every sampled action is recorded
 
     @property
     def prefix_key(self) -> Hashable | None:
@@ -205,6 +208,19 @@ class Request:
         if self.image_key is None:
             return None
         return (self.image_key, None if self.adapter is None else self.adapter.name)
+
+
+@dataclass
+class RolloutRecord:
+    """What a rollout sampled, for a trainer to replay: the log-probability of every sampled action in
+    order (tokens, including a stop token; detect/point decisions, x and y bins, (w, h) size bins), and
+    the bins of every coordinate and size fed back (reasoning-trace coordinates are greedy, so they have
+    a bin but no action)."""
+
+    logprobs: list[float] = field(default_factory=list)
+    coord_bins: list[int] = field(default_factory=list)
+    size_bins: list[tuple[int, int]] = field(default_factory=list)
+    finish: str = ""  # detect/point: "stop" (chose to stop), "max_objects" or "context"
 
 
 @dataclass
@@ -253,7 +269,8 @@ class Sequence:
     def __init__(self, seq_id: int, req: Request, tok: TokenizerConfig, device: torch.device):
         self.id, self.req = seq_id, req
         self.program = make_program(req, tok)
-        greedy = req.skill in ("detect", "point")
+        greedy = req.skill in ("detect", "point") and not req.rollout
+        self.record = RolloutRecord() if req.rollout else None
         self.temperature = 0.0 if greedy else req.settings.temperature
         self.top_p = 1.0 if greedy else req.settings.top_p
         self.rng = None

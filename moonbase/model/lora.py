@@ -8,10 +8,12 @@ fc2 reads the post-GELU activation.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..config import TextConfig
 from ..errors import CheckpointError
@@ -28,10 +30,13 @@ _RAW_RENAMES = (  # Phi-style names in raw variant files -> ours (spec §7)
 
 @dataclass(frozen=True)
 class Adapter:
-    """Per layer and target, A (r, in) and B (out, r)."""
+    """Per layer and target, A (r, in) and B (out, r). A fine-tune may also bring its own region head
+    and vision encoder (weight trees shaped like the model's `region` / `vision`); None = the model's."""
 
     name: str
     layers: tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], ...]
+    region: nn.Module | None = None
+    vision: nn.Module | None = None
 
     @property
     def rank(self) -> int:
@@ -39,7 +44,15 @@ class Adapter:
 
     def to(self, device: torch.device, dtype: torch.dtype) -> Adapter:
         layers = tuple({t: (a.to(device, dtype), b.to(device, dtype)) for t, (a, b) in layer.items()} for layer in self.layers)
-        return Adapter(self.name, layers)
+        return Adapter(self.name, layers, _moved(self.region, device, dtype), _moved(self.vision, device, dtype))
+
+
+def _moved(w: nn.Module | None, device: torch.device, dtype: torch.dtype) -> nn.Module | None:
+    """A copy on (device, dtype), or `w` itself when it is already there (`Module.to` works in place)."""
+    if w is None:
+        return None
+    p = next(w.parameters())
+    return w if (p.device, p.dtype) == (torch.device(device), dtype) else copy.deepcopy(w).to(device, dtype)
 
 
 def target_shapes(cfg: TextConfig) -> dict[str, tuple[int, int]]:

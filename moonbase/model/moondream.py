@@ -34,20 +34,22 @@ class Moondream:
         self.rope = rope_table(cfg.text.rotary_dim, cfg.text.max_context, cfg.text.rope_theta, self.device)
 
     # --- vision -------------------------------------------------------------------------------------
-    def embed_crops(self, crops: Sequence[Crops]) -> list[torch.Tensor]:
+    def embed_crops(self, crops: Sequence[Crops], vision_w: nn.Module | None = None) -> list[torch.Tensor]:
         """Image embeddings (P, D) for several images; all their crops go through the encoder as one batch.
+        `vision_w`: other vision weights (a fine-tune's), default the model's.
 
         A 1x1 tiling's local crop is the global crop resized to the same size, i.e. the same pixels; it is
         encoded once."""
+        w = self.w.vision if vision_w is None else vision_w
         unique = [c.pixels[:1] if c.tiling == (1, 1) and np.array_equal(c.pixels[0], c.pixels[1]) else c.pixels for c in crops]
         pixels = torch.cat([normalize(p, self.device, self.dtype) for p in unique])
-        feats = vision.encode_crops(pixels, self.w.vision, self.cfg.vision)
+        feats = vision.encode_crops(pixels, w, self.cfg.vision)
         out, i = [], 0
         for c, p in zip(crops, unique, strict=True):
             f = feats[i : i + len(p)]
             if len(p) < len(c.pixels):
                 f = f.expand(len(c.pixels), -1, -1)
-            out.append(vision.image_embeddings(f, c.tiling, self.w.vision, self.cfg.vision))
+            out.append(vision.image_embeddings(f, c.tiling, w, self.cfg.vision))
             i += len(p)
         return out
 

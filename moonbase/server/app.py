@@ -17,10 +17,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..errors import AdapterNotFoundError, ImageError, ModelNotFoundError, MoonbaseError, RequestTimeoutError, SettingsError
+from ..finetune.registry import Registry
 from ..image import DEFAULT_MAX_PIXELS
 from .cancel import ClientGone, cancellable
 from .chat import add_chat_route
-from .gate import Gate, error_response
+from .gate import Gate, error_response, errors_as_json
 from .images import decode_image_url
 from .ops import add_ops_routes
 from .registry import ModelRegistry
@@ -38,8 +39,10 @@ class ServerConfig:
     timeout_s: float | None = 600.0  # per request, then 504 (and the engine frees it)
 
 
-def create_app(registry: ModelRegistry, cfg: ServerConfig = ServerConfig()) -> Gate:
-    """The ASGI application: the FastAPI routes behind the Gate (auth, body limit, admission, counters)."""
+def create_app(registry: ModelRegistry, cfg: ServerConfig = ServerConfig(), finetunes: Registry | None = None) -> Gate:
+    """The ASGI application: the FastAPI routes behind the Gate (auth, body limit, admission, counters).
+    With a finetune registry, the tuning API (/v1/tuning) trains adapters of the default model, and
+    `model="<base>/<finetune_id>@<step>"` serves its checkpoints."""
     app = FastAPI(title="moonbase", description="Moondream vision-language models, served locally.")
     gate = Gate(app, cfg.api_key, int(cfg.max_body_mb * 2**20), cfg.max_in_flight)
     add_ops_routes(app, registry, gate)
@@ -52,21 +55,18 @@ def create_app(registry: ModelRegistry, cfg: ServerConfig = ServerConfig()) -> G
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         return error_response(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", "invalid_request_error")
 
-    @app.exception_handler(ModelNotFoundError)
-    def _not_found(_: Request, exc: ModelNotFoundError) -> JSONResponse:
-        return error_response(404, str(exc), "not_found_error")
-
-    @app.exception_handler(RequestTimeoutError)
-    def _timeout(_: Request, exc: RequestTimeoutError) -> JSONResponse:
-        return error_response(504, str(exc), "timeout_error")
+    errors_as_json(
+        app,
+        {
+            MoonbaseError: (400, "invalid_request_error"),
+            ModelNotFoundError: (404, "not_found_error"),  # the most specific registered class wins
+            RequestTimeoutError: (504, "timeout_error"),
+        },
+    )
 
     @app.exception_handler(ClientGone)
     def _gone(_: Request, exc: ClientGone) -> JSONResponse:
         return error_response(499, "the client closed the connection; the request was cancelled", "client_closed_request")
-
-    @app.exception_handler(MoonbaseError)
-    def _bad(_: Request, exc: MoonbaseError) -> JSONResponse:
-        return error_response(400, str(exc), "invalid_request_error")
 
     def image_of(url: str | None):
         return None if url is None else decode_image_url(url, cfg.max_pixels, cfg.allow_remote_images, cfg.allow_file_images)
@@ -76,6 +76,12 @@ def create_app(registry: ModelRegistry, cfg: ServerConfig = ServerConfig()) -> G
         return s | {"variant": adapter} if adapter else s
 
     add_chat_route(app, registry, image_of)
+    if finetunes is not None:
+        from ..finetune.service import TuningService
+        from .tuning import add_tuning_routes
+
+        base = registry.models[registry.default]
+        add_tuning_routes(app, TuningService(base, finetunes, registry.default, image_of))
 
     @app.get("/health")
     def health() -> dict[str, Any]:

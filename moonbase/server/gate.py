@@ -9,6 +9,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from typing import Any
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -94,6 +95,19 @@ class _TooLarge(Exception):
 def error_response(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> JSONResponse:
     """The one error body of every route and of the gate: `{"error": {"message", "type", "code"}}`."""
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status, headers=headers)
+
+
+def errors_as_json(app: Any, table: dict[type[Exception], tuple[int, str]]) -> None:
+    """Each exception type answers with its status and error type; the message is the exception's text."""
+    for exc_type, (status, kind) in table.items():
+        app.add_exception_handler(exc_type, _answer(status, kind))
+
+
+def _answer(status: int, kind: str) -> Any:
+    def handle(_: Any, exc: Exception) -> JSONResponse:
+        return error_response(status, str(exc), kind)
+
+    return handle
 
 
 async def _error(send: Send, status: int, message: str, kind: str, extra: dict[str, str] | None = None) -> None:

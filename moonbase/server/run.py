@@ -29,11 +29,13 @@ def free_port(host: str, start: int, tries: int = 50) -> int:
     raise OSError(f"no free port in {start}..{start + tries - 1}")
 
 
-def serve(vl: VL, name: str, host: str = "127.0.0.1", port: int | None = None, cfg: ServerConfig = ServerConfig()) -> None:
+def serve(
+    vl: VL, name: str, host: str = "127.0.0.1", port: int | None = None, cfg: ServerConfig = ServerConfig(), finetunes=None
+) -> None:
     chosen = port if port is not None else free_port(host, DEFAULT_PORT)
     if port is None and chosen != DEFAULT_PORT:
         print(f"port {DEFAULT_PORT} is busy; using {chosen}", file=sys.stderr)
-    app = create_app(ModelRegistry({name: vl}, name), cfg)
+    app = create_app(ModelRegistry({name: vl}, name), cfg, finetunes)
     print(f"moonbase serving {name} on http://{host}:{chosen}/v1", file=sys.stderr)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s access %(message)s"))

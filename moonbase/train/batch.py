@@ -51,17 +51,18 @@ class Segment:
         return len(self.ids)
 
 
-def render_task(task: Task, tokenizer: Tokenizer, cfg: ModelConfig) -> Segment:
+def render_task(task: Task, tokenizer: Tokenizer, cfg: ModelConfig, prompt: skills.Prompt | None = None) -> Segment:
+    """A task as one segment. `prompt` overrides the skill's default prompt (e.g. one with spatial refs)."""
     tok, rc = cfg.tokenizer, cfg.region
     seg = Segment()
     if task.skill in ("caption", "query"):
-        if task.skill == "caption":
+        if prompt is None and task.skill == "caption":
             prompt = skills.caption_prompt(tok, task.arg)
-        else:
+        elif prompt is None:
             prompt = skills.query_prompt(tokenizer, task.arg)
         target = tokenizer.encode(task.answer) + [tok.eos_id]
     else:
-        prompt = skills.object_prompt(tokenizer, task.skill, task.arg)
+        prompt = prompt or skills.object_prompt(tokenizer, task.skill, task.arg)
         target = []
     coords, sizes = iter(prompt.coords), iter(prompt.sizes)
     for t in prompt.ids:
@@ -112,11 +113,19 @@ SKILLS = ("caption", "query", "detect", "point")
 
 
 def make_batch(examples: list[Example], tokenizer: Tokenizer, cfg: ModelConfig, max_len: int | None = None) -> Batch:
+    rows = [[(SKILLS.index(t.skill), render_task(t, tokenizer, cfg)) for t in ex.tasks] for ex in examples]
+    b = pack_rows([ex.image for ex in examples], rows, cfg, max_len)
+    for i, ex in enumerate(examples):
+        if ex.regions:  # scenes with every object known: dense labels for the image tokens
+            b.patch_labels[i] = 0
+            for kind, color, box in ex.regions:
+                b.patch_labels[i, box_tokens(box, cfg.vision.grid, 0.5)] = torch.tensor([kind + 1, color + 1])
+    return b
+
+
+def pack_rows(images: list, rows: list[list[tuple[int, Segment]]], cfg: ModelConfig, max_len: int | None = None) -> Batch:
+    """One row per image (HxWx3 uint8): the image prefix, then that row's (skill index, segment) pairs."""
     prefix = cfg.prefix_len
-    rows = []
-    for ex in examples:
-        segments = [(SKILLS.index(t.skill), render_task(t, tokenizer, cfg)) for t in ex.tasks]
-        rows.append(segments)
     t_max = max(prefix + sum(len(s) for _, s in segs) for segs in rows)
     limit = max_len or cfg.text.max_context
     if t_max > limit:
@@ -124,7 +133,7 @@ def make_batch(examples: list[Example], tokenizer: Tokenizer, cfg: ModelConfig, 
     r = len(rows)
     nan = float("nan")
     b = Batch(
-        crops=[overlap_crops(ex.image, cfg.vision) for ex in examples],
+        crops=[overlap_crops(image, cfg.vision) for image in images],
         ids=torch.zeros(r, t_max, dtype=torch.long),
         pos=torch.zeros(r, t_max, dtype=torch.long),
         seg=torch.full((r, t_max), -1, dtype=torch.long),
@@ -137,11 +146,6 @@ def make_batch(examples: list[Example], tokenizer: Tokenizer, cfg: ModelConfig, 
         attend=torch.zeros(r, t_max, cfg.vision.n_patches, dtype=torch.bool),
         patch_labels=torch.full((r, cfg.vision.n_patches, 2), IGNORE, dtype=torch.long),
     )
-    for i, ex in enumerate(examples):
-        if ex.regions:  # scenes with every object known: dense labels for the image tokens
-            b.patch_labels[i] = 0
-            for kind, color, box in ex.regions:
-                b.patch_labels[i, box_tokens(box, cfg.vision.grid, 0.5)] = torch.tensor([kind + 1, color + 1])
     for i, segs in enumerate(rows):
         b.ids[i, 0] = cfg.tokenizer.bos_id
         b.pos[i, :prefix] = torch.arange(prefix)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model import region
+from ..model.lora import Adapter, LoraBatch
 from ..model.moondream import Moondream
 from ..model.text import decoder, lm_logits
 from .batch import IGNORE, SKILLS, Batch, segment_mask
@@ -75,11 +76,17 @@ def length_buckets(lengths: torch.Tensor, ratio: float = 1.25) -> list[torch.Ten
 
 
 def losses(
-    m: Moondream, b: Batch, label_sigma: float = 0.0, attn_weight: float = 0.0, probe: torch.nn.Module | None = None
+    m: Moondream,
+    b: Batch,
+    label_sigma: float = 0.0,
+    attn_weight: float = 0.0,
+    adapter: Adapter | None = None,
+    probe: torch.nn.Module | None = None,
 ) -> dict[str, torch.Tensor]:
     """Mean token, coordinate and size losses (and the grounding attention loss when `attn_weight` > 0), plus
-    the token loss of each skill for logging. `probe` (training only): a linear map from each image token
-    to the kind and colour of the object under it, a dense signal for the vision encoder."""
+    the token loss of each skill for logging. `adapter`: a LoRA on the text decoder (fine-tuning). `probe`
+    (training only): a linear map from each image token to the kind and colour of the object under it, a
+    dense signal for the vision encoder."""
     dev = m.device
     x = embed_inputs(m, b)
     probe_loss = None
@@ -99,7 +106,8 @@ def losses(
         seg, pos = b.seg[rows, :t].to(dev), b.pos[rows, :t].to(dev)
         mask = segment_mask(seg)
         taps: list | None = [] if attn_weight > 0 else None
-        hidden = decoder(x[rows.to(dev), :t], m.w.text, m.cfg.text, m.rope, pos, mask, taps=taps)
+        lora = LoraBatch.single(adapter, len(rows), dev)
+        hidden = decoder(x[rows.to(dev), :t], m.w.text, m.cfg.text, m.rope, pos, mask, taps=taps, lora=lora)
         if taps:
             attn_parts += attention_loss(taps, b.attend[rows, :t].to(dev), mask)
         for key, labels in (("tok", b.token_label), ("coord", b.coord_label), ("size", b.size_label)):
@@ -129,3 +137,23 @@ def losses(
         out["probe"] = probe_loss
         out["loss"] = out["loss"] + probe_loss
     return out
+
+
+def hidden_at(m: Moondream, b: Batch, select: torch.Tensor, adapter: Adapter | None = None) -> torch.Tensor:
+    """Pre-`post_ln` hidden states (N, D) at the selected (row, position) pairs of `select` (R, T), in
+    row-major order: the positions whose outputs a caller reads (e.g. every action of a rollout)."""
+    dev = m.device
+    x = embed_inputs(m, b)
+    lengths = (b.seg >= 0).sum(1)
+    parts, order = [], []
+    for rows in length_buckets(lengths):
+        t = int(lengths[rows].max())
+        seg, pos = b.seg[rows, :t].to(dev), b.pos[rows, :t].to(dev)
+        lora = LoraBatch.single(adapter, len(rows), dev)
+        hidden = decoder(x[rows.to(dev), :t], m.w.text, m.cfg.text, m.rope, pos, segment_mask(seg), lora=lora)
+        sel = select[rows, :t]
+        parts.append(hidden[sel.to(dev)])
+        flat = rows[:, None] * select.shape[1] + torch.arange(t)[None]  # row-major index of each position
+        order.append(flat[sel])
+    h, keys = torch.cat(parts), torch.cat(order)
+    return h[keys.argsort().to(dev)]

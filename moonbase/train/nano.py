@@ -183,7 +183,7 @@ def _train(a: TrainArgs) -> Path:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, a)
         sigma = a.label_sigma[0] + (a.label_sigma[1] - a.label_sigma[0]) * min(1.0, step / max(1, a.steps - 1))
-        parts = losses(m, batch, sigma, a.attn_weight, probe)
+        parts = losses(m, batch, sigma, a.attn_weight, probe=probe)
         opt.zero_grad(set_to_none=True)
         parts["loss"].backward()
         torch.nn.utils.clip_grad_norm_(weights.parameters(), 1.0)

@@ -1,0 +1,137 @@
+"""`moonbase finetune ...`: SFT and RL from a JSONL file, export to PEFT, import from PEFT, list.
+
+moonbase finetune sft data.jsonl --name captchas --rank 16 --steps 500
+moonbase finetune rl data.jsonl --reward mymodule:score --rollouts 8 --steps 100
+moonbase finetune export 01J...@500 --peft out/adapter
+moonbase finetune import out/adapter --name imported
+
+Training runs in this process through the same service the HTTP tuning API uses, into the same registry
+(`--store`, default ~/.cache/moonbase/finetunes; `serve --finetunes` serves it). Before and after
+training the held-out split is evaluated greedily (query: exact match; detect: (F1 + mean IoU) / 2; point:
+F1 of points in boxes; or the --reward function); the final checkpoint is saved and its model string
+printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_STORE = "~/.cache/moonbase/finetunes"
+
+
+def add_parser(sub, model_args) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a LoRA adapter (SFT or RL), export / import PEFT adapters")
+    fsub = p.add_subparsers(dest="finetune_command", required=True)
+    for mode in ("sft", "rl"):
+        q = fsub.add_parser(mode, help=f"{'supervised' if mode == 'sft' else 'reinforcement (GRPO)'} fine-tuning from JSONL")
+        q.add_argument("data", help="JSONL file (see docs/finetuning.md for the row format)")
+        q.add_argument("--name", default=None, help="finetune name (default: the data file's stem); an existing one resumes")
+        q.add_argument("--rank", type=int, default=16, choices=(8, 16, 24, 32))
+        q.add_argument("--steps", type=int, default=None, help="train steps (default: one epoch)")
+        q.add_argument("--batch", type=int, default=8, help="examples (groups) per step")
+        q.add_argument("--lr", type=float, default=2e-3 if mode == "sft" else 1e-3)
+        q.add_argument("--held-out", type=float, default=0.1, help="fraction (< 1) or count of examples held out for eval")
+        q.add_argument("--targets", default="qkv,proj,fc1,fc2", help="LoRA targets (qkv,fc1,fc2 export exactly to PEFT)")
+        q.add_argument("--train-region", action="store_true", help="also train the region decoders (detect/point)")
+        q.add_argument("--train-vision", action="store_true", help="also train the vision encoder")
+        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--store", default=DEFAULT_STORE)
+        if mode == "rl":
+            q.add_argument(
+                "--reward", default=None, help="module:function scoring fn(row, output) -> float (default: ground truth)"
+            )
+            q.add_argument("--rollouts", type=int, default=8, help="rollouts per example")
+            q.add_argument("--temperature", type=float, default=1.0)
+            q.add_argument("--kl", type=float, default=0.0, help="KL-to-base coefficient")
+        model_args(q)
+        q.set_defaults(fn=cmd_train, mode=mode)
+    q = fsub.add_parser("export", help="write a checkpoint as a PEFT adapter directory")
+    q.add_argument("checkpoint", help="FINETUNE_ID@STEP (or FINETUNE_ID for its latest checkpoint)")
+    q.add_argument("--peft", required=True, metavar="DIR")
+    q.add_argument("--store", default=DEFAULT_STORE)
+    q.set_defaults(fn=cmd_export)
+    q = fsub.add_parser("import", help="import a PEFT LoRA adapter as a finetune (checkpoint at step 0)")
+    q.add_argument("directory")
+    q.add_argument("--name", required=True)
+    q.add_argument("--store", default=DEFAULT_STORE)
+    model_args(q)
+    q.set_defaults(fn=cmd_import)
+    q = fsub.add_parser("list", help="finetunes and their checkpoints")
+    q.add_argument("--store", default=DEFAULT_STORE)
+    q.set_defaults(fn=cmd_list)
+
+
+def _service(a: argparse.Namespace):
+    from .. import vl as make_vl
+    from .registry import Registry
+    from .service import TuningService
+
+    model = make_vl(a.model, a.device, a.dtype)
+    return TuningService(model, Registry(a.store), model.model.name)
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from .data import load_jsonl
+    from .rewards import load_reward
+    from .run import RunConfig, fine_tune
+
+    examples = load_jsonl(a.data)
+    reward = load_reward(a.reward) if getattr(a, "reward", None) else None
+    options = {"targets": a.targets.split(","), "train_region": a.train_region, "train_vision": a.train_vision}
+    cfg = RunConfig(a.mode, a.rank, a.steps, a.batch, a.lr, a.held_out, options=tuple(options.items()), seed=a.seed)
+    if a.mode == "rl":
+        cfg = dataclasses.replace(cfg, rollouts=a.rollouts, temperature=a.temperature, kl_coef=a.kl)
+    print(json.dumps(fine_tune(_service(a), a.name or Path(a.data).stem, examples, cfg, reward)))
+    return 0
+
+
+def _checkpoint(svc_store, ref: str) -> tuple[str, int]:
+    from ..errors import FinetuneNotFoundError
+    from .steps import int_of
+
+    fid, _, step = ref.partition("@")
+    if step:
+        return fid, int_of(step, "step")
+    saved = svc_store.checkpoints(fid)
+    if not saved:
+        raise FinetuneNotFoundError(f"finetune {fid} has no checkpoints")
+    return fid, saved[-1]["step"]
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from .lora import LoraConfig, export_peft
+    from .registry import Registry
+
+    store = Registry(a.store)
+    fid, step = _checkpoint(store, a.checkpoint)
+    state = store.load_checkpoint(fid, step)
+    cfg = LoraConfig.from_dict(state["lora_config"])
+    if cfg.train_region or cfg.train_vision:
+        print("note: PEFT holds only the text LoRA; the trained region/vision weights stay in the checkpoint", file=sys.stderr)
+    path = export_peft(state["lora_state_dict"], cfg, Path(a.peft), state.get("base_model", "moondream"))
+    print(json.dumps({"checkpoint": f"{fid}@{step}", "peft": str(path)}))
+    return 0
+
+
+def cmd_import(a: argparse.Namespace) -> int:
+    from .lora import import_peft
+
+    state, cfg = import_peft(Path(a.directory))
+    svc = _service(a)
+    fid = svc.import_adapter(a.name, state, cfg)
+    print(json.dumps({"finetune_id": fid, "model": f"{svc.base_name}/{fid}@0"}))
+    return 0
+
+
+def cmd_list(a: argparse.Namespace) -> int:
+    from .registry import Registry
+
+    store = Registry(a.store)
+    for info in store.list():
+        steps = [c["step"] for c in store.checkpoints(info.finetune_id)]
+        print(f"{info.finetune_id}  {info.name:<24} rank {info.rank:<3} base {info.base_model:<12} checkpoints {steps}")
+    return 0

@@ -1,0 +1,234 @@
+"""Finetunes on disk. Every file is written atomically (temporary file, fsync, rename, fsync of the
+directory: `moonbase/atomic.py`), so a crash at any moment leaves each file either old or new, never torn.
+
+    ROOT/<finetune_id>/meta.json               id (ULID), name, rank, base model, LoRA options, times, deleted
+                       state.pt                trainer state after the last applied step (adapter, optimizer,
+                                               step, recent idempotency keys with their responses)
+                       checkpoints/<step>.pt   the adapter at that step (variant layout, `lora_state_dict`)
+                       checkpoints/<step>.json its CheckpointInfo, written after the .pt: a checkpoint exists
+                                               once its .json does, so a crash between the two leaves an
+                                               orphan .pt that is ignored (and overwritten by the next save)
+                       metrics.json            {step: {name: value}}, user metrics and every applied step's
+
+Deleting keeps meta.json as a tombstone (a repeated DELETE is still 200) and removes the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..atomic import atomic_path
+from ..errors import FinetuneConflictError, FinetuneNotFoundError, TuningError
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+crash_at: str | None = None  # tests: SIGKILL this process at the named write point (see `_point`)
+
+
+_last_ulid = [0]  # monotonic within a process: ids created in the same millisecond still sort by creation
+_ulid_lock = threading.Lock()
+
+
+def new_ulid(now_ms: int | None = None) -> str:
+    """26 characters of Crockford base32: 48 bits of milliseconds, then 80 random bits (sortable by time)."""
+    value = ((now_ms if now_ms is not None else int(time.time() * 1000)) << 80) | secrets.randbits(80)
+    with _ulid_lock:
+        if value <= _last_ulid[0]:
+            value = _last_ulid[0] + 1
+        _last_ulid[0] = value
+    return "".join(_CROCKFORD[(value >> (5 * i)) & 31] for i in reversed(range(26)))
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _point(name: str) -> None:
+    """A named moment between writes; a test sets `crash_at` to kill the process exactly there."""
+    if crash_at == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class FinetuneInfo:
+    finetune_id: str
+    name: str
+    rank: int
+    base_model: str
+    lora: dict[str, Any]
+    created_at_ms: int
+    updated_at_ms: int
+    deleted: bool = False
+
+    def public(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("finetune_id", "name", "rank", "created_at_ms", "updated_at_ms")} | {
+            "base_model": self.base_model
+        }
+
+
+def checkpoint_id(finetune_id: str, step: int) -> str:
+    return f"{finetune_id}@{step}"
+
+
+class Registry:
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()  # create/delete: names are unique among live finetunes
+
+    # --- finetunes ----------------------------------------------------------------------------------
+
+    def _dir(self, fid: str) -> Path:
+        if not fid or len(fid) != 26 or any(c not in _CROCKFORD for c in fid):
+            raise FinetuneNotFoundError(f"no finetune {fid!r}")
+        return self.root / fid
+
+    def _write_json(self, path: Path, value: Any) -> None:
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(value, indent=1))
+
+    def _read(self, fid: str) -> FinetuneInfo:
+        path = self._dir(fid) / "meta.json"
+        if not path.is_file():
+            raise FinetuneNotFoundError(f"no finetune {fid!r}")
+        return FinetuneInfo(**json.loads(path.read_text()))
+
+    def get(self, fid: str, deleted_ok: bool = False) -> FinetuneInfo:
+        info = self._read(fid)
+        if info.deleted and not deleted_ok:
+            raise FinetuneNotFoundError(f"finetune {fid!r} was deleted")
+        return info
+
+    def list(self) -> list[FinetuneInfo]:
+        """Live finetunes, oldest first (ULIDs sort by creation time)."""
+        out = []
+        for d in sorted(self.root.iterdir()):
+            if (d / "meta.json").is_file():
+                info = FinetuneInfo(**json.loads((d / "meta.json").read_text()))
+                if not info.deleted:
+                    out.append(info)
+        return out
+
+    def create(self, name: str, rank: int, base_model: str, lora: dict[str, Any]) -> tuple[FinetuneInfo, bool]:
+        """(info, created). The same name and rank returns the existing finetune; another rank is a conflict."""
+        with self._lock:
+            for info in self.list():
+                if info.name == name:
+                    if info.rank != rank:
+                        raise FinetuneConflictError(f"finetune {name!r} exists with rank {info.rank}, not {rank}")
+                    return info, False
+            t = now_ms()
+            info = FinetuneInfo(new_ulid(t), name, rank, base_model, lora, t, t)
+            d = self.root / info.finetune_id
+            (d / "checkpoints").mkdir(parents=True)
+            self._write_json(d / "meta.json", asdict(info))
+            return info, True
+
+    def touch(self, info: FinetuneInfo) -> None:
+        info.updated_at_ms = now_ms()
+        self._write_json(self._dir(info.finetune_id) / "meta.json", asdict(info))
+
+    def delete(self, fid: str) -> None:
+        """Tombstone the finetune (meta.json stays, `deleted`), then remove its state and checkpoints."""
+        with self._lock:
+            info = self.get(fid, deleted_ok=True)
+            if not info.deleted:
+                info.deleted = True
+                self.touch(info)
+            d = self._dir(fid)
+            shutil.rmtree(d / "checkpoints", ignore_errors=True)
+            for name in ("state.pt", "metrics.json"):
+                (d / name).unlink(missing_ok=True)
+
+    # --- training state -----------------------------------------------------------------------------
+
+    def load_state(self, fid: str) -> dict[str, Any] | None:
+        path = self._dir(fid) / "state.pt"
+        return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+
+    def save_state(self, fid: str, state: dict[str, Any]) -> None:
+        with atomic_path(self._dir(fid) / "state.pt") as tmp:
+            torch.save(state, tmp)
+            _point("state:written")
+
+    # --- checkpoints --------------------------------------------------------------------------------
+
+    def _ckpt(self, fid: str, step: int, suffix: str) -> Path:
+        return self._dir(fid) / "checkpoints" / f"{step:09d}.{suffix}"
+
+    def save_checkpoint(self, fid: str, step: int, payload: dict[str, Any]) -> dict[str, Any]:
+        """The checkpoint at `step`; an existing one is returned as is (saving is keyed by step)."""
+        info = self.get(fid)
+        existing = self._ckpt(fid, step, "json")
+        if existing.is_file():
+            record = json.loads(existing.read_text())
+            if not record.get("deleted"):
+                return record
+        with atomic_path(self._ckpt(fid, step, "pt")) as tmp:
+            torch.save(payload | {"finetune_id": fid, "base_model": info.base_model}, tmp)
+            _point("checkpoint:tensors-written")
+        _point("checkpoint:between-files")
+        t = now_ms()
+        record = {"checkpoint_id": checkpoint_id(fid, step), "finetune_id": fid, "step": step, "expires_at_ms": None}
+        record |= {"created_at_ms": t, "updated_at_ms": t}
+        self._write_json(existing, record)
+        return record
+
+    def checkpoints(self, fid: str) -> list[dict[str, Any]]:
+        """Saved checkpoints, by step."""
+        self.get(fid)
+        out = []
+        for path in sorted((self._dir(fid) / "checkpoints").glob("*.json")):
+            record = json.loads(path.read_text())
+            if not record.get("deleted") and path.with_suffix(".pt").is_file():
+                out.append(record)
+        return out
+
+    def checkpoint_path(self, fid: str, step: int) -> Path:
+        self.get(fid)
+        meta, path = self._ckpt(fid, step, "json"), self._ckpt(fid, step, "pt")
+        if not meta.is_file() or json.loads(meta.read_text()).get("deleted") or not path.is_file():
+            raise FinetuneNotFoundError(f"finetune {fid} has no checkpoint at step {step}")
+        return path
+
+    def load_checkpoint(self, fid: str, step: int) -> dict[str, Any]:
+        return torch.load(self.checkpoint_path(fid, step), map_location="cpu", weights_only=True)
+
+    def delete_checkpoint(self, fid: str, step: int) -> None:
+        """Tombstone then remove; deleting a deleted checkpoint is fine, one never saved is not found."""
+        self.get(fid)
+        meta = self._ckpt(fid, step, "json")
+        if not meta.is_file():
+            raise FinetuneNotFoundError(f"finetune {fid} has no checkpoint at step {step}")
+        record = json.loads(meta.read_text())
+        if not record.get("deleted"):
+            self._write_json(meta, record | {"deleted": True, "updated_at_ms": now_ms()})
+        self._ckpt(fid, step, "pt").unlink(missing_ok=True)
+
+    # --- metrics ------------------------------------------------------------------------------------
+
+    def metrics(self, fid: str) -> dict[str, dict[str, float]]:
+        path = self._dir(fid) / "metrics.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def log_metrics(self, fid: str, step: int, values: dict[str, Any]) -> int:
+        """Upsert by (step, name); returns how many were logged."""
+        self.get(fid)
+        for k, v in values.items():
+            if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float, type(None))):
+                raise TuningError(f"metric {k!r} must be a number, got {v!r}")
+        with self._lock:
+            table = self.metrics(fid)
+            table.setdefault(str(step), {}).update(values)
+            self._write_json(self._dir(fid) / "metrics.json", table)
+        return len(values)
