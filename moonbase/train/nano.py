@@ -94,7 +94,7 @@ class TrainArgs:
     weight_decay: float = 0.05
     label_sigma: tuple[float, float] = (8.0, 1.5)  # soft bin labels, annealed linearly from first to second
     attn_weight: float = 1.0  # grounding attention supervision
-    probe: bool = False  # a linear probe on the image tokens predicts the kind and colour under each one
+    probe: bool = True  # a linear probe on the image tokens predicts the kind and colour under each one (training only)
     locate_tasks: int = 8  # detect/point tasks per shape scene (8 doubled detect F1 over 4 at equal steps)
     curriculum: float = 0.4  # scenes hold at most 3 shapes at first, rising to 8 over this fraction of training
     seed: int = 0
@@ -161,6 +161,8 @@ def _train(a: TrainArgs) -> Path:
     m = Moondream(cfg, weights, Tokenizer(hf_tok, cfg.tokenizer), name="nano")
     weights.requires_grad_(True)
     probe = torch.nn.Linear(cfg.text.dim, 1 + 4 + 9).to(device) if a.probe else None
+    if probe is not None and state is not None and "probe" in state:
+        probe.load_state_dict(state["probe"])
     decay = [p for n, p in weights.named_parameters() if p.dim() >= 2 and "wte" not in n and "pos_emb" not in n]
     no_decay = [p for n, p in weights.named_parameters() if not (p.dim() >= 2 and "wte" not in n and "pos_emb" not in n)]
     groups = [{"params": decay, "weight_decay": a.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -203,7 +205,7 @@ def _train(a: TrainArgs) -> Path:
         bar.update(1)
         done = step == a.steps or (a.max_minutes is not None and elapsed > 60 * a.max_minutes)
         if step % a.checkpoint_every == 0 or done:
-            save_checkpoint(ckpt_path, weights, opt, step, cfg, hf_tok, dataclasses.asdict(a), elapsed)
+            save_checkpoint(ckpt_path, weights, opt, step, cfg, hf_tok, dataclasses.asdict(a), elapsed, probe)
             log.flush()
         if done:
             break
