@@ -42,6 +42,7 @@ class RolloutHeads:
         self.coord_logp = torch.zeros(b, device=dev)
         self.size_bins = torch.zeros(b, 2, dtype=torch.long, device=dev)
         self.size_logp = torch.zeros(b, device=dev)
+        self._host: dict[str, list] | None = None  # the values above, read back once at commit
 
     def restrict(self, lm: list[int], logits: torch.Tensor) -> None:
         """Detect/point rollout rows choose only between going on (the coord token) and stopping (eos)."""
@@ -98,20 +99,23 @@ class RolloutHeads:
         rec = seq.record
         if rec is None:
             return
+        if self._host is None:
+            names = ("token_logp", "coord_bins", "coord_logp", "size_bins", "size_logp")
+            self._host = {n: getattr(self, n).tolist() for n in names}
+        v = self._host
         if head is Head.LM:
             stop = getattr(seq.program, "stop_reason", "stop")  # detect/point: why it stopped, if it did
             if then is not None or stop == "stop":  # a token (text), or go on / stop by choice (not by a limit)
-                rec.logprobs.append(float(self.token_logp[i]))
+                rec.logprobs.append(v["token_logp"][i])
             if _samples_regions(seq) and seq.program.done:
                 rec.finish = stop
         if head is Head.COORD or then is Head.COORD:
-            rec.coord_bins.append(int(self.coord_bins[i]))
+            rec.coord_bins.append(v["coord_bins"][i])
             if _samples_regions(seq):
-                rec.logprobs.append(float(self.coord_logp[i]))
+                rec.logprobs.append(v["coord_logp"][i])
         if head is Head.SIZE:
-            w, h = self.size_bins[i].tolist()
-            rec.size_bins.append((w, h))
-            rec.logprobs.append(float(self.size_logp[i]))
+            rec.size_bins.append(tuple(v["size_bins"][i]))
+            rec.logprobs.append(v["size_logp"][i])
 
 
 def _temperature(t: float) -> float:

@@ -193,7 +193,8 @@ class Runner:
         sequences whose program chose an input other than the one `heads` embedded (a reasoning trace cut
         by max_tokens goes on with the answer token): they are fed from their `pending` input instead."""
         b, values = len(out.rows), out.values.tolist()
-        tokens, coords, sizes = [int(t) for t in values[:b]], values[b : 2 * b], values[2 * b :]
+        tokens, coords = [int(t) for t in values[:b]], values[b : 2 * b]
+        sizes = list(zip(values[2 * b :: 2], values[2 * b + 1 :: 2], strict=True))
         coord_id, mispredicted = self.m.cfg.tokenizer.coord_id, []
         for i, seq in enumerate(out.rows):
             if seq.finished or seq.cancelled:
@@ -205,7 +206,7 @@ class Runner:
                     if (then := program.on_token(tokens[i], out.rooms[i])) is Head.COORD:
                         program.on_region(coords[i])
                 else:
-                    program.on_region(coords[i] if head is Head.COORD else (sizes[2 * i], sizes[2 * i + 1]))
+                    program.on_region(coords[i] if head is Head.COORD else sizes[i])
             except Exception as e:  # a request-level failure (e.g. the context filled up): fail that one
                 seq.error = e
                 continue
@@ -215,7 +216,7 @@ class Runner:
                 continue
             seq.history.append(program.feed)
             if head is Head.SIZE:
-                embedded = Feed(size=(sizes[2 * i], sizes[2 * i + 1]))
+                embedded = Feed(size=sizes[i])
             elif head is Head.COORD or out.follow[i] == "always" or (out.follow[i] and tokens[i] == coord_id):
                 embedded = Feed(coord=coords[i])
             else:

@@ -123,9 +123,10 @@ class RegionProgram:
     def on_token(self, token: int, room: int) -> Head | None:
         steps = 3 if self.with_size else 2
         self.feed = None
-        if len(self.objects) >= self.max_objects or token == self.tok.eos_id or room < steps:
+        full, no_room, stop = len(self.objects) >= self.max_objects, room < steps, token == self.tok.eos_id
+        if full or no_room or stop:
             self.done = True
-            self.stop_reason = "max_objects" if len(self.objects) >= self.max_objects else "context" if room < steps else "stop"
+            self.stop_reason = "max_objects" if full else "context" if no_room else "stop"
             return None
         return Head.COORD
 
