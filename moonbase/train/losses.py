@@ -82,6 +82,7 @@ def losses(
     attn_weight: float = 0.0,
     adapter: Adapter | None = None,
     probe: torch.nn.Module | None = None,
+    probe_weight: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """Mean token, coordinate and size losses (and the grounding attention loss when `attn_weight` > 0), plus
     the token loss of each skill for logging. `adapter`: a LoRA on the text decoder (fine-tuning). `probe`
@@ -135,7 +136,7 @@ def losses(
         out["loss"] = out["loss"] + attn_weight * out["attn"]
     if probe_loss is not None:
         out["probe"] = probe_loss
-        out["loss"] = out["loss"] + probe_loss
+        out["loss"] = out["loss"] + probe_weight * probe_loss
     return out
 
 
