@@ -243,7 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-images", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this much training time")
+    p.add_argument(
+        "--max-minutes", type=float, default=None, help="stop (and save) after this much training time (default 59; 0: no cap)"
+    )
     p.add_argument("--device", default=None)
     p.add_argument("--locate-tasks", type=int, default=None, help="detect/point tasks per shape scene (default 8)")
     p.add_argument("--probe-weight", type=float, default=None, help="image-token probe loss weight (0: off; default 0.3)")

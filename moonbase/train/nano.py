@@ -31,7 +31,7 @@ from ..tokenizer import SPECIAL_TOKENS, TASK_TOKENS, Tokenizer, byte_level_token
 from .batch import make_batch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .feed import prefetch
-from .losses import losses
+from .losses import image_probe, losses
 
 
 def corpus(n_examples: int, seed: int) -> Iterator[str]:
@@ -101,7 +101,7 @@ class TrainArgs:
     curriculum: float = 0.4  # scenes hold at most 3 shapes at first, rising to 8 over this fraction of training
     seed: int = 0
     checkpoint_every: int = 200
-    max_minutes: float | None = None
+    max_minutes: float | None = 59.0  # stop (and save) here: the budget is an hour on a 2-core CPU; 0 or None: no cap
     device: str | None = None
     resume: bool = False
     model: str = "nano"  # "tiny": the few-layer test config with a byte-level tokenizer (for tests and smoke runs)
@@ -162,7 +162,7 @@ def _train(a: TrainArgs) -> Path:
     weights = weights.to(device)
     m = Moondream(cfg, weights, Tokenizer(hf_tok, cfg.tokenizer), name="nano")
     weights.requires_grad_(True)
-    probe = torch.nn.Linear(cfg.text.dim, 1 + 4 + 9).to(device) if a.probe_weight > 0 else None
+    probe = image_probe(cfg.text.dim).to(device) if a.probe_weight > 0 else None
     if probe is not None and state is not None and "probe" in state:
         probe.load_state_dict(state["probe"])
     decay = [p for n, p in weights.named_parameters() if p.dim() >= 2 and "wte" not in n and "pos_emb" not in n]
@@ -205,7 +205,7 @@ def _train(a: TrainArgs) -> Path:
             img_s=f"{step * a.batch_images / max(elapsed, 1e-9):.1f}",
         )
         bar.update(1)
-        done = step == a.steps or (a.max_minutes is not None and elapsed > 60 * a.max_minutes)
+        done = step == a.steps or (bool(a.max_minutes) and elapsed > 60 * a.max_minutes)
         if step % a.checkpoint_every == 0 or done:
             save_checkpoint(ckpt_path, weights, opt, step, cfg, hf_tok, dataclasses.asdict(a), elapsed, probe)
             log.flush()
