@@ -130,7 +130,19 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     fields = {
         f: getattr(a, f)
-        for f in ("out", "steps", "batch_images", "lr", "seed", "max_minutes", "device", "resume", "workers", "locate_tasks")
+        for f in (
+            "out",
+            "steps",
+            "batch_images",
+            "lr",
+            "seed",
+            "max_minutes",
+            "device",
+            "resume",
+            "workers",
+            "locate_tasks",
+            "probe_weight",
+        )
     }
     train(TrainArgs(**{k: v for k, v in fields.items() if v is not None}))
     return 0
@@ -231,9 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-images", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this much training time")
+    p.add_argument(
+        "--max-minutes", type=float, default=None, help="stop (and save) after this much training time (default 59; 0: no cap)"
+    )
     p.add_argument("--device", default=None)
     p.add_argument("--locate-tasks", type=int, default=None, help="detect/point tasks per shape scene (default 8)")
+    p.add_argument("--probe-weight", type=float, default=None, help="image-token probe loss weight (0: off; default 0.3)")
     p.add_argument("--workers", type=int, default=None, help="data-rendering processes (default 0: one background thread)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.set_defaults(fn=cmd_train)

@@ -5,7 +5,7 @@ from moonbase.data.tasks import Example, Task
 from moonbase.model import region
 from moonbase.model.text import decoder
 from moonbase.train.batch import IGNORE, make_batch, render_task, segment_mask
-from moonbase.train.losses import embed_inputs, losses
+from moonbase.train.losses import embed_inputs, image_probe, losses
 
 
 def test_detect_labels_follow_the_inference_loop(tiny):
@@ -63,3 +63,35 @@ def test_loss_falls_on_a_small_overfit_set():
     last = {k: float(v.detach()) for k, v in parts.items()}
     assert last["token"] < 0.5 * first["token"]
     assert last["coord"] < first["coord"] - 1.0 and last["size"] < first["size"] - 1.0
+
+
+def test_image_token_probe_labels_and_gradient(tiny):
+    """Tokens under an object carry its kind and colour, the rest none; the probe loss falls and trains only the vision side."""
+    from moonbase.data.shapes import COLORS, SHAPES
+
+    ex = scene_example(7)
+    b = make_batch([ex], tiny.tokenizer, tiny.cfg)
+    grid = tiny.cfg.vision.grid
+    for kind, color, (x0, y0, x1, y1) in ex.regions:
+        centre = min(grid - 1, int((y0 + y1) / 2 * grid)) * grid + min(grid - 1, int((x0 + x1) / 2 * grid))
+        assert b.patch_labels[0, centre].tolist() == [kind + 1, color + 1]
+    assert (b.patch_labels[0, :, 0] == 0).any() and ((b.patch_labels[0, :, 0] == 0) == (b.patch_labels[0, :, 1] == 0)).all()
+    assert all(kind < len(SHAPES) and color < len(COLORS) for kind, color, _ in ex.regions)
+
+    from moonbase.hub import tiny_random
+
+    m = tiny_random(seed=3)
+    m.w.requires_grad_(True)
+    probe = image_probe(m.cfg.text.dim)
+    b = make_batch([scene_example(i) for i in range(4)], m.tokenizer, m.cfg)
+    opt = torch.optim.AdamW([*m.w.parameters(), *probe.parameters()], lr=3e-3)
+    history = []
+    for _ in range(30):
+        parts = losses(m, b, probe=probe)
+        opt.zero_grad()
+        parts["probe"].backward()
+        history.append(float(parts["probe"].detach()))
+        opt.step()
+    assert history[-1] < 0.5 * history[0]
+    text_grad = m.w.text.blocks[0]["attn"]["qkv"].weight.grad
+    assert text_grad is None or not text_grad.any()

@@ -130,4 +130,6 @@ def scene_example(seed: int, max_objects: int = 8, locate_tasks: int = 4) -> Exa
     for skill in ("detect", "point") * (locate_tasks // 2) + ("detect",) * (locate_tasks % 2):
         phrase, hits = _phrases(scene, rng)
         tasks.append(Task(skill, phrase, boxes=canonical([s.box for s in hits]), kind=skill))
-    return Example(np.asarray(scene.image), tuple(tasks), "shapes")
+    colors = list(COLORS)
+    regions = tuple((SHAPES.index(s.kind), colors.index(s.color), s.box) for s in scene.shapes)
+    return Example(np.asarray(scene.image), tuple(tasks), "shapes", regions)

@@ -28,6 +28,7 @@ class Example:
     image: np.ndarray  # HxWx3 uint8
     tasks: tuple[Task, ...]
     source: str
+    regions: tuple[tuple[int, int, Box], ...] = ()  # every object: (kind index, colour index, box); training only
 
 
 def canonical(boxes: list[Box]) -> tuple[Box, ...]:

@@ -106,6 +106,7 @@ class Batch:
     size_label: torch.Tensor  # (R, T, 2)
     skill: torch.Tensor  # (R, T) index into SKILLS of the task at each position (-1 outside tasks)
     attend: torch.Tensor  # (R, T, P) image tokens covering the regions the output at each position is about
+    patch_labels: torch.Tensor  # (R, P, 2) kind and colour of the object under each image token (0 = none)
 
 
 SKILLS = ("caption", "query", "detect", "point")
@@ -113,7 +114,13 @@ SKILLS = ("caption", "query", "detect", "point")
 
 def make_batch(examples: list[Example], tokenizer: Tokenizer, cfg: ModelConfig, max_len: int | None = None) -> Batch:
     rows = [[(SKILLS.index(t.skill), render_task(t, tokenizer, cfg)) for t in ex.tasks] for ex in examples]
-    return pack_rows([ex.image for ex in examples], rows, cfg, max_len)
+    b = pack_rows([ex.image for ex in examples], rows, cfg, max_len)
+    for i, ex in enumerate(examples):
+        if ex.regions:  # scenes with every object known: dense labels for the image tokens
+            b.patch_labels[i] = 0
+            for kind, color, box in ex.regions:
+                b.patch_labels[i, box_tokens(box, cfg.vision.grid, 0.5)] = torch.tensor([kind + 1, color + 1])
+    return b
 
 
 def pack_rows(images: list, rows: list[list[tuple[int, Segment]]], cfg: ModelConfig, max_len: int | None = None) -> Batch:
@@ -137,6 +144,7 @@ def pack_rows(images: list, rows: list[list[tuple[int, Segment]]], cfg: ModelCon
         size_label=torch.full((r, t_max, 2), IGNORE, dtype=torch.long),
         skill=torch.full((r, t_max), -1, dtype=torch.long),
         attend=torch.zeros(r, t_max, cfg.vision.n_patches, dtype=torch.bool),
+        patch_labels=torch.full((r, cfg.vision.n_patches, 2), IGNORE, dtype=torch.long),
     )
     for i, segs in enumerate(rows):
         b.ids[i, 0] = cfg.tokenizer.bos_id

@@ -22,6 +22,7 @@ def save_checkpoint(
     tok: HFTokenizer,
     args: dict[str, Any],
     elapsed: float,
+    probe: nn.Module | None = None,
 ) -> None:
     state = {
         "model": weights.state_dict(),
@@ -32,6 +33,8 @@ def save_checkpoint(
         "args": args,
         "elapsed": elapsed,
     }
+    if probe is not None:  # a training-only head (nano's image-token probe): needed to resume exactly
+        state["probe"] = probe.state_dict()
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 

@@ -6,11 +6,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..data.shapes import COLORS, SHAPES
 from ..model import region
 from ..model.lora import Adapter, LoraBatch
 from ..model.moondream import Moondream
 from ..model.text import decoder, lm_logits
 from .batch import IGNORE, SKILLS, Batch, segment_mask
+
+KINDS, COLOURS = 1 + len(SHAPES), 1 + len(COLORS)  # the probe's classes; 0 = no object under the token
+
+
+def image_probe(dim: int) -> torch.nn.Linear:
+    """Nano's training-only probe: kind and colour logits per image token."""
+    return torch.nn.Linear(dim, KINDS + COLOURS)
 
 
 def _soft_ce(logits: torch.Tensor, target: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -76,12 +84,23 @@ def length_buckets(lengths: torch.Tensor, ratio: float = 1.25) -> list[torch.Ten
 
 
 def losses(
-    m: Moondream, b: Batch, label_sigma: float = 0.0, attn_weight: float = 0.0, adapter: Adapter | None = None
+    m: Moondream,
+    b: Batch,
+    label_sigma: float = 0.0,
+    attn_weight: float = 0.0,
+    adapter: Adapter | None = None,
+    probe: torch.nn.Module | None = None,
+    probe_weight: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """Mean token, coordinate and size losses (and the grounding attention loss when `attn_weight` > 0), plus
-    the token loss of each skill for logging. `adapter`: a LoRA on the text decoder (fine-tuning)."""
+    the token loss of each skill for logging. `adapter`: a LoRA on the text decoder (fine-tuning). `probe`
+    (training only): a linear map from each image token to the kind and colour of the object under it , a
+    dense signal for the vision encoder."""
     dev = m.device
     x = embed_inputs(m, b)
+    probe_loss = None
+    if probe is not None and bool((b.patch_labels[..., 0] != IGNORE).any()):
+        probe_loss = _probe_loss(probe(x[:, 1 : 1 + b.patch_labels.shape[1]]).float(), b)
     lengths = (b.seg >= 0).sum(1)
     hidden_parts: dict[str, list[torch.Tensor]] = {"tok": [], "coord": [], "size": []}
     label_parts: dict[str, list[torch.Tensor]] = {"tok": [], "coord": [], "size": [], "skill": []}
@@ -118,7 +137,19 @@ def losses(
     if attn_parts:
         out["attn"] = torch.cat(attn_parts).mean()
         out["loss"] = out["loss"] + attn_weight * out["attn"]
+    if probe_loss is not None:
+        out["probe"] = probe_loss
+        out["loss"] = out["loss"] + probe_weight * probe_loss
     return out
+
+
+def _probe_loss(logits: torch.Tensor, b: Batch) -> torch.Tensor:
+    """Cross-entropy on the kind and the colour of every labelled image token."""
+    labels = b.patch_labels.to(logits.device)
+    kind, colour = logits[..., :KINDS], logits[..., KINDS:]
+    return F.cross_entropy(kind.flatten(0, 1), labels[..., 0].flatten()) + F.cross_entropy(
+        colour.flatten(0, 1), labels[..., 1].flatten()
+    )
 
 
 def hidden_at(m: Moondream, b: Batch, select: torch.Tensor, adapter: Adapter | None = None) -> torch.Tensor:
