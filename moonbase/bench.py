@@ -72,13 +72,18 @@ def sequential(vl: VL, images: list[np.ndarray]) -> dict[str, float]:
 def _single(m, s: skills.Settings, image: np.ndarray, i: int) -> None:
     """Request `i` of the workload on the single-request path."""
     skill, args = WORKLOAD[i % len(WORKLOAD)]
-    enc = m.prefill_image(m.embed_crops([overlap_crops(image, m.cfg.vision)])[0])
+    enc = _encode(m, image)
     if skill == "caption":
         list(simple.caption(m, enc, args["length"], s))
     elif skill == "query":
         list(simple.query(m, enc, args["question"], s))
     else:
         simple.locate(m, enc, skill, args["object"], s)
+
+
+def _encode(m, image: np.ndarray):
+    """Vision encoder and image prefill of one image on the single-request path."""
+    return m.prefill_image(m.embed_crops([overlap_crops(image, m.cfg.vision)])[0])
 
 
 def work(vl: VL, images: list[np.ndarray], sequential_rps: float) -> dict[str, float]:
@@ -88,15 +93,14 @@ def work(vl: VL, images: list[np.ndarray], sequential_rps: float) -> dict[str, f
     single-request path), and the follow-up time-to-first-token gain if that time were proportional to work."""
     m, s = vl.model, skills.resolve_settings(SETTINGS, vl.model.cfg.defaults)
 
-    def flops(fn: Callable[[], Any]) -> float:
+    def flops(fn: Callable[[], Any]) -> tuple[float, Any]:
         with FlopCounterMode(display=False) as counter, torch.no_grad():
-            fn()
-        return float(counter.get_total_flops())
+            out = fn()
+        return float(counter.get_total_flops()), out
 
-    per_request = [flops(lambda i=i, image=image: _single(m, s, image, i)) for i, image in enumerate(images)]
-    enc = m.prefill_image(m.embed_crops([overlap_crops(images[0], m.cfg.vision)])[0])
-    image = flops(lambda: m.prefill_image(m.embed_crops([overlap_crops(images[0], m.cfg.vision)])[0]))
-    followup = flops(lambda: next(simple.query(m, enc, "What color is the star?", s), None))
+    per_request = [flops(lambda i=i, image=image: _single(m, s, image, i))[0] for i, image in enumerate(images)]
+    image, enc = flops(lambda: _encode(m, images[0]))
+    followup, _ = flops(lambda: next(simple.query(m, enc, "What color is the star?", s), None))
     gflops = _matmul_gflops(m)
     request = statistics.mean(per_request)
     return {

@@ -94,7 +94,7 @@ def losses(
 ) -> dict[str, torch.Tensor]:
     """Mean token, coordinate and size losses (and the grounding attention loss when `attn_weight` > 0), plus
     the token loss of each skill for logging. `adapter`: a LoRA on the text decoder (fine-tuning). `probe`
-    (training only): a linear map from each image token to the kind and colour of the object under it , a
+    (training only): a linear map from each image token to the kind and colour of the object under it, a
     dense signal for the vision encoder."""
     dev = m.device
     x = embed_inputs(m, b)
