@@ -142,6 +142,7 @@ def cmd_train(a: argparse.Namespace) -> int:
             "workers",
             "locate_tasks",
             "probe_weight",
+            "vision_steps",
         )
     }
     train(TrainArgs(**{k: v for k, v in fields.items() if v is not None}))
@@ -248,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default=None)
     p.add_argument("--locate-tasks", type=int, default=None, help="detect/point tasks per shape scene (default 8)")
+    p.add_argument(
+        "--vision-steps", type=int, default=None, help="steps that pre-train the vision side alone, first (default 0: none)"
+    )
     p.add_argument("--probe-weight", type=float, default=None, help="image-token probe loss weight (0: off; default 0.3)")
     p.add_argument("--workers", type=int, default=None, help="data-rendering processes (default 0: one background thread)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")

@@ -18,13 +18,15 @@ def _weights(path):
 
 def test_resume_continues_exactly_where_it_stopped(tmp_path):
     common = dict(model="tiny", steps=4, batch_images=2, warmup=2, checkpoint_every=100, seed=3, locate_tasks=2)
+    common |= dict(vision_steps=2, vision_batch=2)  # the stop falls in the vision phase, the resume crosses into the main one
     train(TrainArgs(out=str(tmp_path / "a"), **common))
     train(TrainArgs(out=str(tmp_path / "b"), max_minutes=0.0, **common))  # stops (and saves) after one step
     train(TrainArgs(out=str(tmp_path / "b"), resume=True, **common))
     a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     log = [json.loads(line) for line in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert "token" not in log[1] and "token" in log[2]  # two vision steps train only through the probe
 
 
 def test_nano_tokenizer_layout():

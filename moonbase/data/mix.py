@@ -10,7 +10,7 @@ from .tasks import Example
 from .text import text_example
 
 SOURCES = {"shapes": (scene_example, 0.84), "captcha": (captcha_example, 0.08), "text": (text_example, 0.08)}
-SPLITS = {"train": 0, "eval": 1}
+SPLITS = {"train": 0, "eval": 1, "vision": 2}  # "vision": the scenes of nano's vision pre-training phase
 
 
 def example_seed(split: str, seed: int, index: int) -> int:

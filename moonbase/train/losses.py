@@ -143,6 +143,13 @@ def losses(
     return out
 
 
+def vision_losses(m: Moondream, b: Batch, probe: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The vision pre-training phase: the probe's loss on the image embeddings alone (no text decoder), so
+    the encoder learns what is under each token from many more images per second than the full model sees."""
+    loss = _probe_loss(probe(torch.stack(m.embed_crops(b.crops))).float(), b)
+    return {"probe": loss, "loss": loss}
+
+
 def _probe_loss(logits: torch.Tensor, b: Batch) -> torch.Tensor:
     """Cross-entropy on the kind and the colour of every labelled image token."""
     labels = b.patch_labels.to(logits.device)
