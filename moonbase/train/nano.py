@@ -134,8 +134,10 @@ def render_step(step: int, a: TrainArgs, tokenizer: Tokenizer, cfg: ModelConfig)
 
 def lr_at(step: int, a: TrainArgs) -> float:
     """Warm-up, then cosine decay to 5% of the peak: once over the vision phase, once over the main phase."""
-    peak, steps = (a.vision_lr, a.vision_steps) if step < a.vision_steps else (a.lr, a.steps)
-    step -= 0 if step < a.vision_steps else a.vision_steps
+    if step < a.vision_steps:
+        peak, steps = a.vision_lr, a.vision_steps
+    else:
+        peak, steps, step = a.lr, a.steps, step - a.vision_steps
     warmup = min(a.warmup, steps // 2)
     if step < warmup:
         return peak * (step + 1) / warmup
