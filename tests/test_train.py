@@ -97,3 +97,24 @@ def test_image_token_probe_labels_and_gradient(tiny):
         assert torch.allclose(vision_losses(m, b, probe)["loss"], losses(m, b, probe=probe)["probe"], atol=1e-5)
     text_grad = m.w.text.blocks[0]["attn"]["qkv"].weight.grad
     assert text_grad is None or not text_grad.any()
+
+
+def test_position_probe_targets_each_tokens_own_row_and_column(tiny):
+    """With a grid, the probe's loss also asks each image token for its own row and column, row-major."""
+    from moonbase.train.losses import COLOURS, KINDS, _probe_loss
+
+    b = make_batch([scene_example(3)], tiny.tokenizer, tiny.cfg)
+    grid, cells = tiny.cfg.vision.grid, b.patch_labels.shape[1]
+    assert image_probe(8, grid).out_features == KINDS + COLOURS + 2 * grid
+    content = 20.0 * torch.nn.functional.one_hot(b.patch_labels[0, :, 0], KINDS).float()
+    content = torch.cat([content, 20.0 * torch.nn.functional.one_hot(b.patch_labels[0, :, 1], COLOURS).float()], -1)
+    cell = torch.arange(cells)
+    right = 20.0 * torch.cat(
+        [torch.nn.functional.one_hot(cell // grid, grid), torch.nn.functional.one_hot(cell % grid, grid)], -1
+    )
+    transposed = 20.0 * torch.cat(
+        [torch.nn.functional.one_hot(cell % grid, grid), torch.nn.functional.one_hot(cell // grid, grid)], -1
+    )
+    assert float(_probe_loss(content[None], b)) < 1e-6  # no position outputs: kind and colour alone
+    assert float(_probe_loss(torch.cat([content, right], -1)[None], b)) < 1e-6
+    assert float(_probe_loss(torch.cat([content, transposed], -1)[None], b)) > 10.0

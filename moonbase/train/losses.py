@@ -16,9 +16,10 @@ from .batch import IGNORE, SKILLS, Batch, segment_mask
 KINDS, COLOURS = 1 + len(SHAPES), 1 + len(COLORS)  # the probe's classes; 0 = no object under the token
 
 
-def image_probe(dim: int) -> torch.nn.Linear:
-    """Nano's training-only probe: kind and colour logits per image token."""
-    return torch.nn.Linear(dim, KINDS + COLOURS)
+def image_probe(dim: int, grid: int = 0) -> torch.nn.Linear:
+    """Nano's training-only probe: kind and colour logits per image token, and with `grid` > 0 also the token's
+    own row and column in the `grid` x `grid` token grid (so an objective about content keeps position)."""
+    return torch.nn.Linear(dim, KINDS + COLOURS + 2 * grid)
 
 
 def _soft_ce(logits: torch.Tensor, target: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -151,12 +152,19 @@ def vision_losses(m: Moondream, b: Batch, probe: torch.nn.Module) -> dict[str, t
 
 
 def _probe_loss(logits: torch.Tensor, b: Batch) -> torch.Tensor:
-    """Cross-entropy on the kind and the colour of every labelled image token."""
+    """Cross-entropy on the kind and the colour of every labelled image token, plus on its row and column when
+    the probe reads position."""
     labels = b.patch_labels.to(logits.device)
-    kind, colour = logits[..., :KINDS], logits[..., KINDS:]
-    return F.cross_entropy(kind.flatten(0, 1), labels[..., 0].flatten()) + F.cross_entropy(
-        colour.flatten(0, 1), labels[..., 1].flatten()
-    )
+    kind, colour, where = logits.split([KINDS, COLOURS, logits.shape[-1] - KINDS - COLOURS], -1)
+    loss = F.cross_entropy(kind.flatten(0, 1), labels[..., 0].flatten())
+    loss = loss + F.cross_entropy(colour.flatten(0, 1), labels[..., 1].flatten())
+    if where.shape[-1]:
+        grid = where.shape[-1] // 2
+        cell = torch.arange(logits.shape[1], device=logits.device).expand(logits.shape[:2])
+        row, col = where.split([grid, grid], -1)
+        loss = loss + F.cross_entropy(row.flatten(0, 1), (cell // grid).flatten())
+        loss = loss + F.cross_entropy(col.flatten(0, 1), (cell % grid).flatten())
+    return loss
 
 
 def hidden_at(m: Moondream, b: Batch, select: torch.Tensor, adapter: Adapter | None = None) -> torch.Tensor:
