@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model from scratch (the embedded nano recipe)")
     p.add_argument("recipe", choices=("nano",))
     p.add_argument("--out", default=None, help="run directory (default runs/nano)")
-    p.add_argument("--steps", type=int, default=None, help="steps of the full model, after the vision ones (default 2300)")
+    p.add_argument("--steps", type=int, default=None, help="steps of the full model, after the vision ones (default 2150)")
     p.add_argument("--batch-images", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--locate-tasks", type=int, default=None, help="detect/point tasks per shape scene (default 8)")
     p.add_argument(
-        "--vision-steps", type=int, default=None, help="steps that pre-train the vision side alone, first (default 900; 0: none)"
+        "--vision-steps", type=int, default=None, help="steps that pre-train the vision side alone, first (default 800; 0: none)"
     )
     p.add_argument("--probe-weight", type=float, default=None, help="image-token probe loss weight (0: off; default 0.3)")
     p.add_argument(

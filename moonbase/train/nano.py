@@ -87,7 +87,7 @@ def nano_config(tok: HFTokenizer) -> ModelConfig:
 @dataclass(frozen=True)
 class TrainArgs:
     out: str = "runs/nano"
-    steps: int = 2300
+    steps: int = 2150
     batch_images: int = 16
     lr: float = 1e-3
     warmup: int = 100
@@ -98,10 +98,10 @@ class TrainArgs:
     # lifted qa by ~0.2 but cost detect ~0.08, 0 turns it off
     probe_weight: float = 0.3
     # vision pre-training: this many steps of `vision_batch` scenes train only the vision side, through the probe,
-    # before the `steps` of the full model (see `vision_losses`): per-token shape-kind accuracy 0.41 -> 0.92
-    vision_steps: int = 900
+    # before the `steps` of the full model (see `vision_losses`): per-token shape-kind accuracy 0.41 -> 0.92 (900 steps)
+    vision_steps: int = 800
     # the probe also reads each token's own grid row and column: without it the vision phase washed position out
-    # of the tokens (detect 0.58 -> 0.39); with it detect rose to 0.68 (see MODEL_CARD)
+    # of the tokens (detect 0.58 -> 0.39); with it detect rose to 0.68-0.74 (see MODEL_CARD)
     probe_position: bool = True
     vision_batch: int = 32
     vision_lr: float = 2e-3
