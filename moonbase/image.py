@@ -129,9 +129,11 @@ def tiling_for(height: int, width: int, cfg: VisionConfig) -> tuple[int, int]:
 def overlap_crops(img: np.ndarray, cfg: VisionConfig) -> Crops:
     s, win = cfg.crop_size, cfg.window_px
     th, tw = tiling_for(img.shape[0], img.shape[1], cfg)
-    canvas = resize(img, th * win + 2 * cfg.margin_px, tw * win + 2 * cfg.margin_px)
+    whole = resize(img, s, s)
+    height, width = th * win + 2 * cfg.margin_px, tw * win + 2 * cfg.margin_px
+    canvas = whole if (height, width) == (s, s) else resize(img, height, width)  # one tile: the same resize
     tiles = [canvas[i * win : i * win + s, j * win : j * win + s] for i in range(th) for j in range(tw)]
-    return Crops(np.stack([resize(img, s, s), *tiles]), (th, tw))
+    return Crops(np.stack([whole, *tiles]), (th, tw))
 
 
 def normalize(pixels_NHWC: np.ndarray, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -1,3 +1,5 @@
+import math
+
 import torch
 
 from moonbase.data.scenes import scene_example
@@ -5,7 +7,7 @@ from moonbase.data.tasks import Example, Task
 from moonbase.model import region
 from moonbase.model.text import decoder
 from moonbase.train.batch import IGNORE, make_batch, render_task, segment_mask
-from moonbase.train.losses import embed_inputs, image_probe, losses, vision_losses
+from moonbase.train.losses import attention_loss, embed_inputs, image_probe, losses, vision_losses
 
 
 def test_detect_labels_follow_the_inference_loop(tiny):
@@ -118,3 +120,22 @@ def test_position_probe_targets_each_tokens_own_row_and_column(tiny):
     assert float(_probe_loss(content[None], b)) < 1e-6  # no position outputs: kind and colour alone
     assert float(_probe_loss(torch.cat([content, right], -1)[None], b)) < 1e-6
     assert float(_probe_loss(torch.cat([content, transposed], -1)[None], b)) > 10.0
+
+
+def test_attention_loss_is_minus_log_of_the_attention_mass_on_the_region():
+    r, t, p = 2, 6, 2  # image tokens sit at positions 1 and 2
+    mask = torch.ones(t, t, dtype=torch.bool).tril().expand(r, t, t)
+    attend = torch.zeros(r, t, p, dtype=torch.bool)
+    attend[0, 3, 0] = True  # row 0 scores one position, row 1 two: the rows are padded differently
+    attend[1, 4] = True
+    attend[1, 5, 1] = True
+    q = torch.zeros(r, 1, t, 4, requires_grad=True)  # zero queries: uniform attention over the visible keys
+    k = torch.zeros(r, 1, t, 4)
+    first_layer = (torch.randn(r, 1, t, 4), k)  # never scored
+    out = attention_loss([first_layer, (q, k)], attend, mask, heads=1)
+    expected = torch.tensor([-math.log(1 / 4), -math.log(2 / 5), -math.log(1 / 6)])
+    assert len(out) == 1 and torch.allclose(out[0], expected)
+    k = torch.randn(r, 1, t, 4)  # gradients reach exactly the scored queries, and stay finite
+    attention_loss([first_layer, (q, k)], attend, mask, heads=1)[0].sum().backward()
+    assert torch.isfinite(q.grad).all() and q.grad[1, 0, 4].abs().sum() > 0 and q.grad[0, 0, 4].abs().sum() == 0
+    assert attention_loss([first_layer, (q, k)], torch.zeros(r, t, p, dtype=torch.bool), mask) == []

@@ -8,8 +8,10 @@ inference uses, so training and inference see the same ids.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .. import skills
@@ -130,56 +132,75 @@ def pack_rows(images: list, rows: list[list[tuple[int, Segment]]], cfg: ModelCon
     limit = max_len or cfg.text.max_context
     if t_max > limit:
         raise ValueError(f"packed row of {t_max} tokens exceeds {limit}")
-    r = len(rows)
+    r, grid = len(rows), cfg.vision.grid
     nan = float("nan")
-    b = Batch(
-        crops=[overlap_crops(image, cfg.vision) for image in images],
-        ids=torch.zeros(r, t_max, dtype=torch.long),
-        pos=torch.zeros(r, t_max, dtype=torch.long),
-        seg=torch.full((r, t_max), -1, dtype=torch.long),
-        coord_in=torch.full((r, t_max), nan),
-        size_in=torch.full((r, t_max, 2), nan),
-        token_label=torch.full((r, t_max), IGNORE, dtype=torch.long),
-        coord_label=torch.full((r, t_max), IGNORE, dtype=torch.long),
-        size_label=torch.full((r, t_max, 2), IGNORE, dtype=torch.long),
-        skill=torch.full((r, t_max), -1, dtype=torch.long),
-        attend=torch.zeros(r, t_max, cfg.vision.n_patches, dtype=torch.bool),
-        patch_labels=torch.full((r, cfg.vision.n_patches, 2), IGNORE, dtype=torch.long),
-    )
+    # columns are filled as numpy arrays and converted once: per-segment tensors made batch rendering the
+    # training loop's biggest CPU cost after the model itself
+    ids = np.zeros((r, t_max), dtype=np.int64)
+    pos = np.full((r, t_max), prefix, dtype=np.int64)  # padding: any valid position; its outputs are never read
+    seg_ids = np.full((r, t_max), -1, dtype=np.int64)
+    coord_in = np.full((r, t_max), nan, dtype=np.float32)
+    size_in = np.full((r, t_max, 2), nan, dtype=np.float32)
+    token_label = np.full((r, t_max), IGNORE, dtype=np.int64)
+    coord_label = np.full((r, t_max), IGNORE, dtype=np.int64)
+    size_label = np.full((r, t_max, 2), IGNORE, dtype=np.int64)
+    skill_ids = np.full((r, t_max), -1, dtype=np.int64)
+    attend = np.zeros((r, t_max, cfg.vision.n_patches), dtype=bool)
     for i, segs in enumerate(rows):
-        b.ids[i, 0] = cfg.tokenizer.bos_id
-        b.pos[i, :prefix] = torch.arange(prefix)
-        b.seg[i, :prefix] = 0
+        ids[i, 0] = cfg.tokenizer.bos_id
+        pos[i, :prefix] = np.arange(prefix)
+        seg_ids[i, :prefix] = 0
         at = prefix
         for k, (skill, s) in enumerate(segs, start=1):
             n = len(s)
             sl = slice(at, at + n)
-            b.ids[i, sl] = torch.tensor(s.ids)
-            b.pos[i, sl] = torch.arange(prefix, prefix + n)
-            b.seg[i, sl] = k
-            b.coord_in[i, sl] = torch.tensor([nan if c is None else c for c in s.coord_in])
-            b.size_in[i, sl] = torch.tensor([(nan, nan) if z is None else z for z in s.size_in])
-            b.token_label[i, sl] = torch.tensor(s.token_label)
-            b.coord_label[i, sl] = torch.tensor(s.coord_label)
-            b.size_label[i, sl] = torch.tensor(s.size_label)
-            b.skill[i, sl] = skill
+            ids[i, sl] = s.ids
+            pos[i, sl] = np.arange(prefix, prefix + n)
+            seg_ids[i, sl] = k
+            coord_in[i, sl] = [nan if c is None else c for c in s.coord_in]
+            size_in[i, sl] = [(nan, nan) if z is None else z for z in s.size_in]
+            token_label[i, sl] = s.token_label
+            coord_label[i, sl] = s.coord_label
+            size_label[i, sl] = s.size_label
+            skill_ids[i, sl] = skill
             for j, boxes in enumerate(s.attend):
                 for box in boxes:
-                    b.attend[i, at + j] |= box_tokens(box, cfg.vision.grid)
+                    attend[i, at + j] |= _box_cells(box, grid, 0.25)
             at += n
-        b.pos[i, at:] = prefix  # padding: any valid position; its outputs are never read
-    return b
+    return Batch(
+        crops=[overlap_crops(image, cfg.vision) for image in images],
+        ids=torch.from_numpy(ids),
+        pos=torch.from_numpy(pos),
+        seg=torch.from_numpy(seg_ids),
+        coord_in=torch.from_numpy(coord_in),
+        size_in=torch.from_numpy(size_in),
+        token_label=torch.from_numpy(token_label),
+        coord_label=torch.from_numpy(coord_label),
+        size_label=torch.from_numpy(size_label),
+        skill=torch.from_numpy(skill_ids),
+        attend=torch.from_numpy(attend),
+        patch_labels=torch.full((r, cfg.vision.n_patches, 2), IGNORE, dtype=torch.long),
+    )
 
 
 def box_tokens(box: Box, grid: int, min_overlap: float = 0.25) -> torch.Tensor:
     """(grid*grid,) image tokens whose cell is covered at least `min_overlap` by the box (always the centre's)."""
-    edges = torch.arange(grid + 1, dtype=torch.float32) / grid
-    ox = (torch.minimum(edges[1:], torch.tensor(box[2])) - torch.maximum(edges[:-1], torch.tensor(box[0]))).clamp_min(0) * grid
-    oy = (torch.minimum(edges[1:], torch.tensor(box[3])) - torch.maximum(edges[:-1], torch.tensor(box[1]))).clamp_min(0) * grid
+    return torch.from_numpy(_box_cells(box, grid, min_overlap).copy())
+
+
+@functools.lru_cache(maxsize=4096)  # a scene's boxes recur at every position of every task about them
+def _box_cells(box: Box, grid: int, min_overlap: float) -> np.ndarray:
+    edges = np.arange(grid + 1, dtype=np.float32) / grid
+    lo, hi = edges[:-1], edges[1:]
+    x0, y0, x1, y1 = (np.float32(v) for v in box)
+    ox = (np.minimum(hi, x1) - np.maximum(lo, x0)).clip(min=0) * grid
+    oy = (np.minimum(hi, y1) - np.maximum(lo, y0)).clip(min=0) * grid
     cover = oy[:, None] * ox[None, :] >= min_overlap
     cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
     cover[min(grid - 1, max(0, int(cy * grid))), min(grid - 1, max(0, int(cx * grid)))] = True
-    return cover.flatten()
+    cover = cover.flatten()
+    cover.flags.writeable = False
+    return cover
 
 
 def segment_mask(seg: torch.Tensor) -> torch.Tensor:

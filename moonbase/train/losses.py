@@ -56,18 +56,26 @@ def attention_loss(
     an output is about (at the positions that have such regions). A training-only signal that speeds up
     grounding. Layer 0 is left alone: its queries have not yet seen the prompt, so they cannot know the object."""
     sel = attend.any(-1)
-    if not bool(sel.any()):
+    counts = sel.sum(1)
+    n = int(counts.max())
+    if n == 0:
         return []
+    # only the few positions with regions are scored: gather them (in order, padded per row) before the
+    # query-key products instead of scoring every position and discarding most
     r, t, p = attend.shape
-    target = torch.zeros(r, t, t, dtype=torch.bool, device=attend.device)
-    target[:, :, 1 : 1 + p] = attend
+    rows = torch.sort(sel.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :n]
+    valid = torch.arange(n, device=attend.device)[None] < counts[:, None]
+    rows_mask = mask.gather(1, rows[..., None].expand(-1, -1, t))
+    target = torch.zeros(r, n, t, dtype=torch.bool, device=attend.device)
+    target[:, :, 1 : 1 + p] = attend.gather(1, rows[..., None].expand(-1, -1, p))
     out = []
     group = taps[0][0].shape[1] // taps[0][1].shape[1]  # query heads per kv head
     for q, k in taps[1:]:
         for h in range(heads):
-            logits = (q[:, h] @ k[:, h // group].transpose(-1, -2)) / q.shape[-1] ** 0.5
-            logp = torch.log_softmax(logits.float().masked_fill(~mask, float("-inf")), -1)
-            out.append(-torch.logsumexp(logp.masked_fill(~target, float("-inf")), -1)[sel])
+            qh = q[:, h].gather(1, rows[..., None].expand(-1, -1, q.shape[-1]))
+            logits = (qh @ k[:, h // group].transpose(-1, -2)) / q.shape[-1] ** 0.5
+            logp = torch.log_softmax(logits.float().masked_fill(~rows_mask, float("-inf")), -1)
+            out.append(-torch.logsumexp(logp.masked_fill(~target, float("-inf")), -1)[valid])
     return out
 
 
