@@ -141,11 +141,14 @@ def cmd_train(a: argparse.Namespace) -> int:
             "resume",
             "workers",
             "locate_tasks",
+            "phrase_mix",
             "probe_weight",
             "vision_steps",
             "probe_position",
         )
     }
+    if a.phrase_mix is not None:
+        fields["phrase_mix"] = tuple(a.phrase_mix)
     train(TrainArgs(**{k: v for k, v in fields.items() if v is not None}))
     return 0
 
@@ -250,6 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default=None)
     p.add_argument("--locate-tasks", type=int, default=None, help="detect/point tasks per shape scene (default 8)")
+    p.add_argument(
+        "--phrase-mix",
+        type=float,
+        nargs=4,
+        default=None,
+        metavar=("SCENE", "KIND", "COLOUR", "RANDOM"),
+        help="weights of the object phrases in training: a shape in the scene, a kind alone, a colour alone, a random "
+        "colour and kind (default 0.45 0.25 0.15 0.15, the eval's mix)",
+    )
     p.add_argument(
         "--vision-steps", type=int, default=None, help="steps that pre-train the vision side alone, first (default 800; 0: none)"
     )

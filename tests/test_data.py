@@ -46,6 +46,14 @@ def test_zero_match_phrases_occur():
     assert empty
 
 
+def test_phrase_mix_chooses_the_kind_of_object_phrase():
+    def phrases(mix):
+        return [t.arg for s in range(20) for t in scene_example(s, locate_tasks=8, phrase_mix=mix).tasks if t.skill == "detect"]
+
+    assert all(p.endswith(" shape") for p in phrases((0, 0, 1, 0)))
+    assert all(" " not in p for p in phrases((0, 3, 0, 0)))  # weights need not sum to 1
+
+
 def test_captions_have_three_lengths():
     c = captions(render_scene(3, n_objects=2))
     assert len(c["short"]) < len(c["normal"]) < len(c["long"])

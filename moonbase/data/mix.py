@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from .captcha import captcha_example
-from .scenes import scene_example
+from .scenes import PHRASE_MIX, scene_example
 from .tasks import Example
 from .text import text_example
 
@@ -19,14 +19,20 @@ def example_seed(split: str, seed: int, index: int) -> int:
 
 
 def synthetic_example(
-    split: str, seed: int, index: int, source: str | None = None, max_objects: int = 8, locate_tasks: int = 4
+    split: str,
+    seed: int,
+    index: int,
+    source: str | None = None,
+    max_objects: int = 8,
+    locate_tasks: int = 4,
+    phrase_mix: tuple[float, ...] = PHRASE_MIX,
 ) -> Example:
     """Example `index` of a stream; `max_objects` caps shape scenes (a training curriculum), `locate_tasks`
-    sets how many detect/point tasks a shape scene carries."""
+    sets how many detect/point tasks a shape scene carries, `phrase_mix` how their object phrases are drawn."""
     s = example_seed(split, seed, index)
     if source is None:
         names = list(SOURCES)
         source = random.Random(s).choices(names, weights=[SOURCES[n][1] for n in names])[0]
     if source == "shapes":
-        return scene_example(s, max_objects, locate_tasks)
+        return scene_example(s, max_objects, locate_tasks, phrase_mix)
     return SOURCES[source][0](s)

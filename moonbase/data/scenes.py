@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import numpy as np
@@ -41,15 +42,21 @@ def captions(scene: Scene) -> dict[str, str]:
     return {"short": short, "normal": normal, "long": long}
 
 
-def _phrases(scene: Scene, rng: random.Random) -> tuple[str, list[Shape]]:
+# how object phrases are drawn: a shape in the scene ("red circle"), a kind ("star"), a colour alone ("blue
+# shape"), or a random colour and kind (often matching nothing); the held-out eval always uses this mix
+PHRASE_MIX = (0.45, 0.25, 0.15, 0.15)
+
+
+def _phrases(scene: Scene, rng: random.Random, mix: tuple[float, ...] = PHRASE_MIX) -> tuple[str, list[Shape]]:
     """An object phrase and the shapes it refers to (possibly none)."""
-    mode = rng.random()
-    if mode < 0.45 and scene.shapes:
+    mode = rng.random() * sum(mix)
+    label, kind, colour, _ = itertools.accumulate(mix)
+    if mode < label and scene.shapes:
         s = rng.choice(scene.shapes)
         phrase = s.label
-    elif mode < 0.7:
+    elif mode < kind:
         phrase = rng.choice(SHAPES)
-    elif mode < 0.85:
+    elif mode < colour:
         phrase = f"{rng.choice(list(COLORS))} shape"
     else:
         phrase = f"{rng.choice(list(COLORS))} {rng.choice(SHAPES)}"  # often matches nothing
@@ -63,8 +70,8 @@ def matches(s: Shape, phrase: str) -> bool:
     return s.kind == words[-1] and (len(words) == 1 or s.color == words[0])
 
 
-def _count_question(scene: Scene, rng: random.Random) -> Task:
-    phrase, hits = _phrases(scene, rng)
+def _count_question(scene: Scene, rng: random.Random, mix: tuple[float, ...]) -> Task:
+    phrase, hits = _phrases(scene, rng, mix)
     words = phrase.split()
     noun = " ".join(words[:-1] + [plural(words[-1])])
     return Task("query", f"How many {noun} are there?", str(len(hits)), kind="count", grounding=tuple(s.box for s in hits))
@@ -110,14 +117,14 @@ def _exists(scene: Scene, rng: random.Random) -> Task:
     return Task("query", f"Is there {article(label)} {label}?", "yes" if hits else "no", kind="qa", grounding=hits)
 
 
-def scene_example(seed: int, max_objects: int = 8, locate_tasks: int = 4) -> Example:
+def scene_example(seed: int, max_objects: int = 8, locate_tasks: int = 4, phrase_mix: tuple[float, ...] = PHRASE_MIX) -> Example:
     """A scene with a count question, one other question, a caption (half the time) and `locate_tasks`
-    detect/point tasks, alternating."""
+    detect/point tasks, alternating; `phrase_mix` weighs the kinds of object phrase (see PHRASE_MIX)."""
     rng = random.Random(f"scene-tasks-{seed}")  # independent of the stream that drew the scene
     scene = render_scene(seed, max_objects=max_objects)
     caps = captions(scene)
     length = rng.choice(["short", "normal", "long"])
-    tasks = [_count_question(scene, rng)]
+    tasks = [_count_question(scene, rng, phrase_mix)]
     if rng.random() < 0.5:
         tasks.insert(0, Task("caption", length, caps[length], kind="caption"))
     question = None
@@ -128,7 +135,7 @@ def scene_example(seed: int, max_objects: int = 8, locate_tasks: int = 4) -> Exa
     if question is not None:
         tasks.append(question)
     for skill in ("detect", "point") * (locate_tasks // 2) + ("detect",) * (locate_tasks % 2):
-        phrase, hits = _phrases(scene, rng)
+        phrase, hits = _phrases(scene, rng, phrase_mix)
         tasks.append(Task(skill, phrase, boxes=canonical([s.box for s in hits]), kind=skill))
     colors = list(COLORS)
     regions = tuple((SHAPES.index(s.kind), colors.index(s.color), s.box) for s in scene.shapes)

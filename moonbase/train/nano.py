@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from ..config import Defaults, ModelConfig, RegionConfig, TextConfig, VisionConfig
 from ..data.mix import synthetic_example
+from ..data.scenes import PHRASE_MIX
 from ..data.text import WORDS
 from ..device import pick_device
 from ..hub import save_dir, tiny_config
@@ -106,6 +107,7 @@ class TrainArgs:
     vision_batch: int = 32
     vision_lr: float = 2e-3
     locate_tasks: int = 8  # detect/point tasks per shape scene (8 doubled detect F1 over 4 at equal steps)
+    phrase_mix: tuple[float, ...] = PHRASE_MIX  # how detect/point/count phrases are drawn (see scenes.PHRASE_MIX)
     curriculum: float = 0.4  # scenes hold at most 3 shapes at first, rising to 8 over this fraction of training
     seed: int = 0
     checkpoint_every: int = 200
@@ -114,6 +116,10 @@ class TrainArgs:
     resume: bool = False
     model: str = "nano"  # "tiny": the few-layer test config with a byte-level tokenizer (for tests and smoke runs)
     workers: int = 0  # processes rendering data; 0 = one background thread (right for a 2-core CPU)
+
+    def __post_init__(self) -> None:
+        if len(self.phrase_mix) != 4 or min(self.phrase_mix) < 0 or sum(self.phrase_mix) <= 0:
+            raise ValueError(f"phrase_mix needs 4 non-negative weights with a positive sum, got {self.phrase_mix}")
 
 
 def render_step(step: int, a: TrainArgs, tokenizer: Tokenizer, cfg: ModelConfig):
@@ -128,7 +134,9 @@ def render_step(step: int, a: TrainArgs, tokenizer: Tokenizer, cfg: ModelConfig)
     step -= a.vision_steps
     cap = 8 if a.curriculum <= 0 else min(8, 3 + int(6 * step / (a.curriculum * a.steps)))
     examples = [
-        synthetic_example("train", a.seed, step * a.batch_images + i, max_objects=cap, locate_tasks=a.locate_tasks)
+        synthetic_example(
+            "train", a.seed, step * a.batch_images + i, max_objects=cap, locate_tasks=a.locate_tasks, phrase_mix=a.phrase_mix
+        )
         for i in range(a.batch_images)
     ]
     return make_batch(examples, tokenizer, cfg)
