@@ -47,7 +47,7 @@ def captions(scene: Scene) -> dict[str, str]:
 PHRASE_MIX = (0.45, 0.25, 0.15, 0.15)
 
 
-def _phrases(scene: Scene, rng: random.Random, mix: tuple[float, ...] = PHRASE_MIX) -> tuple[str, list[Shape]]:
+def _phrases(scene: Scene, rng: random.Random, mix: tuple[float, ...]) -> tuple[str, list[Shape]]:
     """An object phrase and the shapes it refers to (possibly none)."""
     mode = rng.random() * sum(mix)
     label, kind, colour, _ = itertools.accumulate(mix)

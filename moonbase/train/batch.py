@@ -22,6 +22,7 @@ from ..model import region
 from ..tokenizer import Tokenizer
 
 IGNORE = -100
+ATTEND_OVERLAP = 0.25  # an image token is about a region when the region covers this much of its cell
 
 
 @dataclass
@@ -165,7 +166,7 @@ def pack_rows(images: list, rows: list[list[tuple[int, Segment]]], cfg: ModelCon
             skill_ids[i, sl] = skill
             for j, boxes in enumerate(s.attend):
                 for box in boxes:
-                    attend[i, at + j] |= _box_cells(box, grid, 0.25)
+                    attend[i, at + j] |= _box_cells(box, grid, ATTEND_OVERLAP)
             at += n
     return Batch(
         crops=[overlap_crops(image, cfg.vision) for image in images],
@@ -183,7 +184,7 @@ def pack_rows(images: list, rows: list[list[tuple[int, Segment]]], cfg: ModelCon
     )
 
 
-def box_tokens(box: Box, grid: int, min_overlap: float = 0.25) -> torch.Tensor:
+def box_tokens(box: Box, grid: int, min_overlap: float = ATTEND_OVERLAP) -> torch.Tensor:
     """(grid*grid,) image tokens whose cell is covered at least `min_overlap` by the box (always the centre's)."""
     return torch.from_numpy(_box_cells(box, grid, min_overlap).copy())
 

@@ -63,18 +63,21 @@ def attention_loss(
     # only the few positions with regions are scored: gather them (in order, padded per row) before the
     # query-key products instead of scoring every position and discarding most
     r, t, p = attend.shape
-    rows = torch.sort(sel.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :n]
+    scored = torch.sort(sel.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :n]
+
+    def at_scored(x: torch.Tensor) -> torch.Tensor:  # (R, T, D) -> (R, n, D)
+        return x.gather(1, scored[..., None].expand(-1, -1, x.shape[-1]))
+
     valid = torch.arange(n, device=attend.device)[None] < counts[:, None]
-    rows_mask = mask.gather(1, rows[..., None].expand(-1, -1, t))
+    scored_mask = at_scored(mask)
     target = torch.zeros(r, n, t, dtype=torch.bool, device=attend.device)
-    target[:, :, 1 : 1 + p] = attend.gather(1, rows[..., None].expand(-1, -1, p))
+    target[:, :, 1 : 1 + p] = at_scored(attend)
     out = []
     group = taps[0][0].shape[1] // taps[0][1].shape[1]  # query heads per kv head
     for q, k in taps[1:]:
         for h in range(heads):
-            qh = q[:, h].gather(1, rows[..., None].expand(-1, -1, q.shape[-1]))
-            logits = (qh @ k[:, h // group].transpose(-1, -2)) / q.shape[-1] ** 0.5
-            logp = torch.log_softmax(logits.float().masked_fill(~rows_mask, float("-inf")), -1)
+            logits = (at_scored(q[:, h]) @ k[:, h // group].transpose(-1, -2)) / q.shape[-1] ** 0.5
+            logp = torch.log_softmax(logits.float().masked_fill(~scored_mask, float("-inf")), -1)
             out.append(-torch.logsumexp(logp.masked_fill(~target, float("-inf")), -1)[valid])
     return out
 
