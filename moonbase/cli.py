@@ -141,6 +141,7 @@ def cmd_train(a: argparse.Namespace) -> int:
             "resume",
             "workers",
             "locate_tasks",
+            "drills",
             "phrase_mix",
             "probe_weight",
             "vision_steps",
@@ -254,13 +255,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--locate-tasks", type=int, default=None, help="detect/point tasks per shape scene (default 8)")
     p.add_argument(
+        "--drills", type=int, default=None, help="extra extremes and count questions per shape scene (default 2; 0: none)"
+    )
+    p.add_argument(
         "--phrase-mix",
         type=float,
         nargs=4,
         default=None,
         metavar=("SCENE", "KIND", "COLOUR", "RANDOM"),
         help="weights of the object phrases in training: a shape in the scene, a kind alone, a colour alone, a random "
-        "colour and kind (default 0.40 0.15 0.30 0.15; the eval draws 0.45 0.25 0.15 0.15)",
+        "colour and kind (default 0.30 0.30 0.25 0.15; the eval draws 0.45 0.25 0.15 0.15)",
     )
     p.add_argument(
         "--vision-steps", type=int, default=None, help="steps that pre-train the vision side alone, first (default 800; 0: none)"

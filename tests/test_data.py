@@ -54,6 +54,29 @@ def test_phrase_mix_chooses_the_kind_of_object_phrase():
     assert all(" " not in p for p in phrases((0, 3, 0, 0)))  # weights need not sum to 1
 
 
+def test_drills_add_extremes_and_count_questions_after_the_scene_tasks():
+    extremes, counts = [], []
+    for seed in range(40):
+        plain, drilled = scene_example(seed), scene_example(seed, drills=2)
+        assert drilled.tasks[: len(plain.tasks)] == plain.tasks  # held-out streams (no drills) do not move
+        scene = render_scene(seed)
+        for t in drilled.tasks[len(plain.tasks) :]:
+            if t.kind == "count":
+                phrase = t.arg[len("How many ") : -len("s are there?")]
+                assert " " not in phrase or phrase.endswith(" shape")  # a kind or a colour alone
+                assert int(t.answer) == sum(matches(s, phrase) for s in scene.shapes)
+                counts.append(int(t.answer))
+            else:
+                assert t.arg.startswith("Which shape is the ")
+                which = t.arg[len("Which shape is the ") : -1]
+                pick = {"leftmost": min, "rightmost": max, "topmost": min, "bottommost": max}.get(which)
+                if pick is not None:
+                    attr = "cx" if which.endswith("most") and which[0] in "lr" else "cy"
+                    assert t.answer == pick(scene.shapes, key=lambda s: getattr(s, attr)).label
+                extremes.append(t)
+    assert len(extremes) >= 20 and max(counts) >= 2
+
+
 def test_captions_have_three_lengths():
     c = captions(render_scene(3, n_objects=2))
     assert len(c["short"]) < len(c["normal"]) < len(c["long"])

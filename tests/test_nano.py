@@ -17,7 +17,7 @@ def _weights(path):
 
 
 def test_resume_continues_exactly_where_it_stopped(tmp_path):
-    common = dict(model="tiny", steps=4, batch_images=2, warmup=2, checkpoint_every=100, seed=3, locate_tasks=2)
+    common = dict(model="tiny", steps=4, batch_images=2, warmup=2, checkpoint_every=100, seed=3, locate_tasks=2, drills=0)
     common |= dict(vision_steps=2, vision_batch=2)  # the stop falls in the vision phase, the resume crosses into the main one
     train(TrainArgs(out=str(tmp_path / "a"), **common))
     train(TrainArgs(out=str(tmp_path / "b"), max_minutes=1e-9, **common))  # stops (and saves) after one step

@@ -26,13 +26,15 @@ def synthetic_example(
     max_objects: int = 8,
     locate_tasks: int = 4,
     phrase_mix: tuple[float, ...] = PHRASE_MIX,
+    drills: int = 0,
 ) -> Example:
     """Example `index` of a stream; `max_objects` caps shape scenes (a training curriculum), `locate_tasks`
-    sets how many detect/point tasks a shape scene carries, `phrase_mix` how their object phrases are drawn."""
+    sets how many detect/point tasks a shape scene carries, `phrase_mix` how their object phrases are drawn,
+    `drills` how many extra extremes and count questions it adds (training only)."""
     s = example_seed(split, seed, index)
     if source is None:
         names = list(SOURCES)
         source = random.Random(s).choices(names, weights=[SOURCES[n][1] for n in names])[0]
     if source == "shapes":
-        return scene_example(s, max_objects, locate_tasks, phrase_mix)
+        return scene_example(s, max_objects, locate_tasks, phrase_mix, drills)
     return SOURCES[source][0](s)

@@ -117,9 +117,30 @@ def _exists(scene: Scene, rng: random.Random) -> Task:
     return Task("query", f"Is there {article(label)} {label}?", "yes" if hits else "no", kind="qa", grounding=hits)
 
 
-def scene_example(seed: int, max_objects: int = 8, locate_tasks: int = 4, phrase_mix: tuple[float, ...] = PHRASE_MIX) -> Example:
-    """A scene with a count question, one other question, a caption (half the time) and `locate_tasks`
-    detect/point tasks, alternating; `phrase_mix` weighs the kinds of object phrase (see PHRASE_MIX)."""
+# drill counts name a kind or a colour alone: those phrases have the most matches, so the answers reach past one
+DRILL_COUNT_MIX = (0.0, 0.5, 0.5, 0.0)
+
+
+def _drills(scene: Scene, rng: random.Random, n: int) -> list[Task]:
+    """`n` extra questions of the kinds a single question per scene teaches too rarely: which shape is the most
+    extreme (a clear answer exists in about half the scenes) and counts of more than one, alternately."""
+    tasks: list[Task] = []
+    for i in range(n):
+        if i % 2 == 0:
+            question = next((q for q in (_extreme(scene, rng) for _ in range(3)) if q is not None), None)
+        else:
+            question = _count_question(scene, rng, DRILL_COUNT_MIX)
+        if question is not None:
+            tasks.append(question)
+    return tasks
+
+
+def scene_example(
+    seed: int, max_objects: int = 8, locate_tasks: int = 4, phrase_mix: tuple[float, ...] = PHRASE_MIX, drills: int = 0
+) -> Example:
+    """A scene with a count question, one other question, a caption (half the time), `locate_tasks` detect/point
+    tasks, alternating, and `drills` extra questions (training only, see `_drills`); `phrase_mix` weighs the kinds
+    of object phrase (see PHRASE_MIX)."""
     rng = random.Random(f"scene-tasks-{seed}")  # independent of the stream that drew the scene
     scene = render_scene(seed, max_objects=max_objects)
     caps = captions(scene)
@@ -137,6 +158,7 @@ def scene_example(seed: int, max_objects: int = 8, locate_tasks: int = 4, phrase
     for skill in ("detect", "point") * (locate_tasks // 2) + ("detect",) * (locate_tasks % 2):
         phrase, hits = _phrases(scene, rng, phrase_mix)
         tasks.append(Task(skill, phrase, boxes=canonical([s.box for s in hits]), kind=skill))
+    tasks += _drills(scene, rng, drills)  # drawn last: streams without drills are unchanged
     colors = list(COLORS)
     regions = tuple((SHAPES.index(s.kind), colors.index(s.color), s.box) for s in scene.shapes)
     return Example(np.asarray(scene.image), tuple(tasks), "shapes", regions)
