@@ -69,9 +69,9 @@ def test_drills_add_extremes_and_count_questions_after_the_scene_tasks():
             else:
                 assert t.arg.startswith("Which shape is the ")
                 which = t.arg[len("Which shape is the ") : -1]
-                pick = {"leftmost": min, "rightmost": max, "topmost": min, "bottommost": max}.get(which)
-                if pick is not None:
-                    attr = "cx" if which.endswith("most") and which[0] in "lr" else "cy"
+                side = {"leftmost": (min, "cx"), "rightmost": (max, "cx"), "topmost": (min, "cy"), "bottommost": (max, "cy")}
+                if which in side:
+                    pick, attr = side[which]
                     assert t.answer == pick(scene.shapes, key=lambda s: getattr(s, attr)).label
                 extremes.append(t)
     assert len(extremes) >= 20 and max(counts) >= 2
