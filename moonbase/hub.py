@@ -61,7 +61,13 @@ def load_dir(
 
 
 def tiny_config(
-    tok: TokenizerConfig, vocab_size: int, n_kv_heads: int = 2, crop_size: int = 56, patch: int = 14, margin: int = 1
+    tok: TokenizerConfig,
+    vocab_size: int,
+    n_kv_heads: int = 2,
+    crop_size: int = 56,
+    patch: int = 14,
+    margin: int = 1,
+    max_context: int = 512,
 ) -> ModelConfig:
     """A few-layer config of the MD2 architecture, for tests and as a stand-in default."""
     return ModelConfig(
@@ -78,7 +84,14 @@ def tiny_config(
             overlap_margin=margin,
         ),
         text=TextConfig(
-            dim=64, ff_dim=128, n_layers=2, vocab_size=vocab_size, max_context=512, n_heads=4, n_kv_heads=n_kv_heads, rotary_dim=8
+            dim=64,
+            ff_dim=128,
+            n_layers=2,
+            vocab_size=vocab_size,
+            max_context=max_context,
+            n_heads=4,
+            n_kv_heads=n_kv_heads,
+            rotary_dim=8,
         ),
         region=RegionConfig(
             dim=64, coord_feat_dim=32, coord_out_dim=256, size_feat_dim=32, size_out_dim=512, inner_dim=64, size_min_log2=-8.0

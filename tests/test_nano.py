@@ -30,6 +30,13 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path):
     assert "token" not in log[1] and "token" in log[2]  # two vision steps train only through the probe
 
 
+def test_tiny_smoke_run_fits_the_default_tasks_per_scene(tmp_path):
+    # byte-level ids make full scenes (8 shapes, eight locate tasks, drills) long: one row in ten passes 512 tokens,
+    # the first of them at index 18 of this stream
+    args = TrainArgs(out=str(tmp_path), model="tiny", steps=1, batch_images=24, vision_steps=0, curriculum=0, warmup=1)
+    assert (train(args) / "model.safetensors").is_file()
+
+
 def test_nano_tokenizer_layout():
     tok = build_tokenizer(n_examples=50)
     assert [tok.id_to_token(i) for i in (0, 3, 5, 10)] == [

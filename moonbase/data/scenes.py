@@ -47,17 +47,21 @@ def captions(scene: Scene) -> dict[str, str]:
 PHRASE_MIX = (0.45, 0.25, 0.15, 0.15)
 
 
-def _phrases(scene: Scene, rng: random.Random, mix: tuple[float, ...]) -> tuple[str, list[Shape]]:
-    """An object phrase and the shapes it refers to (possibly none)."""
+def _phrases(scene: Scene, rng: random.Random, mix: tuple[float, ...], present: float = 0.0) -> tuple[str, list[Shape]]:
+    """An object phrase and the shapes it refers to (possibly none). A kind or a colour alone is taken from the
+    scene's own shapes with probability `present` (those phrases are the ones with several matches)."""
     mode = rng.random() * sum(mix)
     label, kind, colour, _ = itertools.accumulate(mix)
+
+    def from_scene() -> Shape | None:  # draws nothing at present == 0: the held-out streams do not move
+        return rng.choice(scene.shapes) if present > 0 and scene.shapes and rng.random() < present else None
+
     if mode < label and scene.shapes:
-        s = rng.choice(scene.shapes)
-        phrase = s.label
+        phrase = rng.choice(scene.shapes).label
     elif mode < kind:
-        phrase = rng.choice(SHAPES)
+        phrase = hit.kind if (hit := from_scene()) else rng.choice(SHAPES)
     elif mode < colour:
-        phrase = f"{rng.choice(list(COLORS))} shape"
+        phrase = f"{hit.color if (hit := from_scene()) else rng.choice(list(COLORS))} shape"
     else:
         phrase = f"{rng.choice(list(COLORS))} {rng.choice(SHAPES)}"  # often matches nothing
     return phrase, [s for s in scene.shapes if matches(s, phrase)]
@@ -70,8 +74,8 @@ def matches(s: Shape, phrase: str) -> bool:
     return s.kind == words[-1] and (len(words) == 1 or s.color == words[0])
 
 
-def _count_question(scene: Scene, rng: random.Random, mix: tuple[float, ...]) -> Task:
-    phrase, hits = _phrases(scene, rng, mix)
+def _count_question(scene: Scene, rng: random.Random, mix: tuple[float, ...], present: float = 0.0) -> Task:
+    phrase, hits = _phrases(scene, rng, mix, present)
     words = phrase.split()
     noun = " ".join(words[:-1] + [plural(words[-1])])
     return Task("query", f"How many {noun} are there?", str(len(hits)), kind="count", grounding=tuple(s.box for s in hits))
@@ -117,7 +121,8 @@ def _exists(scene: Scene, rng: random.Random) -> Task:
     return Task("query", f"Is there {article(label)} {label}?", "yes" if hits else "no", kind="qa", grounding=hits)
 
 
-# drill counts name a kind or a colour alone: those phrases have the most matches, so the answers reach past one
+# drill counts name a kind or a colour of the scene's own shapes: those phrases have the most matches, so the
+# answers reach past one (zero is taught by every scene's main count question)
 DRILL_COUNT_MIX = (0.0, 0.5, 0.5, 0.0)
 
 
@@ -129,7 +134,7 @@ def _drills(scene: Scene, rng: random.Random, n: int) -> list[Task]:
         if i % 2 == 0:
             question = next((q for q in (_extreme(scene, rng) for _ in range(3)) if q is not None), None)
         else:
-            question = _count_question(scene, rng, DRILL_COUNT_MIX)
+            question = _count_question(scene, rng, DRILL_COUNT_MIX, present=1.0)
         if question is not None:
             tasks.append(question)
     return tasks

@@ -106,8 +106,9 @@ class TrainArgs:
     vision_batch: int = 32
     vision_lr: float = 2e-3
     locate_tasks: int = 8  # detect/point tasks per shape scene (8 doubled detect F1 over 4 at equal steps)
-    # extra questions per shape scene (scenes._drills): extremes questions and counts over a kind or colour alone;
-    # with the mix below: extremes 0.32 -> 0.91, qa 0.77 -> 0.93, detect 0.83 -> 0.88 (see MODEL_CARD)
+    # extra questions per shape scene (scenes._drills): extremes questions and counts over a kind or colour of the
+    # scene's own shapes; with the mix below: extremes 0.32 -> 0.91, qa 0.77 -> 0.93, detect 0.83 -> 0.88, and
+    # counts about present kinds and colours took counts above one from 1/16 to 8/16 (see MODEL_CARD)
     drills: int = 2
     # how detect/point/count phrases are drawn (scenes.PHRASE_MIX): 0.40/0.15/0.30/0.15 (twice the eval's share
     # of colour-only phrases) took "blue shape" from F1 ~0 to 1.0 but kind-only phrases from 0.91 to 0.68; this
@@ -190,7 +191,8 @@ def _train(a: TrainArgs) -> Path:
             print(f"note: resuming with changed arguments (checkpoint had {state['args']})")
     elif a.model == "tiny":
         hf_tok = byte_level_tokenizer(TASK_TOKENS)
-        cfg = tiny_config(task_token_templates(hf_tok), hf_tok.get_vocab_size())
+        # byte-level ids make a shape scene's packed row (eight locate tasks, drills) up to ~830 tokens long
+        cfg = tiny_config(task_token_templates(hf_tok), hf_tok.get_vocab_size(), max_context=1024)
     else:
         hf_tok = build_tokenizer(seed=a.seed)
         cfg = nano_config(hf_tok)
