@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from . import simple, skills
+from .device import release_cpu_threads
 from .engine.engine import Engine
 from .engine.handle import Handle, Result
 from .engine.sequence import Request
@@ -39,6 +40,7 @@ class VL:
     ):
         self.model, self.max_pixels, self.timeout = model, max_pixels, timeout  # timeout: seconds per request
         self._engine = engine
+        release_cpu_threads()  # the loading thread's: the engine thread computes from now on
         self._engine_lock = threading.Lock()
         self._scopes = threading.local()
 

@@ -30,6 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from . import simple, skills
 from .api import VL
 from .data.shapes import render_scene
+from .device import release_cpu_threads
 from .engine.engine import Engine, EngineConfig
 from .engine.sequence import Sequence
 from .hub import DEFAULT_MODEL, load
@@ -240,12 +241,14 @@ def run(
     m = load(model, device)
     engine = Engine(m, EngineConfig(max_batch=max(concurrencies), int8_decode=int8))
     vl = VL(m, engine=engine)
-    warm = _images(4, seed + 1)
-    concurrent(vl, warm, 4)  # first-call costs (allocator, thread start) out of the measurement
+    warm = _images(len(WORKLOAD), seed + 1)  # first-call costs (allocator, threads) out of the measurements
     out: dict[str, Any] = {"model": m.name, "requests": requests, "device": str(m.device), "dtype": str(m.dtype).split(".")[-1]}
     out["int8_decode"] = int8
+    sequential(vl, warm)
     out["sequential"] = sequential(vl, _images(requests, seed))
     out["sequential_rps"] = out["sequential"]["rps"]
+    release_cpu_threads()  # this thread's CPU threads would slow the engine thread's (see the function)
+    concurrent(vl, warm, len(warm))
     for c in concurrencies:
         engine.cache.clear()
         result = concurrent(vl, _images(requests, seed + 10 + c), c)  # new images: no cache hits possible

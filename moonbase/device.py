@@ -1,8 +1,13 @@
-"""Device and dtype, chosen once: fp32 on CPU (bf16 is emulated and slow on AVX2), bf16 on CUDA."""
+"""Device and dtype, chosen once: fp32 on CPU (bf16 is emulated and slow on AVX2), bf16 on CUDA. And the
+CPU thread teams: see `release_cpu_threads`."""
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
+import sys
+from collections.abc import Callable
 
 import torch
 
@@ -34,3 +39,29 @@ def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> 
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
+
+
+def release_cpu_threads() -> None:
+    """Let the calling thread's idle OpenMP worker threads exit.
+
+    Every thread that runs torch ops on the CPU gets its own OpenMP team. Once a process holds more OpenMP
+    threads than cores, libgomp stops spinning between parallel regions and every op pays a wake-up of its
+    workers: on a 2-core machine the engine thread's small products ran at half speed while the thread
+    that loaded the model kept its idle team. So a thread that hands its compute to the engine, and the
+    engine thread when it goes idle, give their teams back (torch makes a new one on the next op)."""
+    pause = _omp_pause()
+    if pause is not None:
+        pause(1)  # omp_pause_soft; a no-op for a thread without a team
+
+
+@functools.cache
+def _omp_pause() -> Callable[[int], int] | None:
+    """libgomp's `omp_pause_resource_all` (torch's Linux wheels load it globally); None elsewhere."""
+    if sys.platform != "linux" or "OpenMP" not in torch.__config__.parallel_info():
+        return None
+    try:
+        fn = ctypes.CDLL(None).omp_pause_resource_all
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+    return fn

@@ -14,6 +14,7 @@ import torch
 from moonbase import simple, skills
 from moonbase.api import VL
 from moonbase.data.shapes import render_scene
+from moonbase.engine import engine as engine_module
 from moonbase.engine.engine import Engine, EngineConfig
 from moonbase.engine.sequence import Request
 from moonbase.hub import ASSETS, nano
@@ -157,6 +158,22 @@ def test_background_engine_serves_threads(tiny, images):
     assert streamed == out
 
 
+def test_submitting_thread_and_idle_engine_thread_give_their_cpu_threads_back(tiny, images, monkeypatch):
+    calls, idle = [], threading.Event()
+
+    def record() -> None:
+        calls.append(threading.current_thread().name)
+        if threading.current_thread().name == "moonbase-engine":
+            idle.set()
+
+    monkeypatch.setattr(engine_module, "release_cpu_threads", record)
+    vl = VL(tiny, engine=Engine(tiny, EngineConfig(kv_memory_mb=8)))
+    vl.caption(images[0], "short", settings=GREEDY)
+    assert calls[0] == threading.current_thread().name  # at submit, before the engine thread ran
+    assert idle.wait(timeout=5.0)  # and the engine thread, once it had nothing to do
+    vl.engine.close()
+
+
 HAS_NANO = (ASSETS / "nano" / "model.safetensors").is_file()
 
 
@@ -270,6 +287,23 @@ def test_threads_first_touching_the_api_share_one_engine(tiny):
     for t in threads:
         t.join()
     assert len({id(e) for e in seen}) == 1
+    vl.engine.close()
+
+
+def test_threads_submitting_at_once_start_one_engine_thread(tiny, images):
+    vl, start = VL(tiny, engine=Engine(tiny, EngineConfig(kv_memory_mb=8))), threading.Barrier(16)
+    before = set(threading.enumerate())  # other tests' engines may still be running
+
+    def ask() -> None:
+        start.wait()
+        vl.caption(images[0], "short", settings=GREEDY)
+
+    threads = [threading.Thread(target=ask) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(t.name == "moonbase-engine" for t in set(threading.enumerate()) - before) == 1
     vl.engine.close()
 
 

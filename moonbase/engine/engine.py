@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..device import release_cpu_threads
 from ..model.moondream import Moondream
 from ..model.quant import int8_text
 from .adapters import AdapterStore
@@ -32,6 +33,8 @@ from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Request, Sequence, Status
 
 log = logging.getLogger(__name__)
+
+IDLE_S = 0.05  # the background thread gives its CPU threads back after this long without work
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,7 @@ class Engine:
         self._lock = threading.Lock()  # one step at a time
         self._wakeup = threading.Event()
         self._thread: threading.Thread | None = None
+        self._thread_lock = threading.Lock()
         self._closed = False
         self.pipeline = cfg.pipeline if cfg.pipeline is not None else m.device.type == "cuda"
         self._inflight: HeadOut | None = None  # the heads of the last pipelined step, not yet committed
@@ -97,6 +101,8 @@ class Engine:
             self._next_id += 1
             seq = Sequence(self._next_id, req, self.m.cfg.tokenizer, self.m.device)
         handle = Handle(self, seq)
+        if self.background:
+            release_cpu_threads()  # this thread's compute is the engine thread's now
         self._inbox.put((seq, handle))
         self._wake()
         return handle
@@ -229,14 +235,17 @@ class Engine:
     def _wake(self) -> None:
         if not self.background:
             return
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._loop, name="moonbase-engine", daemon=True)
-            self._thread.start()
+        with self._thread_lock:  # threads submitting at once must not start one loop each
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="moonbase-engine", daemon=True)
+                self._thread.start()
         self._wakeup.set()
 
     def _loop(self) -> None:
         while not self._closed:
-            self._wakeup.wait(timeout=1.0)
+            if not self._wakeup.wait(timeout=IDLE_S):
+                release_cpu_threads()  # other threads' compute (training steps, the single-request path) at full speed
+                self._wakeup.wait()
             self._wakeup.clear()
             try:
                 while not self._closed and self.step():

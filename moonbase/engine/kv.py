@@ -123,9 +123,10 @@ class PagedBatch:
     """The decoder's KV store for one forward over B rows of T new tokens each (padded).
 
     write_slots (B, T): where each new token's K/V go. read_slots (B, S): every slot a row attends to, in
-    position order, the new tokens' own slots included."""
+    position order, the new tokens' own slots included; None when the rows attend to their new tokens only
+    (an image prefix being built), which are then used as computed instead of read back."""
 
-    def __init__(self, pool: KVPool, write_slots: torch.Tensor, read_slots: torch.Tensor):
+    def __init__(self, pool: KVPool, write_slots: torch.Tensor, read_slots: torch.Tensor | None):
         self.pool, self.write, self.read = pool, write_slots.flatten(), read_slots
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,4 +134,6 @@ class PagedBatch:
         n_kv, hd = pk.shape[1], pk.shape[2]
         pk[self.write] = k.transpose(1, 2).reshape(-1, n_kv, hd)
         pv[self.write] = v.transpose(1, 2).reshape(-1, n_kv, hd)
+        if self.read is None:
+            return k, v
         return pk[self.read].transpose(1, 2), pv[self.read].transpose(1, 2)
