@@ -70,7 +70,7 @@ class Runner:
             return
         slots = torch.from_numpy(np.stack([r.slots for r in rows])).to(m.device)
         pos = torch.arange(n, device=m.device)
-        text.decoder(x, m.w.text, m.cfg.text, m.rope, pos, None, PagedBatch(pool, slots, None), lora=lora)
+        text.decoder(x, m.w.text, m.cfg.text, m.rope, pos, None, PagedBatch(pool, slots, None), lora=lora, kv_only=True)
 
     def _graph(self, b: int, t: int, s: int, w: torch.nn.Module, lora: LoraBatch | None) -> Graph | None:
         """A captured graph for this forward: CUDA, the base weights, no adapter, within the buckets."""

@@ -59,7 +59,8 @@ class Moondream:
         adapter changes the text layers, so the prefix K/V depend on it."""
         bos = self.w.text.wte[self.cfg.tokenizer.bos_id][None]
         cache = KVCache(self.cfg.text, 1, self.device, self.dtype, prefix_len=self.cfg.prefix_len)
-        self.hidden(cache, torch.cat([bos, img_emb])[None], adapter)
+        lora = LoraBatch.single(adapter, 1, self.device)
+        text.text_hidden(torch.cat([bos, img_emb])[None], self.w.text, self.cfg.text, cache, self.rope, lora, kv_only=True)
         return EncodedImage(cache.prefix(cache.length))
 
     # --- text ---------------------------------------------------------------------------------------
