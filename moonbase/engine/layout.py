@@ -55,11 +55,16 @@ def pack(pool: KVPool, rows: list[Row], b: int, t: int, s: int) -> np.ndarray:
     return np.concatenate([write.ravel(), read.ravel(), q_pos.ravel(), prefix, n_q])
 
 
-def unpack(meta: torch.Tensor, b: int, t: int, s: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def unpack(
+    meta: torch.Tensor, b: int, t: int, s: int, masked: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """write (b, t), read (b, s), query positions (b, t) and the mask (b, t, s), True = may attend: causal,
-    bidirectional inside the image prefix, and key 0 alone for padding queries."""
+    bidirectional inside the image prefix, and key 0 alone for padding queries. Not `masked`: every query
+    sees every key (single inputs at the end of rows of one length), and the mask is None."""
     write, read, q_pos, prefix, n_q = meta.split([b * t, b * s, b * t, b, b])
     write, read, q_pos = write.view(b, t), read.view(b, s), q_pos.view(b, t)
+    if not masked:
+        return write, read, q_pos, None
     k = torch.arange(s, device=meta.device)
     q, p = q_pos[:, :, None], prefix[:, None, None]
     allowed = (k <= q) | ((q < p) & (k < p))

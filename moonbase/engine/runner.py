@@ -93,7 +93,8 @@ class Runner:
             h = graph.replay(x, layout.pack(self.pool, placed, graph.b, graph.t, graph.s))[:b]
         else:
             meta = torch.from_numpy(layout.pack(self.pool, placed, b, t, s)).to(dev)
-            write, read, q_pos, mask = layout.unpack(meta, b, t, s)
+            masked = t > 1 or any(seq.length + 1 != s for seq in rows)
+            write, read, q_pos, mask = layout.unpack(meta, b, t, s, masked)
             h = text.decoder(x, w, m.cfg.text, m.rope, q_pos, mask, PagedBatch(self.pool, write, read), lora=lora)
         for seq, n in zip(rows, lengths, strict=True):
             seq.length += n
