@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +18,7 @@ import numpy as np
 import torch
 
 from moonbase.api import VL
+from moonbase.bench import machine
 from moonbase.data.captcha import QUESTION, captcha_example
 from moonbase.data.shapes import render_scene
 from moonbase.finetune.data import Example
@@ -163,8 +162,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         svc = TuningService(vl, Registry(root), "nano")
         result = sft_captcha(svc, a) if sft else rl_largest(svc, a)
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__}
-    print(json.dumps(result | {"model": "nano", "device": "cpu", "machine": machine}))
+    print(json.dumps(result | {"model": "nano", "device": "cpu", "machine": machine(torch.device("cpu"))}))
 
 
 if __name__ == "__main__":

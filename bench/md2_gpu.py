@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
 from moonbase.api import VL
-from moonbase.bench import closed_loop
+from moonbase.bench import closed_loop, machine
 from moonbase.config import md2
 from moonbase.engine.engine import Engine, EngineConfig
 from moonbase.model.moondream import Moondream, build_model
@@ -136,12 +135,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out["pipelined_vs_blocking_bs1"] = out["bs1_blocking"]["p50_ms"] / out["bs1_pipelined"]["p50_ms"]
     out["bs1_decode_tps"] = out["bs1_decode_tps_pipelined"]
     out["graphs_vs_eager_decode"] = out["bs1_decode_tps_pipelined"] / out["bs1_decode_tps_eager"]
-    out["machine"] = {
-        "gpu": torch.cuda.get_device_name(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "cpu_threads": torch.get_num_threads(),
-    }
+    out["machine"] = machine(torch.device("cuda"))
     out["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     return out
 

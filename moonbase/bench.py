@@ -212,6 +212,25 @@ def soak(vl: VL, n: int, seed: int, clients: int = 16) -> dict[str, Any]:
     }
 
 
+def machine(device: torch.device) -> dict[str, Any]:
+    """What a recorded result ran on."""
+    return {
+        "platform": platform.platform(),
+        "processor": _cpu_model() or platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+    }
+
+
+def _cpu_model() -> str | None:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:  # not Linux
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+
+
 def _rss_mb() -> float | None:
     try:
         return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -263,13 +282,7 @@ def run(
     out["work"] = work(vl, _images(len(WORKLOAD) * 4, seed + 5), out["sequential_rps"])
     if soak_requests:
         out["soak"] = soak(vl, soak_requests, seed + 7)
-    out["machine"] = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() and m.device.type == "cuda" else None,
-    }
+    out["machine"] = machine(m.device)
     out["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     return out
 
