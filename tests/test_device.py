@@ -34,4 +34,4 @@ def test_release_cpu_threads_lets_this_threads_workers_exit():
     t.join()
     with_team, released, again = counts
     assert released <= with_team - (torch.get_num_threads() - 1)
-    assert again == released
+    assert again <= released  # other threads (idle engines of earlier tests) may give theirs back meanwhile
