@@ -59,8 +59,7 @@ class Moondream:
         adapter changes the text layers, so the prefix K/V depend on it."""
         bos = self.w.text.wte[self.cfg.tokenizer.bos_id][None]
         cache = KVCache(self.cfg.text, 1, self.device, self.dtype, prefix_len=self.cfg.prefix_len)
-        lora = LoraBatch.single(adapter, 1, self.device)
-        text.text_hidden(torch.cat([bos, img_emb])[None], self.w.text, self.cfg.text, cache, self.rope, lora, kv_only=True)
+        self.hidden(cache, torch.cat([bos, img_emb])[None], adapter, kv_only=True)
         return EncodedImage(cache.prefix(cache.length))
 
     # --- text ---------------------------------------------------------------------------------------
@@ -94,10 +93,13 @@ class Moondream:
         v = torch.as_tensor(values, device=self.device).to(self.dtype).reshape(-1, 2)
         return region.encode_size(v, self.w.region)
 
-    def hidden(self, cache: KVCache, x_BTC: torch.Tensor, adapter: Adapter | None = None) -> torch.Tensor:
-        """Append T input embeddings to the cache; pre-`post_ln` hidden states (B, T, D)."""
+    def hidden(
+        self, cache: KVCache, x_BTC: torch.Tensor, adapter: Adapter | None = None, kv_only: bool = False
+    ) -> torch.Tensor | None:
+        """Append T input embeddings to the cache; pre-`post_ln` hidden states (B, T, D), or None with
+        `kv_only` (only the cached K/V are wanted: see `text.decoder`)."""
         lora = LoraBatch.single(adapter, x_BTC.shape[0], self.device)
-        return text.text_hidden(x_BTC, self.w.text, self.cfg.text, cache, self.rope, lora)
+        return text.text_hidden(x_BTC, self.w.text, self.cfg.text, cache, self.rope, lora, kv_only)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return text.lm_logits(hidden, self.w.text)
