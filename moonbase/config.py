@@ -220,12 +220,18 @@ class Defaults:
 
 # Keys of a reference config.json that we read but deliberately ignore: the reference never reads
 # prefix_attn either; we derive the prefix length from the vision grid.
+MOONDREAM3_KEYS = {"moe", "tau_attn"}  # the mixture-of-experts model's text config (not supported yet)
 _IGNORED = {"text": {"prefix_attn"}, "vision": set(), "region": set(), "tokenizer": set(), "defaults": set()}
 
 
 def _build(cls: type, d: dict[str, Any], section: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - names - _IGNORED[section]
+    if section == "text" and unknown & MOONDREAM3_KEYS:
+        raise ConfigError(
+            f"this is a Moondream 3 configuration (text keys {sorted(unknown & MOONDREAM3_KEYS)}); "
+            "moonbase runs Moondream 2 models so far"
+        )
     if unknown:
         raise ConfigError(f"unknown {section} config keys: {sorted(unknown)}")
     return cls(**{k: v for k, v in d.items() if k in names})

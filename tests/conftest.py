@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
+from moonbase.config import MOONDREAM3_KEYS
 from moonbase.hub import tiny_random
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,5 +22,12 @@ def tiny_gqa():
     return tiny_random(seed=1, n_kv_heads=1)
 
 
-def fixture_sets() -> list[Path]:
-    return sorted(p.parent for p in PARITY_ROOT.glob("*/expected.json"))
+def fixture_sets(family: str = "md2") -> list[Path]:
+    """Golden fixture sets of one model family: Moondream 3 sets have MoE/tau keys in their text config."""
+    sets = sorted(p.parent for p in PARITY_ROOT.glob("*/expected.json"))
+    return [d for d in sets if ("md3" if _is_md3(d) else "md2") == family]
+
+
+def _is_md3(directory: Path) -> bool:
+    text = json.loads((directory / "config.json").read_text()).get("text", {})
+    return bool(MOONDREAM3_KEYS & set(text))

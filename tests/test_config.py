@@ -28,6 +28,12 @@ def test_reference_config_json_loads(directory):
     assert cfg.tokenizer.query_prefix == tuple(raw["tokenizer"]["templates"]["query"]["prefix"])
 
 
+@pytest.mark.parametrize("directory", fixture_sets("md3"), ids=lambda p: p.name)
+def test_moondream3_config_is_refused_with_a_clear_message(directory):
+    with pytest.raises(ConfigError, match="Moondream 3 configuration"):
+        ModelConfig.from_file(directory / "config.json")
+
+
 def test_hf_wrapper_config_means_md2(tmp_path):
     (tmp_path / "config.json").write_text(
         json.dumps({"architectures": ["HfMoondream"], "config": {}, "model_type": "moondream1"})
