@@ -1,6 +1,24 @@
-"""POST /v1/chat/completions, OpenAI-compatible. Moondream 2 has no chat template: the answer is the
-model's answer to the last user message's text, about the most recent image in the conversation (an
-`image_url` part with a data URL); earlier turns are not fed to the model."""
+"""POST /v1/chat/completions, OpenAI-compatible, within what Moondream does.
+
+Moondream 2 has no chat template: the answer is the model's answer to the last user message's text parts
+(joined with spaces); earlier turns are not fed to the model. It sees at most one image per request: the
+one `image_url` part (`{"type": "image_url", "image_url": {"url": ...}}`, a data URL) anywhere in the
+messages. A request with more than one image gets a 400 that says how many it sent (never an answer
+about one of them); a chat with no image is a text-only query. Content parts are `text` (a string
+`text`) and `image_url` (an object with a string `url`; `detail`, if given, must be one of OpenAI's
+values and has no effect: Moondream crops every image its own way); an assistant message may also carry
+`refusal` parts. Any other part type, or a part without its string, is a 400 naming it.
+
+Honoured parameters: `model`, `messages`, `stream`, `stream_options.include_usage` (a final chunk with
+empty `choices` and the `usage`, as OpenAI sends it), `temperature`, `top_p`, `max_completion_tokens` /
+`max_tokens`, `seed`, and Moondream's `reasoning`. The OpenAI parameters in `UNHONOURED` change the
+answer in ways this server does not implement (JSON mode, tools, several choices, logprobs, stop
+sequences, penalties, ...): a request that sets any of them to anything but a value that changes nothing
+(its default, e.g. `n: 1`, `response_format: {"type": "text"}`) gets one 400 naming every such
+parameter, rather than an answer that silently ignores them. Metadata that does not change the answer
+(`user`, `metadata`, `store`, `service_tier`, `safety_identifier`, `prompt_cache_key`, and
+`stream_options.include_obfuscation`) is accepted and ignored; nothing is stored. Keys OpenAI does not
+define are ignored, as on every route of this server (clients add their own)."""
 
 from __future__ import annotations
 
@@ -18,6 +36,30 @@ from ..errors import SettingsError
 from .cancel import cancellable
 from .registry import ModelRegistry
 
+# OpenAI chat-completions parameters this server does not honour -> the values that change nothing.
+UNHONOURED: dict[str, tuple[Any, ...]] = {
+    "n": (None, 1),
+    "response_format": (None, {"type": "text"}),
+    "tools": (None, []),
+    "tool_choice": (None, "none", "auto"),  # with no tools, "auto" answers in text, as here
+    "parallel_tool_calls": (None, True, False),  # nothing to act on without tools
+    "functions": (None, []),
+    "function_call": (None, "none", "auto"),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "logit_bias": (None, {}),
+    "stop": (None, []),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "reasoning_effort": (None,),  # Moondream's own switch is `reasoning: true`
+    "verbosity": (None,),
+    "web_search_options": (None,),
+}
+IMAGE_DETAIL = ("auto", "low", "high")
+
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -26,12 +68,20 @@ class ChatMessage(BaseModel):
     content: str | list[dict[str, Any]] | None = None
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: StrictBool | None = None
+    include_obfuscation: StrictBool | None = None  # accepted, ignored: no obfuscation padding is added
+
+
 class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     stream: StrictBool = False
+    stream_options: StreamOptions | None = None
     reasoning: StrictBool | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -40,30 +90,73 @@ class ChatRequest(BaseModel):
     seed: int | None = None
 
 
-def _parts(message: ChatMessage) -> tuple[str, str | None]:
-    if isinstance(message.content, str) or message.content is None:
-        return message.content or "", None
-    text, image = [], None
-    for part in message.content:
-        if part.get("type") == "text":
-            text.append(str(part.get("text", "")))
-        elif part.get("type") == "image_url":
-            url = part.get("image_url")
-            image = url.get("url") if isinstance(url, dict) else url
-            if not isinstance(image, str):
-                raise SettingsError("image_url parts need a data URL string")
-    return " ".join(t for t in text if t), image
+def _harmless(value: Any, allowed: tuple[Any, ...]) -> bool:
+    """`value` equals one of `allowed`, a bool matching only a bool (JSON `true` is not `1`)."""
+    return any(value == a and isinstance(value, bool) == isinstance(a, bool) for a in allowed)
+
+
+def _refuse_unhonoured(extra: dict[str, Any]) -> None:
+    bad = [k for k, allowed in UNHONOURED.items() if k in extra and not _harmless(extra[k], allowed)]
+    if bad:
+        named = "; ".join(f"`{k}` (only " + " or ".join(json.dumps(a) for a in UNHONOURED[k]) + ")" for k in bad)
+        raise SettingsError(
+            f"this server does not honour the OpenAI parameter{'s' if len(bad) > 1 else ''} {named}: "
+            f"Moondream answers with one plain-text completion; leave {'them' if len(bad) > 1 else 'it'} out"
+        )
+
+
+def _part(where: str, role: str, part: dict[str, Any]) -> tuple[str | None, str | None]:
+    """A content part's (text, image url); a malformed part or one of a type not taken is a 400."""
+    kind = part.get("type")
+    if kind == "text":
+        if not isinstance(part.get("text"), str):
+            raise SettingsError(f"{where}: a text part needs a string `text`")
+        return part["text"], None
+    if kind == "image_url":
+        image = part.get("image_url")
+        if not isinstance(image, dict) or not isinstance(image.get("url"), str):
+            raise SettingsError(f'{where}: an image_url part needs `"image_url": {{"url": "<data URL>"}}`')
+        if image.get("detail") is not None and image["detail"] not in IMAGE_DETAIL:
+            raise SettingsError(f"{where}: image_url `detail` must be one of {', '.join(IMAGE_DETAIL)}")
+        return None, image["url"]
+    if kind == "refusal" and role == "assistant":
+        if not isinstance(part.get("refusal"), str):
+            raise SettingsError(f"{where}: a refusal part needs a string `refusal`")
+        return None, None
+    if not isinstance(kind, str):
+        raise SettingsError(f"{where}: a content part needs a string `type`")
+    raise SettingsError(f"{where}: content part type {kind!r} is not supported (only 'text' and 'image_url')")
+
+
+def _conversation(messages: list[ChatMessage]) -> tuple[str, str | None]:
+    """The question (the last user message's text) and the one image of the request, if any."""
+    question, images = None, []
+    for i, message in enumerate(messages):
+        content = message.content
+        if content is None or isinstance(content, str):
+            parts = [(content or "", None)]
+        else:
+            parts = [_part(f"messages[{i}].content[{j}]", message.role, p) for j, p in enumerate(content)]
+        images += [(i, url) for _, url in parts if url is not None]
+        if message.role == "user":
+            question = " ".join(text for text, _ in parts if text)
+    if question is None:
+        raise SettingsError("messages need at least one user message")
+    if len(images) > 1:
+        where = ", ".join(f"messages[{i}]" for i, _ in images)
+        raise SettingsError(
+            f"Moondream answers about one image per request, and this request has {len(images)} images "
+            f"(in {where}); send one image_url part per request"
+        )
+    return question, images[0][1] if images else None
 
 
 def add_chat_route(app: FastAPI, registry: ModelRegistry, image_of: Callable[[str | None], Any]) -> None:
     @app.post("/v1/chat/completions")
     async def chat(request: Request, body: ChatRequest):
         sel = registry.select(body.model)
-        users = [m for m in body.messages if m.role == "user"]
-        if not users:
-            raise SettingsError("messages need at least one user message")
-        question, _ = _parts(users[-1])
-        image = next((img for m in reversed(body.messages) if (img := _parts(m)[1]) is not None), None)
+        _refuse_unhonoured(body.model_extra or {})
+        question, image = _conversation(body.messages)
         settings = {"temperature": body.temperature, "top_p": body.top_p, "seed": body.seed}
         settings["max_tokens"] = body.max_completion_tokens or body.max_tokens
         settings = {k: v for k, v in settings.items() if v is not None} | ({"variant": sel.adapter} if sel.adapter else {})
@@ -75,23 +168,20 @@ def add_chat_route(app: FastAPI, registry: ModelRegistry, image_of: Callable[[st
         out = await cancellable(request, sel.vl, run)
         rid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
         if body.stream:
-            return StreamingResponse(_chunks(out["answer"], rid, created, sel.name, stats), media_type="text/event-stream")
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            chunks = _chunks(out["answer"], rid, created, sel.name, stats, usage)
+            return StreamingResponse(chunks, media_type="text/event-stream")
         message: dict[str, Any] = {"role": "assistant", "content": out["answer"]}
         if "reasoning" in out:
             message["reasoning"] = out["reasoning"]["text"]
             message["reasoning_details"] = {"grounding": out["reasoning"]["grounding"]}
-        prompt_tokens = stats["input_tokens"] + stats["image_tokens"]
         return {
             "id": rid,
             "object": "chat.completion",
             "created": created,
             "model": sel.name,
             "choices": [{"index": 0, "message": message, "finish_reason": _finish(stats)}],
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": stats["output_tokens"],
-                "total_tokens": prompt_tokens + stats["output_tokens"],
-            },
+            "usage": _usage(stats),
         }
 
 
@@ -99,18 +189,38 @@ def _finish(stats: dict[str, Any]) -> str:
     return "length" if stats.get("stop_reason") in ("max_tokens", "context") else "stop"
 
 
-def _chunks(pieces: Iterator[str], rid: str, created: int, model: str, stats: dict[str, Any]) -> Iterator[str]:
-    def event(delta: dict[str, Any], finish: str | None = None) -> str:
-        chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
-        chunk["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish}]
+def _usage(stats: dict[str, Any]) -> dict[str, int]:
+    prompt_tokens = stats["input_tokens"] + stats["image_tokens"]
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": stats["output_tokens"],
+        "total_tokens": prompt_tokens + stats["output_tokens"],
+    }
+
+
+def _chunks(
+    pieces: Iterator[str], rid: str, created: int, model: str, stats: dict[str, Any], usage: bool = False
+) -> Iterator[str]:
+    """OpenAI's chunks; with `usage` (stream_options.include_usage) every chunk carries `"usage": null` and
+    a last chunk with no choices carries the counts."""
+
+    def event(choices: list[dict[str, Any]], counts: dict[str, int] | None = None) -> str:
+        chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
+        if usage:
+            chunk["usage"] = counts
         return "data: " + json.dumps(chunk, separators=(",", ":")) + "\n\n"
 
-    yield event({"role": "assistant", "content": ""})
+    def delta(d: dict[str, Any], finish: str | None = None) -> str:
+        return event([{"index": 0, "delta": d, "finish_reason": finish}])
+
+    yield delta({"role": "assistant", "content": ""})
     try:
         for piece in pieces:
-            yield event({"content": piece})
+            yield delta({"content": piece})
     except Exception as e:  # after the 200 header: report in-band, then end the stream
         yield "data: " + json.dumps({"error": {"message": str(e), "type": type(e).__name__}}) + "\n\n"
     else:
-        yield event({}, _finish(stats))
+        yield delta({}, _finish(stats))
+        if usage:
+            yield event([], _usage(stats))
     yield "data: [DONE]\n\n"
