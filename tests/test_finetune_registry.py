@@ -1,5 +1,6 @@
-"""The finetune registry on disk: ids, idempotent creation, and crash safety. A subprocess really is
-SIGKILLed in the middle of a checkpoint save (and of a train-state save); what it leaves must load."""
+"""The finetune registry on disk: ids, idempotent creation, crash safety, and processes sharing it. A
+subprocess really is SIGKILLed in the middle of a checkpoint save (and of a train-state save); what it
+leaves must load. (Two servers training one finetune: tests/test_server_tuning.py.)"""
 
 from __future__ import annotations
 
@@ -37,6 +38,22 @@ SAVE_THEN_CRASH = textwrap.dedent(
     else:
         store.save_checkpoint(fid, 2, trainer.checkpoint())
     print("not killed")
+    """
+)
+
+LOG_METRICS = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from moonbase.finetune.registry import Registry
+
+    root, fid, who, ready = sys.argv[1], sys.argv[2], sys.argv[3], Path(sys.argv[4])
+    store = Registry(root)
+    (ready / who).touch()
+    while len(list(ready.iterdir())) < 2:  # start together, so that the writes interleave
+        time.sleep(0.001)
+    for i in range(40):
+        store.log_metrics(fid, 1, {f"{who}/{i}": float(i)})
     """
 )
 
@@ -92,3 +109,13 @@ def test_a_process_killed_mid_save_leaves_the_previous_checkpoint_loadable(tiny,
     store.save_checkpoint(fid, 2, trainer.checkpoint())  # and the next save of that step works
     assert [c["step"] for c in store.checkpoints(fid)] == [1, 2]
     assert torch.load(store.checkpoint_path(fid, 2), weights_only=True)["step"] == 1
+
+
+def test_processes_logging_metrics_at_once_lose_none(tmp_path):
+    store = Registry(tmp_path / "root")
+    fid = store.create("metrics", 8, "tiny", {})[0].finetune_id
+    (tmp_path / "ready").mkdir()
+    args = [str(store.root), fid]
+    procs = [subprocess.Popen([sys.executable, "-c", LOG_METRICS, *args, who, str(tmp_path / "ready")]) for who in "ab"]
+    assert [p.wait(timeout=60) for p in procs] == [0, 0]
+    assert len(store.metrics(fid)["1"]) == 80  # each read-modify-write of metrics.json held the finetune's lock

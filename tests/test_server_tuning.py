@@ -1,7 +1,14 @@
 """The tuning API against the official client (`md.ft`, `md.vl` from moondream 2.6.1) on a live local server:
-the documented flow end to end, idempotency and retries, and errors that are typed, non-2xx JSON."""
+the documented flow end to end, idempotency and retries, and errors that are typed, non-2xx JSON; and two
+`moonbase serve` processes sharing one finetune directory."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import httpx
 import moondream as md
@@ -11,8 +18,10 @@ import torch
 from moonbase.api import VL
 from moonbase.data.shapes import render_scene
 from moonbase.finetune.registry import Registry
+from moonbase.finetune.trainer import adapter_from_checkpoint
 from moonbase.server.app import create_app
 from moonbase.server.registry import ModelRegistry
+from moonbase.server.run import free_port
 
 from .serving import serving
 
@@ -148,3 +157,106 @@ def test_tuning_errors_are_typed_json(server, image):
     query = {"image_url": url, "question": QUESTION, "model": f"moondream3-preview/{fid}@5"}
     assert httpx.post(f"{base}/v1/query", json=query).status_code == 404
     assert httpx.post(f"{base}/v1/query", json=query | {"model": f"moondream3-preview/{fid}@0"}).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def two_servers(tmp_path_factory):
+    """Two real `moonbase serve` processes on one --finetunes directory (replicas sharing a registry)."""
+    root, logs = tmp_path_factory.mktemp("shared-finetunes"), tmp_path_factory.mktemp("logs")
+    repo = str(Path(__file__).resolve().parents[1])
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)}
+    procs, urls, port = [], [], 22040
+    for i in range(2):
+        port = free_port("127.0.0.1", port + 1)
+        cmd = [sys.executable, "-m", "moonbase", "serve", "--model", "tiny-random", "--device", "cpu"]
+        cmd += ["--finetunes", str(root), "--port", str(port)]
+        with open(logs / f"{i}.log", "w") as log:
+            procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+        urls.append(f"http://127.0.0.1:{port}")
+    try:
+        for i, (proc, url) in enumerate(zip(procs, urls, strict=True)):
+            deadline = time.time() + 60
+            while not _up(url):
+                assert proc.poll() is None and time.time() < deadline, (logs / f"{i}.log").read_text()
+                time.sleep(0.1)
+        yield urls, Registry(root)
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _up(url: str) -> bool:
+    try:
+        return httpx.get(url + "/v1/tuning/finetunes", timeout=5).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def _image_url(image) -> str:
+    from moondream.finetune import _encode_image
+
+    return _encode_image(image).image_url
+
+
+def _step_of(base: str, fid: str) -> int:
+    return httpx.get(f"{base}/v1/tuning/finetunes/{fid}").json()["step"]
+
+
+def test_two_servers_on_one_directory_apply_every_step(two_servers, image, tiny):
+    (a, b), store = two_servers
+    url = _image_url(image)
+    fid = _post(a, "/finetunes", {"name": "shared", "rank": 8}).json()["finetune_id"]
+    assert _post(b, "/finetunes", {"name": "shared", "rank": 8}).json()["finetune_id"] == fid
+    steps = [_post((a, b)[i % 2], "/train_step", _sft_body(fid, url)).json()["step"] for i in range(8)]
+    assert steps == list(range(1, 9))  # each server sees the other's steps, none is lost
+    assert [_step_of(a, fid), _step_of(b, fid)] == [8, 8]
+    logged = httpx.get(f"{b}/v1/tuning/finetunes/{fid}/metrics").json()["metrics"]
+    assert sorted(map(int, logged)) == list(range(1, 9)) and all("train/sft_loss" in v for v in logged.values())
+
+    saved = httpx.post(f"{a}/v1/tuning/finetunes/{fid}/checkpoints/save").json()["checkpoint"]
+    assert saved["step"] == 8 and httpx.post(f"{b}/v1/tuning/finetunes/{fid}/checkpoints/save").json()["checkpoint"] == saved
+    assert _post(b, "/train_step", _sft_body(fid, url)).json()["step"] == 9
+    assert httpx.post(f"{a}/v1/tuning/finetunes/{fid}/checkpoints/save").json()["checkpoint"]["step"] == 9
+    for base in (a, b):
+        assert [c["step"] for c in httpx.get(f"{base}/v1/tuning/finetunes/{fid}/checkpoints").json()["checkpoints"]] == [8, 9]
+        for step in (8, 9):
+            query = {"image_url": url, "question": QUESTION, "model": f"moondream3-preview/{fid}@{step}", "settings": GREEDY}
+            assert httpx.post(f"{base}/v1/query", json=query, timeout=60).status_code == 200
+    weights = {}
+    for step in (8, 9):
+        loaded = store.load_checkpoint(fid, step)
+        assert loaded["step"] == step
+        weights[step] = adapter_from_checkpoint(f"x{step}", loaded, tiny).layers[0]["qkv"][1]
+    assert not torch.equal(weights[8], weights[9])  # server A saved the step B trained, not its own copy
+
+
+def test_an_idempotency_key_applied_on_one_server_is_not_applied_again_on_the_other(two_servers, image):
+    (a, b), _ = two_servers
+    url = _image_url(image)
+    fid = _post(a, "/finetunes", {"name": "shared-key", "rank": 8}).json()["finetune_id"]
+    assert [_post(s, "/train_step", _sft_body(fid, url)).json()["step"] for s in (b, a)] == [1, 2]  # both hold it
+    first = _post(a, "/train_step", _sft_body(fid, url), headers={"Idempotency-Key": "once"}).json()
+    again = _post(b, "/train_step", _sft_body(fid, url), headers={"Idempotency-Key": "once"}).json()  # a retry
+    assert first["step"] == 3 and again == first
+    other = _post(b, "/train_step", _sft_body(fid, url, lr=2e-3), headers={"Idempotency-Key": "once"})
+    assert other.status_code == 422
+    assert [_step_of(a, fid), _step_of(b, fid)] == [3, 3]
+
+
+def test_a_finetune_deleted_on_one_server_is_gone_on_the_other(two_servers, image):
+    (a, b), store = two_servers
+    url = _image_url(image)
+    fid = _post(a, "/finetunes", {"name": "shared-gone", "rank": 8}).json()["finetune_id"]
+    assert [_post(s, "/train_step", _sft_body(fid, url)).json()["step"] for s in (a, b)] == [1, 2]
+    assert httpx.delete(f"{a}/v1/tuning/finetunes/{fid}").status_code == 200
+    roll = {"finetune_id": fid, "num_rollouts": 1, "request": {"skill": "query", "image_url": url, "question": QUESTION}}
+    assert _post(b, "/rollouts", roll).status_code == 404  # B's cached session is not served
+    assert _post(b, "/train_step", _sft_body(fid, url)).status_code == 404
+    assert httpx.post(f"{b}/v1/tuning/finetunes/{fid}/checkpoints/save").status_code == 404
+    assert httpx.get(f"{b}/v1/tuning/finetunes/{fid}").status_code == 404
+    assert sorted(p.name for p in (store.root / fid).iterdir() if not p.name.startswith(".")) == ["meta.json"]  # no resurrection

@@ -9,12 +9,20 @@ directory: `moonbase/atomic.py`), so a crash at any moment leaves each file eith
                                                once its .json does, so a crash between the two leaves an
                                                orphan .pt that is ignored (and overwritten by the next save)
                        metrics.json            {step: {name: value}}, user metrics and every applied step's
+                       .lock                   the finetune's advisory lock (`Registry.lock`); ROOT/.lock is
+                                               the registry's (names, create and delete)
 
 Deleting keeps meta.json as a tombstone (a repeated DELETE is still 200) and removes the rest.
+
+Several processes may share one ROOT (server replicas, the CLI next to a server). Every read-modify-write
+of a finetune runs under its `lock` (the service holds it around reload-if-replaced, train, save_state);
+a process caching a loaded state asks `state_is` whether state.pt is still the file it loaded (see
+service.py).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -22,9 +30,11 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -84,7 +94,30 @@ class Registry:
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser()
         self.root.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()  # create/delete: names are unique among live finetunes
+        self._held = threading.local()  # the lock files this thread holds: `lock` is re-entrant
+
+    @contextmanager
+    def lock(self, fid: str | None = None) -> Iterator[None]:
+        """Exclusive across threads and processes sharing ROOT: one finetune's lock, or without an id the
+        registry's (names are unique among live finetunes). `fcntl.flock` on a `.lock` file, so POSIX only
+        (and a local filesystem); each call opens the file anew, and flock excludes other open files of it
+        in this process too. The OS releases it when its holder dies, so a killed server blocks no one."""
+        path = (self.root if fid is None else self._dir(fid)) / ".lock"
+        held = self._held.__dict__.setdefault("paths", set())
+        if path in held:
+            yield
+            return
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except FileNotFoundError:
+            raise FinetuneNotFoundError(f"no finetune {fid!r}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            held.add(path)
+            yield
+        finally:
+            held.discard(path)
+            os.close(fd)  # and with it the lock
 
     # --- finetunes ----------------------------------------------------------------------------------
 
@@ -121,7 +154,7 @@ class Registry:
 
     def create(self, name: str, rank: int, base_model: str, lora: dict[str, Any]) -> tuple[FinetuneInfo, bool]:
         """(info, created). The same name and rank returns the existing finetune; another rank is a conflict."""
-        with self._lock:
+        with self.lock():
             for info in self.list():
                 if info.name == name:
                     if info.rank != rank:
@@ -140,7 +173,7 @@ class Registry:
 
     def delete(self, fid: str) -> None:
         """Tombstone the finetune (meta.json stays, `deleted`), then remove its state and checkpoints."""
-        with self._lock:
+        with self.lock(), self.lock(fid):  # a step training in another process finishes first, or sees the tombstone
             info = self.get(fid, deleted_ok=True)
             if not info.deleted:
                 info.deleted = True
@@ -152,9 +185,29 @@ class Registry:
 
     # --- training state -----------------------------------------------------------------------------
 
-    def load_state(self, fid: str) -> dict[str, Any] | None:
+    def state_file(self, fid: str) -> BinaryIO | None:
+        """state.pt opened for reading (None without one); kept open, it names the state a process holds."""
+        try:
+            return open(self._dir(fid) / "state.pt", "rb")
+        except FileNotFoundError:
+            return None
+
+    def load_state(self, fid: str, file: BinaryIO | None = None) -> dict[str, Any] | None:
+        """The state in `file` (from `state_file`), else in state.pt; None without one."""
         path = self._dir(fid) / "state.pt"
-        return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+        if file is None and not path.is_file():
+            return None
+        return torch.load(file or path, map_location="cpu", weights_only=True)
+
+    def state_is(self, fid: str, file: BinaryIO | None) -> bool:
+        """Whether state.pt is still `file` (None: still absent). Every save renames a new file over it, so a
+        replaced state has another inode; and while `file` stays open its inode cannot be reused, which a
+        recorded (inode, mtime, size) could not rule out (mtimes are coarse, freed inodes get reused)."""
+        try:
+            now = os.stat(self._dir(fid) / "state.pt")
+        except FileNotFoundError:
+            return file is None
+        return file is not None and os.path.samestat(now, os.fstat(file.fileno()))
 
     def save_state(self, fid: str, state: dict[str, Any]) -> None:
         with atomic_path(self._dir(fid) / "state.pt") as tmp:
@@ -168,21 +221,22 @@ class Registry:
 
     def save_checkpoint(self, fid: str, step: int, payload: dict[str, Any]) -> dict[str, Any]:
         """The checkpoint at `step`; an existing one is returned as is (saving is keyed by step)."""
-        info = self.get(fid)
-        existing = self._ckpt(fid, step, "json")
-        if existing.is_file():
-            record = json.loads(existing.read_text())
-            if not record.get("deleted"):
-                return record
-        with atomic_path(self._ckpt(fid, step, "pt")) as tmp:
-            torch.save(payload | {"finetune_id": fid, "base_model": info.base_model}, tmp)
-            _point("checkpoint:tensors-written")
-        _point("checkpoint:between-files")
-        t = now_ms()
-        record = {"checkpoint_id": checkpoint_id(fid, step), "finetune_id": fid, "step": step, "expires_at_ms": None}
-        record |= {"created_at_ms": t, "updated_at_ms": t}
-        self._write_json(existing, record)
-        return record
+        with self.lock(fid):
+            info = self.get(fid)
+            existing = self._ckpt(fid, step, "json")
+            if existing.is_file():
+                record = json.loads(existing.read_text())
+                if not record.get("deleted"):
+                    return record
+            with atomic_path(self._ckpt(fid, step, "pt")) as tmp:
+                torch.save(payload | {"finetune_id": fid, "base_model": info.base_model}, tmp)
+                _point("checkpoint:tensors-written")
+            _point("checkpoint:between-files")
+            t = now_ms()
+            record = {"checkpoint_id": checkpoint_id(fid, step), "finetune_id": fid, "step": step, "expires_at_ms": None}
+            record |= {"created_at_ms": t, "updated_at_ms": t}
+            self._write_json(existing, record)
+            return record
 
     def checkpoints(self, fid: str) -> list[dict[str, Any]]:
         """Saved checkpoints, by step."""
@@ -206,14 +260,15 @@ class Registry:
 
     def delete_checkpoint(self, fid: str, step: int) -> None:
         """Tombstone then remove; deleting a deleted checkpoint is fine, one never saved is not found."""
-        self.get(fid)
-        meta = self._ckpt(fid, step, "json")
-        if not meta.is_file():
-            raise FinetuneNotFoundError(f"finetune {fid} has no checkpoint at step {step}")
-        record = json.loads(meta.read_text())
-        if not record.get("deleted"):
-            self._write_json(meta, record | {"deleted": True, "updated_at_ms": now_ms()})
-        self._ckpt(fid, step, "pt").unlink(missing_ok=True)
+        with self.lock(fid):
+            self.get(fid)
+            meta = self._ckpt(fid, step, "json")
+            if not meta.is_file():
+                raise FinetuneNotFoundError(f"finetune {fid} has no checkpoint at step {step}")
+            record = json.loads(meta.read_text())
+            if not record.get("deleted"):
+                self._write_json(meta, record | {"deleted": True, "updated_at_ms": now_ms()})
+            self._ckpt(fid, step, "pt").unlink(missing_ok=True)
 
     # --- metrics ------------------------------------------------------------------------------------
 
@@ -223,11 +278,11 @@ class Registry:
 
     def log_metrics(self, fid: str, step: int, values: dict[str, Any]) -> int:
         """Upsert by (step, name); returns how many were logged."""
-        self.get(fid)
-        for k, v in values.items():
-            if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float, type(None))):
-                raise TuningError(f"metric {k!r} must be a number, got {v!r}")
-        with self._lock:
+        with self.lock(fid):  # a read-modify-write: another process's log must not be lost
+            self.get(fid)
+            for k, v in values.items():
+                if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float, type(None))):
+                    raise TuningError(f"metric {k!r} must be a number, got {v!r}")
             table = self.metrics(fid)
             table.setdefault(str(step), {}).update(values)
             self._write_json(self._dir(fid) / "metrics.json", table)

@@ -8,6 +8,11 @@ response are saved in the same atomic write as the trained state, so a crash can
 last `KEPT_KEYS` keys are kept). A duplicate arriving while its twin is still running (same key, or the
 same body when there is no key) waits for the twin and gets its result. What remains: a retry of a step
 without a key that arrives after the first copy finished is applied again (see docs/finetuning.md).
+
+Several processes may serve one registry directory. Every change to a finetune holds its `Registry.lock`
+(an OS file lock) besides this process's lock, and a cached session is used only while state.pt is still
+the file it was loaded from or saved as: when another process has replaced it, the session (trainer state
+and idempotency keys together) is loaded again, so no step is lost and a key is applied once.
 """
 
 from __future__ import annotations
@@ -16,10 +21,11 @@ import hashlib
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any
+from typing import Any, BinaryIO
 
 from ..api import VL
 from ..errors import FinetuneConflictError, FinetuneNotFoundError, IdempotencyKeyReusedError, TuningError
@@ -38,10 +44,11 @@ KEPT_KEYS = 1000
 
 
 class Session:
-    """A loaded finetune: its trainer, the frozen adapter rollouts sample from, and its recent keys."""
+    """A loaded finetune: its trainer, the frozen adapter rollouts sample from, its recent keys, and the
+    state.pt they match, held open (`Registry.state_is`: has another process replaced it since?)."""
 
-    def __init__(self, fid: str, trainer: Trainer, responses: dict[str, Any]):
-        self.fid, self.trainer = fid, trainer
+    def __init__(self, fid: str, trainer: Trainer, responses: dict[str, Any], file: BinaryIO | None):
+        self.fid, self.trainer, self.file = fid, trainer, file
         self.refresh()
         self.responses: OrderedDict[str, Any] = OrderedDict(responses)
 
@@ -87,8 +94,11 @@ class TuningService:
         except (TypeError, ValueError) as e:
             raise TuningError(str(e)) from e
         info, created = self.store.create(name, rank, self.base_name, cfg.to_dict())
+        fid = info.finetune_id
         if created:
-            self.store.save_state(info.finetune_id, self._new_trainer(info.finetune_id, cfg).state_dict() | {"responses": {}})
+            with self.writer(fid):  # only while there is no state.pt: another process may have found it by name and trained it
+                if self.store.state_is(fid, None):
+                    self.store.save_state(fid, self._new_trainer(fid, cfg).state_dict() | {"responses": {}})
         return info.public()
 
     def get(self, fid: str) -> dict[str, Any]:
@@ -122,27 +132,38 @@ class TuningService:
         return Trainer(self.vl.model, cfg, seed)
 
     def session(self, fid: str) -> Session:
-        with self._lock:
-            if fid in self._sessions:
-                self._sessions.move_to_end(fid)
-                return self._sessions[fid]
+        """The finetune's session: the cached one while state.pt is still its file, else loaded from disk
+        (another process trained or deleted it). Not found once deleted, even by another process."""
         info = self.store.get(fid)
+        with self._lock:
+            cached = self._sessions.get(fid)
+        if cached is not None and self.store.state_is(fid, cached.file):
+            with self._lock:
+                if self._sessions.get(fid) is cached:
+                    self._sessions.move_to_end(fid)
+            return cached
         trainer = self._new_trainer(fid, LoraConfig.from_dict(info.lora))
-        state = self.store.load_state(fid)
+        file = self.store.state_file(fid)
+        state = None if file is None else self.store.load_state(fid, file)
         if state is not None:
             trainer.load_state_dict(state)
-        session = Session(fid, trainer, (state or {}).get("responses", {}))
+        session = Session(fid, trainer, (state or {}).get("responses", {}), file)
         with self._lock:
-            session = self._sessions.setdefault(fid, session)
+            self._sessions[fid] = session  # over whatever is cached: one that is stale by now reloads when next used
+            self._sessions.move_to_end(fid)
             while len(self._sessions) > self.cached_sessions:
                 self._sessions.popitem(last=False)
         return session
 
-    def writer(self, fid: str) -> threading.Lock:
-        """The lock every change to a finetune's training state holds. Kept per id, not per cached session:
-        a session evicted from the cache mid-step must not let a second copy train at the same time."""
+    @contextmanager
+    def writer(self, fid: str) -> Iterator[None]:
+        """Held by every change to a finetune's training state: this process's lock for the id (kept per id,
+        not per cached session: a session evicted from the cache mid-step must not let a second copy train
+        at the same time), then the registry's file lock for it (other processes sharing the directory)."""
         with self._lock:
-            return self._writers.setdefault(fid, threading.Lock())
+            lock = self._writers.setdefault(fid, threading.Lock())
+        with lock, self.store.lock(fid):
+            yield
 
     def _step(self, fid: str) -> int:
         return self.session(fid).trainer.step
@@ -212,6 +233,7 @@ class TuningService:
                 while len(session.responses) > KEPT_KEYS:
                     session.responses.popitem(last=False)
             self.store.save_state(fid, trainer.state_dict() | {"responses": dict(session.responses)})
+            session.file = self.store.state_file(fid)  # what we just saved (we hold the lock); the old one closes
         except BaseException:
             with self._lock:  # memory may be ahead of disk: reload from disk next time
                 self._sessions.pop(fid, None)
