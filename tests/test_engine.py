@@ -20,7 +20,7 @@ from moonbase.engine.sequence import Request
 from moonbase.hub import ASSETS, nano
 from moonbase.image import overlap_crops
 
-from .test_lora import random_adapter
+from .helpers import random_adapter
 
 GREEDY = {"temperature": 0.0, "max_tokens": 12, "max_objects": 6}
 
@@ -308,9 +308,9 @@ def test_threads_submitting_at_once_start_one_engine_thread(tiny, images):
 
 
 def test_bench_work_counts_the_linear_layers(tiny):
-    from moonbase.bench import _images, work
+    from moonbase.bench import scene_images, work
 
-    out = work(VL(tiny), _images(4, 1), sequential_rps=1.0)
+    out = work(VL(tiny), scene_images(4, 1), sequential_rps=1.0)
     t = tiny.cfg.text
     prompt = len(skills.query_prompt(tiny.tokenizer, "What color is the star?").ids)
     per_token = 2 * t.dim * (t.qkv_dim + t.dim + 2 * t.ff_dim) * t.n_layers
