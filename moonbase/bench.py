@@ -45,7 +45,8 @@ WORKLOAD = (
 )
 
 
-def _images(n: int, seed: int) -> list[np.ndarray]:
+def scene_images(n: int, seed: int) -> list[np.ndarray]:
+    """`n` synthetic shape scenes (seeded, disjoint across `seed`s): the images the benchmarks send."""
     return [np.asarray(render_scene(seed * 100_000 + i).image) for i in range(n)]
 
 
@@ -260,26 +261,26 @@ def run(
     m = load(model, device)
     engine = Engine(m, EngineConfig(max_batch=max(concurrencies), int8_decode=int8))
     vl = VL(m, engine=engine)
-    warm = _images(len(WORKLOAD), seed + 1)  # first-call costs (allocator, threads) out of the measurements
+    warm = scene_images(len(WORKLOAD), seed + 1)  # first-call costs (allocator, threads) out of the measurements
     out: dict[str, Any] = {"model": m.name, "requests": requests, "device": str(m.device), "dtype": str(m.dtype).split(".")[-1]}
     out["int8_decode"] = int8
     sequential(vl, warm)
-    out["sequential"] = sequential(vl, _images(requests, seed))
+    out["sequential"] = sequential(vl, scene_images(requests, seed))
     out["sequential_rps"] = out["sequential"]["rps"]
     release_cpu_threads()  # this thread's CPU threads would slow the engine thread's (see the function)
     concurrent(vl, warm, len(warm))
     for c in concurrencies:
         engine.cache.clear()
-        result = concurrent(vl, _images(requests, seed + 10 + c), c)  # new images: no cache hits possible
+        result = concurrent(vl, scene_images(requests, seed + 10 + c), c)  # new images: no cache hits possible
         out[f"engine_c{c}"] = result
         out[f"engine_rps_c{c}"] = result["rps"]
     top = max(concurrencies)
     out[f"speedup_c{top}"] = out[f"engine_rps_c{top}"] / out["sequential_rps"]
     engine.cache.clear()
-    fu = followup(vl, _images(8, seed + 999))
+    fu = followup(vl, scene_images(8, seed + 999))
     out |= fu
     out["followup_speedup"] = fu["first_ttft_ms"] / fu["followup_ttft_ms"]
-    out["work"] = work(vl, _images(len(WORKLOAD) * 4, seed + 5), out["sequential_rps"])
+    out["work"] = work(vl, scene_images(len(WORKLOAD) * 4, seed + 5), out["sequential_rps"])
     if soak_requests:
         out["soak"] = soak(vl, soak_requests, seed + 7)
     out["machine"] = machine(m.device)

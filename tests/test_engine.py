@@ -20,7 +20,7 @@ from moonbase.engine.sequence import Request
 from moonbase.hub import ASSETS, nano
 from moonbase.image import overlap_crops
 
-from .test_lora import random_adapter
+from .helpers import random_adapter
 
 GREEDY = {"temperature": 0.0, "max_tokens": 12, "max_objects": 6}
 
@@ -240,10 +240,21 @@ def test_int8_decode_runs_every_skill_close_to_fp32(tiny, images):
     h = torch.randn(4, tiny.cfg.text.dim, generator=torch.Generator().manual_seed(0))
     want, got = lm_logits(h, tiny.w.text), lm_logits(h, q)
     assert (got - want).abs().max() < 0.05 * want.abs().max()
-    engine = Engine(tiny, EngineConfig(kv_memory_mb=8, int8_decode=True), background=False)
-    vl = VL(tiny, engine=engine)
-    handles = [engine.submit(_request(vl, images, *c)) for c in _cases(images[:2])]
-    assert all(h.result() is not None for h in handles)
+    # The same greedy requests through an fp32 engine and an int8 one. Only single-token decode steps run in int8,
+    # so an answer can only part from fp32's where fp32's choice (token, coordinate or size bin) was a near tie that
+    # the int8 error above tips over. Measured: all 19 cases here come out identical; over six other random tiny
+    # models and two image pairs about one case in five differed somewhere (random weights give flat logits, so
+    # near ties are common). Two differing cases are allowed for a tie that another CPU's kernels round the other
+    # way; a broken int8 path changes most of them.
+    cases = _cases(images)
+    outcomes = {}
+    for int8 in (False, True):
+        engine = Engine(tiny, EngineConfig(kv_memory_mb=8, int8_decode=int8), background=False)
+        vl = VL(tiny, engine=engine)
+        handles = [engine.submit(_request(vl, images, *c)) for c in cases]
+        outcomes[int8] = [_outcome(h.result(), c[2]) for h, c in zip(handles, cases, strict=True)]
+    differ = [c for c, want, got in zip(cases, outcomes[False], outcomes[True], strict=True) if got != want]
+    assert len(differ) <= 2, differ
 
 
 def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(tiny, images):
@@ -308,9 +319,9 @@ def test_threads_submitting_at_once_start_one_engine_thread(tiny, images):
 
 
 def test_bench_work_counts_the_linear_layers(tiny):
-    from moonbase.bench import _images, work
+    from moonbase.bench import scene_images, work
 
-    out = work(VL(tiny), _images(4, 1), sequential_rps=1.0)
+    out = work(VL(tiny), scene_images(4, 1), sequential_rps=1.0)
     t = tiny.cfg.text
     prompt = len(skills.query_prompt(tiny.tokenizer, "What color is the star?").ids)
     per_token = 2 * t.dim * (t.qkv_dim + t.dim + 2 * t.ff_dim) * t.n_layers

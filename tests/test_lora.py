@@ -6,36 +6,16 @@ import pytest
 import torch
 
 from moonbase.errors import CheckpointError
-from moonbase.model.lora import TARGETS, Adapter, LoraBatch, adapter_from_state_dict, load_adapter, target_shapes
+from moonbase.model.lora import TARGETS, LoraBatch, adapter_from_state_dict, load_adapter
 from moonbase.model.text import decoder
 
-
-def random_adapter(cfg, rank: int, seed: int, name: str, scale: float = 0.2) -> Adapter:
-    g = torch.Generator().manual_seed(seed)
-    layers = []
-    for _ in range(cfg.n_layers):
-        layer = {}
-        for target, (d_in, d_out) in target_shapes(cfg).items():
-            layer[target] = (torch.randn(rank, d_in, generator=g) * scale, torch.randn(d_out, rank, generator=g) * scale)
-        layers.append(layer)
-    return Adapter(name, tuple(layers))
-
-
-def _raw_state(adapter: Adapter) -> dict[str, torch.Tensor]:
-    """The raw Phi-style key layout of variant files."""
-    phi = {"qkv": "mixer.Wqkv", "proj": "mixer.out_proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
-    state = {}
-    for i, layer in enumerate(adapter.layers):
-        for target, (a, b) in layer.items():
-            prefix = f"text_model.transformer.h.{i}.{phi[target]}.parametrizations.weight.0"
-            state[f"{prefix}.A"], state[f"{prefix}.B"] = a, b
-    return state
+from .helpers import random_adapter, raw_variant_state
 
 
 def test_variant_files_load_from_raw_and_renamed_keys(tiny, tmp_path):
     cfg = tiny.cfg.text
     adapter = random_adapter(cfg, 4, 0, "x")
-    torch.save(_raw_state(adapter), tmp_path / "final.pt")
+    torch.save(raw_variant_state(adapter), tmp_path / "final.pt")
     loaded = load_adapter(tmp_path / "final.pt", cfg)
     assert loaded.rank == 4
     for want, got in zip(adapter.layers, loaded.layers, strict=True):

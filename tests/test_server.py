@@ -318,7 +318,7 @@ def test_a_client_that_goes_away_frees_its_sequence(tiny, image):
 
 
 def test_model_names_aliases_and_adapters(tiny, image, tmp_path):
-    from .test_lora import _raw_state, random_adapter
+    from .helpers import random_adapter, raw_variant_state
 
     vl = VL(tiny)
     client = _app(vl)
@@ -327,7 +327,7 @@ def test_model_names_aliases_and_adapters(tiny, image, tmp_path):
     assert (
         client.post("/v1/point", json={**body, "model": "moondream3-preview"}).json()["points"] == base
     )  # the tuning client's alias
-    torch.save(_raw_state(random_adapter(tiny.cfg.text, 4, 3, "x", scale=0.5)), tmp_path / "final.pt")
+    torch.save(raw_variant_state(random_adapter(tiny.cfg.text, 4, 3, "x", scale=0.5)), tmp_path / "final.pt")
     adapted = client.post("/v1/point", json={**body, "variant": str(tmp_path)})  # a variant directory on disk
     want = vl.point(np.asarray(image.convert("RGB")), "circle", settings={"max_objects": 2, "variant": str(tmp_path)})
     assert adapted.status_code == 200 and adapted.json()["points"] == want["points"]

@@ -20,19 +20,40 @@ def image():
     return render_scene(seed=3, n_objects=3, size=(160, 120)).image
 
 
-def test_every_skill_returns_client_shapes(vl, image):
-    assert isinstance(vl.caption(image, "short", settings=GREEDY)["caption"], str)
-    assert isinstance(vl.query(image, "How many?", settings=GREEDY)["answer"], str)
-    assert isinstance(vl.query(None, "Hello?", settings=GREEDY)["answer"], str)
-    r = vl.query(image, "Where?", reasoning=True, settings=GREEDY)
-    assert set(r) == {"reasoning", "answer"} and set(r["reasoning"]) == {"text", "grounding"}
-    r = vl.query(image, "What is this?", spatial_refs=[[0.5, 0.5], [0.1, 0.1, 0.4, 0.6]], settings=GREEDY)
-    assert isinstance(r["answer"], str)
+def test_every_skill_gives_the_single_request_answers_in_client_shapes(vl, image):
+    """Through the public API (settings, engine, decoding, output shapes), greedy answers are exactly what the
+    plain loops of `moonbase.simple` give on the same inputs."""
+    from moonbase import simple, skills
+
+    m, enc = vl.model, vl.encode_image(image)
+    s = skills.resolve_settings(GREEDY, m.cfg.defaults)
+
+    def text(ids: list[int]) -> str:
+        assert 0 < len(ids) <= GREEDY["max_tokens"]  # non-empty; the tiny model rarely stops, so max_tokens binds
+        return m.tokenizer.decode(ids)
+
+    assert vl.caption(image, "short", settings=GREEDY) == {"caption": text(list(simple.caption(m, enc, "short", s)))}
+    for question, refs in (("How many?", None), ("What is this?", [[0.5, 0.5], [0.1, 0.1, 0.4, 0.6]])):
+        want = text(list(simple.query(m, enc, question, s, refs)))
+        assert vl.query(image, question, spatial_refs=refs, settings=GREEDY) == {"answer": want}
+    assert vl.query(None, "Hello?", settings=GREEDY) == {"answer": text(list(simple.query(m, None, "Hello?", s)))}  # text only
+    trace = simple.TextRun()
+    answer = text(list(simple.query(m, enc, "Where?", s, reasoning=True, reasoning_run=trace)))
+    reasoning = skills.reasoning_output(simple.reasoning_chunks(trace, m), m.tokenizer)
+    assert trace.ids and vl.query(image, "Where?", reasoning=True, settings=GREEDY) == {"reasoning": reasoning, "answer": answer}
+
+    four = skills.resolve_settings({"max_objects": 4}, m.cfg.defaults)
+    want = simple.locate(m, enc, "detect", "circle", four)
     objects = vl.detect(image, "circle", settings={"max_objects": 4})["objects"]
-    assert len(objects) <= 4 and all(set(o) == {"x_min", "y_min", "x_max", "y_max"} for o in objects)
-    assert all(o["x_min"] <= o["x_max"] and o["y_min"] <= o["y_max"] for o in objects)
+    assert 0 < len(objects) == len(want) <= 4 and all(set(o) == {"x_min", "y_min", "x_max", "y_max"} for o in objects)
+    for o, w in zip(objects, want, strict=True):  # boxes are centre +- size / 2, not clipped to the image
+        assert (o["x_min"] + o["x_max"]) / 2 == pytest.approx(w.x) and (o["y_min"] + o["y_max"]) / 2 == pytest.approx(w.y)
+        assert (o["x_max"] - o["x_min"], o["y_max"] - o["y_min"]) == pytest.approx(w.size)
+        assert 0 <= w.x < 1 and 0 <= w.y < 1 and 0 < w.size[0] <= 1 and 0 < w.size[1] <= 1  # coordinate and size bins
+    want = simple.locate(m, enc, "point", "circle", skills.resolve_settings({"max_objects": 3}, m.cfg.defaults))
     points = vl.point(image, "circle", settings={"max_objects": 3})["points"]
-    assert len(points) <= 3 and all(set(p) == {"x", "y"} and 0 <= p["x"] < 1 for p in points)
+    assert 0 < len(points) <= 3 and points == [{"x": w.x, "y": w.y} for w in want]
+    assert all(0 <= p["x"] < 1 and 0 <= p["y"] < 1 for p in points)
     gaze = vl.detect_gaze(image, (0.3, 0.4))["gaze"]
     assert gaze is None or set(gaze) == {"x", "y"}
 

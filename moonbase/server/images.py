@@ -1,5 +1,6 @@
-"""`image_url` values: data URLs (any image MIME type) or bare base64. Remote URLs and file paths are
-(`file://...`) are refused unless the server was started to allow them."""
+"""`image_url` values: data URLs (any image MIME type) or bare base64. Remote URLs (`http(s)://...`) and file
+paths (`file://...`) are refused unless the server was started to allow them (--allow-remote-images,
+--allow-file-images)."""
 
 from __future__ import annotations
 

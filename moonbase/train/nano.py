@@ -1,6 +1,6 @@
 """The `nano` model: config, tokenizer and from-scratch training recipe on the synthetic mixture.
 
-python -m moonbase train nano --out runs/nano          # 59 minutes (the cap) on a 2-core CPU
+python -m moonbase train nano --out runs/nano          # at most 59 minutes (the cap) on a 2-core CPU
 python -m moonbase train nano --out runs/nano --resume  # continue from runs/nano/checkpoint.pt
 """
 
@@ -94,27 +94,27 @@ class TrainArgs:
     weight_decay: float = 0.05
     label_sigma: tuple[float, float] = (8.0, 1.5)  # soft bin labels, annealed linearly from first to second
     attn_weight: float = 1.0  # grounding attention supervision
-    # a linear probe on the image tokens predicts the kind and colour under each one (training only); weight 1
-    # lifted qa by ~0.2 but cost detect ~0.08, 0 turns it off
+    # a linear probe on the image tokens predicts the kind and colour under each one (training only); 0 turns it
+    # off. A stronger probe buys qa at the cost of detect; at 0.3 nothing is lost (MODEL_CARD: "The image-token probe")
     probe_weight: float = 0.3
     # vision pre-training: this many steps of `vision_batch` scenes train only the vision side, through the probe,
-    # before the `steps` of the full model (see `vision_losses`): per-token shape-kind accuracy 0.41 -> 0.92 (900 steps)
+    # before the `steps` of the full model (see `vision_losses`; MODEL_CARD: "Vision pre-training")
     vision_steps: int = 800
-    # the probe also reads each token's own grid row and column: without it the vision phase washed position out
-    # of the tokens (detect 0.58 -> 0.39); with it detect rose to 0.68-0.74 (see MODEL_CARD)
+    # the probe also reads each token's own grid row and column, so that the vision phase does not wash position
+    # out of the tokens (without it detect fell; MODEL_CARD: "Vision pre-training")
     probe_position: bool = True
     vision_batch: int = 32
     vision_lr: float = 2e-3
-    locate_tasks: int = 8  # detect/point tasks per shape scene (8 doubled detect F1 over 4 at equal steps)
-    # extra questions per shape scene (scenes._drills): extremes questions and counts over a kind or colour of the
-    # scene's own shapes; with the mix below: extremes 0.32 -> 0.91, qa 0.77 -> 0.93, detect 0.83 -> 0.88, and
-    # counts about present kinds and colours took counts above one from 1/16 to 8/16 (see MODEL_CARD)
+    locate_tasks: int = 8  # detect/point tasks per shape scene; more did not help (MODEL_CARD: "Ablations")
+    # extra questions per shape scene (scenes._drills): an extremes question and a count over a kind or colour of
+    # the scene's own shapes, which one question per scene asks too rarely (MODEL_CARD: "Drill questions")
     drills: int = 2
-    # how detect/point/count phrases are drawn (scenes.PHRASE_MIX): 0.40/0.15/0.30/0.15 (twice the eval's share
-    # of colour-only phrases) took "blue shape" from F1 ~0 to 1.0 but kind-only phrases from 0.91 to 0.68; this
-    # gives kind-only phrases back their share (0.93 again)
+    # how detect/point/count phrases are drawn (order of scenes.PHRASE_MIX): more colour-only and kind-only phrases
+    # than the eval stream, which finding a shape by colour alone needed (MODEL_CARD: "Colour-only phrases")
     phrase_mix: tuple[float, ...] = (0.30, 0.30, 0.25, 0.15)
-    curriculum: float = 0.4  # scenes hold at most 3 shapes at first, rising to 8 over this fraction of training
+    # main steps only: scenes hold at most 3 shapes at first, one more every `curriculum * steps / 6` steps, so 8 from
+    # 5/6 of this fraction on (main step 867 of 2600 at 0.4, a third of the way); 0: up to 8 from the start
+    curriculum: float = 0.4
     seed: int = 0
     checkpoint_every: int = 200
     max_minutes: float | None = 59.0  # stop (and save) here: the budget is an hour on a 2-core CPU; 0 or None: no cap
