@@ -6,39 +6,48 @@ model.caption("photo.jpg")["caption"]
 model.query(image, "What is this?")["answer"]
 model.detect(image, "face")["objects"]      # [{"x_min", "y_min", "x_max", "y_max"}], normalized
 model.point(image, "face")["points"]        # [{"x", "y"}]
+
+Every method is one `SkillRequest` through `run`: the skill prepares it, the engine runs it, the skill
+renders the result.
 """
 
 from __future__ import annotations
 
-import hashlib
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import numpy as np
 import torch
 
-from . import simple, skills
 from .device import release_cpu_threads
-from .engine.engine import Engine
+from .engine.engine import Engine, EngineConfig
 from .engine.handle import Handle, Result
-from .engine.sequence import Request
-from .errors import RequestTimeoutError, SettingsError
-from .image import DEFAULT_MAX_PIXELS, Crops, ImageInput, load_image, overlap_crops
-from .model.lora import Adapter
+from .errors import RequestTimeoutError
+from .image import ImageInput
 from .model.moondream import Moondream
 from .model.text import EncodedImage
+from .skills import ImageLimits, Request, SkillRequest, prepare, resolve_settings
 from .tokenizer import TextStream
 
 
 class VL:
-    """Every call becomes a request to one shared engine, so concurrent callers are batched together."""
+    """Every call becomes a request to one shared engine, so concurrent callers are batched together.
+    `engine_config` sizes the engine (created on first use); `limits` bounds the images accepted and their
+    crops; `timeout` (seconds) cancels a request that runs longer; with `clip` (the default) boxes and
+    points are clipped to [0, 1]."""
 
     def __init__(
-        self, model: Moondream, max_pixels: int = DEFAULT_MAX_PIXELS, engine: Engine | None = None, timeout: float | None = None
+        self,
+        model: Moondream,
+        engine: Engine | None = None,
+        engine_config: EngineConfig = EngineConfig(),
+        limits: ImageLimits = ImageLimits(),
+        timeout: float | None = None,
+        clip: bool = True,
     ):
-        self.model, self.max_pixels, self.timeout = model, max_pixels, timeout  # timeout: seconds per request
+        self.model, self.engine_config, self.limits, self.timeout, self.clip = model, engine_config, limits, timeout, clip
         self._engine = engine
         release_cpu_threads()  # the loading thread's: the engine thread computes from now on
         self._engine_lock = threading.Lock()
@@ -50,36 +59,47 @@ class VL:
         if self._engine is None:
             with self._engine_lock:
                 if self._engine is None:
-                    self._engine = Engine(self.model)
+                    self._engine = Engine(self.model, self.engine_config)
         return self._engine
 
-    def encode_image(self, image: ImageInput | EncodedImage, settings: dict[str, Any] | None = None) -> EncodedImage:
-        """Run the vision encoder and the image prefill once; pass the result to any skill to reuse it
-        (with the same `variant` setting: an adapter changes the prefill)."""
-        if isinstance(image, EncodedImage):
-            return image
-        m = self.model
-        adapter = self._adapter(self._settings(settings))
-        crops = self._crops(image)
-        with torch.no_grad():
-            encoded = m.prefill_image(m.embed_crops([crops], None if adapter is None else adapter.vision)[0], adapter)
-        return EncodedImage(encoded.kv, key=image_key(crops), variant=None if adapter is None else adapter.name)
+    # --- the one request path -----------------------------------------------------------------------
 
-    def _crops(self, image: ImageInput) -> Crops:
-        return overlap_crops(load_image(image, self.max_pixels), self.model.cfg.vision)
+    def prepare(self, req: SkillRequest, rollout: bool = False) -> Request:
+        return prepare(self.model, req, self.engine.adapters.get, self.limits, rollout)
 
-    def _settings(self, settings: dict[str, Any] | None) -> skills.Settings:
-        return skills.resolve_settings(settings, self.model.cfg.defaults)
-
-    def _adapter(self, s: skills.Settings) -> Adapter | None:
-        return None if s.variant is None else self.engine.adapters.get(s.variant)
-
-    def _submit(self, skill: str, image: ImageInput | EncodedImage | None, prompt: skills.Prompt, s, **kw) -> Handle:
-        handle = self.engine.submit(self._request(skill, image, prompt, s, **kw))
+    def submit(self, request: Request) -> Handle:
+        handle = self.engine.submit(request)
         scope = getattr(self._scopes, "current", None)
         if scope is not None:
             scope.add(handle)
         return handle
+
+    def wait(self, handles: list[Handle], timeout: float | None = None) -> list[Result]:
+        """Every handle's result; past the timeout all are cancelled (freeing their places in the engine)."""
+        timeout = self.timeout if timeout is None else timeout
+        deadline = None if timeout is None else time.perf_counter() + timeout
+        try:
+            return [h.result(None if deadline is None else max(0.0, deadline - time.perf_counter())) for h in handles]
+        except TimeoutError:
+            for h in handles:
+                h.cancel()
+            raise RequestTimeoutError(f"the request did not finish within {timeout} s") from None
+
+    def run(
+        self, req: SkillRequest, stream: bool = False, stats: dict | None = None, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Any skill request, rendered as the official client returns it. With `stream`, a text skill's text
+        field is an iterator of pieces; `stats`, if given, is filled with token counts and timings."""
+        skill, tok = req.skill, self.model.tokenizer
+        handle = self.submit(self.prepare(req))
+        if not (stream and skill.text_key):
+            result = self.wait([handle], timeout)[0]
+            _record(stats, result)
+            return skill.render(result.output, tok, self.clip)
+        head = skill.render(self.wait([handle], timeout)[0].output, tok, self.clip) if req.reasoning else {}
+        timeout = self.timeout if timeout is None else timeout
+        deadline = None if timeout is None else time.perf_counter() + timeout
+        return head | {skill.text_key: _stream(handle, TextStream(tok), stats, deadline)}
 
     @contextmanager
     def cancel_scope(self, scope: CancelScope) -> Iterator[CancelScope]:
@@ -91,40 +111,20 @@ class VL:
         finally:
             self._scopes.current = previous
 
-    def _request(self, skill: str, image: ImageInput | EncodedImage | None, prompt: skills.Prompt, s, **kw) -> Request:
-        source = key = None
-        adapter = self._adapter(s)
+    # --- the client's methods -----------------------------------------------------------------------
+
+    def encode_image(self, image: ImageInput | EncodedImage, settings: dict[str, Any] | None = None) -> EncodedImage:
+        """Run the vision encoder and the image prefill once; pass the result to any skill to reuse it
+        (with the same `variant` setting: an adapter changes the prefill)."""
         if isinstance(image, EncodedImage):
-            if image.length != self.model.cfg.prefix_len:
-                raise SettingsError(
-                    f"encoded image has {image.length} positions; this model's prefix has {self.model.cfg.prefix_len}"
-                )
-            if image.variant != s.variant:
-                raise SettingsError(f"image was encoded with variant {image.variant!r}; this request uses {s.variant!r}")
-            source, key = image, image.key or _kv_key(image)
-        elif image is not None:
-            source = self._crops(image)
-            key = image_key(source)
-        if image is None:  # text only: BOS then the prompt, causal from position 0
-            prompt = skills.Prompt((self.model.cfg.tokenizer.bos_id,)) + prompt
-        room = self.model.cfg.text.max_context - (0 if image is None else self.model.cfg.prefix_len)
-        if len(prompt.ids) >= room:
-            raise SettingsError(f"prompt of {len(prompt.ids)} tokens does not fit the context ({room} left)")
-        return Request(skill, prompt, s, source, key, adapter=adapter, **kw)
-
-    def _wait(self, handle: Handle, stats: dict | None):
-        try:
-            result = handle.result(self.timeout)
-        except TimeoutError:
-            handle.cancel()  # frees its place in the engine
-            raise RequestTimeoutError(f"the request did not finish within {self.timeout} s") from None
-        _record(stats, result)
-        return result
-
-    def _text(self, handle: Handle, stream: bool, stats: dict | None) -> str | Iterator[str]:
-        if not stream:
-            return self.model.tokenizer.decode(self._wait(handle, stats).run.ids)
-        return _stream(handle.tokens(), TextStream(self.model.tokenizer), handle, stats)
+            return image
+        m = self.model
+        variant = resolve_settings(settings, m.cfg.defaults).variant
+        adapter = None if variant is None else self.engine.adapters.get(variant)
+        crops = self.limits.crops(m, image)
+        with torch.no_grad():
+            encoded = m.prefill_image(m.embed_crops([crops], None if adapter is None else adapter.vision)[0], adapter)
+        return EncodedImage(encoded.kv, key=crops.key, variant=variant)
 
     def caption(
         self,
@@ -134,10 +134,7 @@ class VL:
         settings: dict[str, Any] | None = None,
         stats: dict | None = None,
     ) -> dict[str, Any]:
-        """`stats`, if given, is filled with the request's token counts and timings when it finishes."""
-        s = self._settings(settings)
-        prompt = skills.caption_prompt(self.model.cfg.tokenizer, length)
-        return {"caption": self._text(self._submit("caption", image, prompt, s), stream, stats)}
+        return self.run(SkillRequest("caption", image, length=length, settings=settings or {}), stream, stats)
 
     def query(
         self,
@@ -149,30 +146,13 @@ class VL:
         spatial_refs: Any = None,
         stats: dict | None = None,
     ) -> dict[str, Any]:
-        s = self._settings(settings)
-        if question is None:
-            raise SettingsError("question is required")
-        if spatial_refs and image is None:
-            raise SettingsError("spatial_refs need an image")
-        prompt = skills.query_prompt(self.model.tokenizer, question, spatial_refs, reasoning)
-        handle = self._submit("query", image, prompt, s, reasoning=reasoning)
-        out: dict[str, Any] = {}
-        if reasoning:
-            trace = self._wait(handle, None).trace
-            out["reasoning"] = skills.reasoning_output(simple.reasoning_chunks(trace, self.model), self.model.tokenizer)
-        out["answer"] = self._text(handle, stream, stats)
-        return out
-
-    def _locate(self, skill: str, image, obj: str, settings, spatial_refs=None, stats=None) -> list:
-        s = self._settings(settings)
-        prompt = skills.object_prompt(self.model.tokenizer, skill, obj, spatial_refs)
-        return self._wait(self._submit(skill, image, prompt, s), stats).objects
+        req = SkillRequest("query", image, question, reasoning=reasoning, spatial_refs=spatial_refs, settings=settings or {})
+        return self.run(req, stream, stats)
 
     def detect(
         self, image: ImageInput | EncodedImage, object: str, settings: dict[str, Any] | None = None, stats: dict | None = None
     ) -> dict[str, Any]:
-        objs = self._locate("detect", image, object, settings, stats=stats)
-        return {"objects": [skills.region_output(o.x, o.y, *o.size) for o in objs]}
+        return self.run(SkillRequest("detect", image, object=object, settings=settings or {}), stats=stats)
 
     def point(
         self,
@@ -182,8 +162,8 @@ class VL:
         spatial_refs: Any = None,
         stats: dict | None = None,
     ) -> dict[str, Any]:
-        objs = self._locate("point", image, object, settings, spatial_refs, stats)
-        return {"points": [{"x": o.x, "y": o.y} for o in objs]}
+        req = SkillRequest("point", image, object=object, spatial_refs=spatial_refs, settings=settings or {})
+        return self.run(req, stats=stats)
 
     def detect_gaze(
         self, image: ImageInput | EncodedImage, eye: tuple[float, float], settings: dict[str, Any] | None = None
@@ -215,26 +195,14 @@ class CancelScope:
                 handle.cancel()
 
 
-def _kv_key(image: EncodedImage) -> str:
-    return "kv:" + hashlib.blake2b(image.kv[0][0].float().cpu().numpy().tobytes(), digest_size=16).hexdigest()
-
-
-def image_key(crops: Crops) -> str:
-    """Content hash of the tiled image: equal pixels share one cached prefix. SHA-256 because CPUs hash it
-    in hardware (about twice blake2b's speed; a 13-crop image is 5.6 MB)."""
-    h = hashlib.sha256(repr((crops.pixels.shape, crops.tiling)).encode())
-    h.update(np.ascontiguousarray(crops.pixels).data)
-    return h.hexdigest()[:32]
-
-
 def _record(stats: dict | None, result: Result) -> None:
     if stats is not None:
-        stats.update(result.stats | ({"stop_reason": result.run.stop_reason} if result.run else {}))
+        stats.update(result.stats | {"stop_reason": result.output.stop_reason.value})
 
 
-def _stream(ids: Iterator[int], stream: TextStream, handle: Handle, stats: dict | None) -> Iterator[str]:
+def _stream(handle: Handle, stream: TextStream, stats: dict | None, deadline: float | None) -> Iterator[str]:
     try:
-        for t in ids:
+        for t in handle.tokens(deadline):
             piece = stream.push(t)
             if piece:
                 yield piece
@@ -243,5 +211,5 @@ def _stream(ids: Iterator[int], stream: TextStream, handle: Handle, stats: dict 
         if tail:
             yield tail
     finally:
-        if not handle.done:  # the consumer stopped reading: free the sequence
+        if not handle.done:  # the consumer stopped reading, or the deadline passed: free the sequence
             handle.cancel()

@@ -12,6 +12,7 @@ reports resident memory after warm-up and at the end, and anything the idle engi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import simple, skills
+from . import simple
 from .api import VL
 from .data.shapes import render_scene
 from .device import release_cpu_threads
@@ -35,13 +36,14 @@ from .engine.engine import Engine, EngineConfig
 from .engine.sequence import Sequence
 from .hub import DEFAULT_MODEL, load
 from .image import overlap_crops
+from .skills import SkillRequest
 
 SETTINGS = {"temperature": 0.0, "max_tokens": 32, "max_objects": 8}
-WORKLOAD = (
-    ("caption", {"length": "normal"}),
-    ("query", {"question": "How many circles are there?"}),
-    ("detect", {"object": "circle"}),
-    ("point", {"object": "red shape"}),
+WORKLOAD = (  # request i asks WORKLOAD[i % 4] about its image
+    SkillRequest("caption", length="normal", settings=SETTINGS),
+    SkillRequest("query", question="How many circles are there?", settings=SETTINGS),
+    SkillRequest("detect", object="circle", settings=SETTINGS),
+    SkillRequest("point", object="red shape", settings=SETTINGS),
 )
 
 
@@ -50,37 +52,26 @@ def scene_images(n: int, seed: int) -> list[np.ndarray]:
     return [np.asarray(render_scene(seed * 100_000 + i).image) for i in range(n)]
 
 
-def _run_one(vl: VL, image: Any, skill: str, args: dict) -> Any:
-    if skill == "caption":
-        return vl.caption(image, args["length"], settings=SETTINGS)
-    if skill == "query":
-        return vl.query(image, args["question"], settings=SETTINGS)
-    return getattr(vl, skill)(image, args["object"], settings=SETTINGS)
+def _run_one(vl: VL, image: Any, i: int) -> Any:
+    """Request `i` of the workload through the engine."""
+    return vl.run(dataclasses.replace(WORKLOAD[i % len(WORKLOAD)], image=image))
 
 
 def sequential(vl: VL, images: list[np.ndarray]) -> dict[str, float]:
     """The single-request path, one request after another: vision, prefill and decode per request."""
-    m, s = vl.model, skills.resolve_settings(SETTINGS, vl.model.cfg.defaults)
     latencies = []
     t0 = time.perf_counter()
     for i, image in enumerate(images):
         start = time.perf_counter()
-        _single(m, s, image, i)
+        _single(vl.model, image, i)
         latencies.append(time.perf_counter() - start)
     return _summary(len(images), time.perf_counter() - t0, latencies)
 
 
 @torch.no_grad()
-def _single(m, s: skills.Settings, image: np.ndarray, i: int) -> None:
+def _single(m, image: np.ndarray, i: int) -> None:
     """Request `i` of the workload on the single-request path."""
-    skill, args = WORKLOAD[i % len(WORKLOAD)]
-    enc = _encode(m, image)
-    if skill == "caption":
-        list(simple.caption(m, enc, args["length"], s))
-    elif skill == "query":
-        list(simple.query(m, enc, args["question"], s))
-    else:
-        simple.locate(m, enc, skill, args["object"], s)
+    simple.run(m, _encode(m, image), WORKLOAD[i % len(WORKLOAD)])
 
 
 def _encode(m, image: np.ndarray):
@@ -93,16 +84,17 @@ def work(vl: VL, images: list[np.ndarray], sequential_rps: float) -> dict[str, f
     these lengths is a few percent more) and the rates it bounds if every product ran as fast as one large
     matmul on this machine: requests/s (so the most `speedup` any batching could give over the measured
     single-request path), and the follow-up time-to-first-token gain if that time were proportional to work."""
-    m, s = vl.model, skills.resolve_settings(SETTINGS, vl.model.cfg.defaults)
+    m = vl.model
+    first_token = SkillRequest("query", question="What color is the star?", settings=SETTINGS | {"max_tokens": 1})
 
     def flops(fn: Callable[[], Any]) -> tuple[float, Any]:
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             out = fn()
         return float(counter.get_total_flops()), out
 
-    per_request = [flops(lambda i=i, image=image: _single(m, s, image, i))[0] for i, image in enumerate(images)]
+    per_request = [flops(lambda i=i, image=image: _single(m, image, i))[0] for i, image in enumerate(images)]
     image, enc = flops(lambda: _encode(m, images[0]))
-    followup, _ = flops(lambda: next(simple.query(m, enc, "What color is the star?", s), None))
+    followup, _ = flops(lambda: simple.run(m, enc, first_token))  # the prompt's prefill and one token
     gflops = _matmul_gflops(m)
     request = statistics.mean(per_request)
     return {
@@ -137,8 +129,7 @@ def _sync(device: torch.device) -> None:
 
 def concurrent(vl: VL, images: list[np.ndarray], clients: int) -> dict[str, float]:
     def request(i: int) -> None:
-        skill, args = WORKLOAD[i % len(WORKLOAD)]
-        _run_one(vl, images[i], skill, args)
+        _run_one(vl, images[i], i)
 
     return closed_loop(len(images), clients, request)
 
@@ -174,8 +165,8 @@ def followup(vl: VL, images: list[np.ndarray]) -> dict[str, float]:
     first, second = [], []
     for image in images:
         for bucket, question in ((first, "How many circles are there?"), (second, "What color is the star?")):
-            req = vl._request("query", image, skills.query_prompt(vl.model.tokenizer, question), vl._settings(SETTINGS))
-            bucket.append(vl.engine.submit(req).result().stats["ttft_ms"])
+            req = SkillRequest("query", image, question, settings=SETTINGS)
+            bucket.append(vl.wait([vl.submit(vl.prepare(req))])[0].stats["ttft_ms"])
     return {"first_ttft_ms": statistics.median(first), "followup_ttft_ms": statistics.median(second)}
 
 
@@ -187,8 +178,7 @@ def soak(vl: VL, n: int, seed: int, clients: int = 16) -> dict[str, Any]:
 
     def client(k: int) -> None:
         for i in range(k, n, clients):
-            skill, args = WORKLOAD[i % len(WORKLOAD)]
-            _run_one(vl, np.asarray(render_scene(seed * 1_000_000 + i).image), skill, args)
+            _run_one(vl, np.asarray(render_scene(seed * 1_000_000 + i).image), i)
             with lock:
                 done[0] += 1
                 if done[0] == n // 10:

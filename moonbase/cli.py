@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -16,15 +17,38 @@ from .finetune.cli import DEFAULT_STORE
 from .finetune.cli import add_parser as add_finetune_parser
 
 NOTES = {
-    "tiny-random": "note: the default model is a tiny randomly initialized model (the trained nano model has not "
-    "shipped yet), so its answers are meaningless; pass --model DIR for real weights.",
+    "tiny-random": "note: tiny-random is a randomly initialized model for tests; its answers are meaningless "
+    "(the default is the trained nano; pass --model DIR for real weights).",
 }
+UNITS = {"": 1, "k": 2**-10, "m": 1, "g": 2**10}
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="built-in name, model directory or hub id (default: the embedded model)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU, bf16 on CUDA)")
+    g = p.add_argument_group("engine", "memory and batching of the inference engine (sizes in MiB: 256MB, 2GB, ...)")
+    g.add_argument("--kv-memory", type=_mib, metavar="SIZE", help="KV cache pool (default: a full batch at max context, capped)")
+    g.add_argument("--prefix-cache", type=_mib, metavar="SIZE", help="most of it idle cached image prefixes keep (default: all)")
+    g.add_argument("--max-batch", type=_positive, default=32, metavar="N", help="sequences decoded at once (default 32)")
+    g.add_argument("--max-step-tokens", type=_positive, default=4096, metavar="N", help="prefill tokens per step (default 4096)")
+    g.add_argument("--max-crops", type=_positive, metavar="N", help="image tiles at most (default: the model's; fewer: faster)")
+    g.add_argument("--pipeline", action=argparse.BooleanOptionalAction, help="overlap host and device work (default: on CUDA)")
+    g.add_argument("--int8-decode", action="store_true", help="CPU: int8 weights for decode steps (faster, approximate)")
+
+
+def _mib(text: str) -> float:
+    """'256', '256MB', '1.5 GiB' -> MiB (KB/MB/GB are read as KiB/MiB/GiB)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmg]?)(?:i?b)?\s*", text.lower())
+    if m is None or float(m[1]) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a size like 256MB or 2GB, got {text!r}")
+    return float(m[1]) * UNITS[m[2]]
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
 
 
 def _settings_args(p: argparse.ArgumentParser, objects: bool = False) -> None:
@@ -43,44 +67,55 @@ def _settings(a: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(a, k) for k in keys if getattr(a, k, None) is not None}
 
 
-def _vl(a: argparse.Namespace):
+def vl_from_args(a: argparse.Namespace):
+    """The model the command line names, with its engine knobs."""
     from . import vl
 
-    model = vl(a.model, a.device, a.dtype)
+    knobs = dict(kv_memory_mb=a.kv_memory, prefix_cache_mb=a.prefix_cache, max_batch=a.max_batch)
+    knobs |= dict(max_step_tokens=a.max_step_tokens, max_crops=a.max_crops, pipeline=a.pipeline, int8_decode=a.int8_decode)
+    model = vl(a.model, a.device, a.dtype, **knobs)
     if model.model.name in NOTES:
         print(NOTES[model.model.name], file=sys.stderr)
     return model
 
 
-def _print(result: dict[str, Any], stream: bool = False) -> None:
-    key = next((k for k in ("caption", "answer") if k in result and not isinstance(result[k], str)), None)
-    if stream and key:
-        if "reasoning" in result:
-            print(json.dumps({"reasoning": result["reasoning"]}, indent=2))
-        for piece in result[key]:
-            print(piece, end="", flush=True)
-        print()
-        return
-    print(json.dumps(result, indent=2))
+def _show(a: argparse.Namespace, req) -> dict[str, Any]:
+    """Run one skill request; print its result as JSON, or its text as it is generated (--stream)."""
+    stream = getattr(a, "stream", False) and req.skill.text_key is not None
+    result = vl_from_args(a).run(req, stream)
+    if not stream:
+        print(json.dumps(result, indent=2))
+        return result
+    pieces = result.pop(req.skill.text_key)
+    if result:  # what comes before the text (a reasoning trace)
+        print(json.dumps(result, indent=2))
+    for piece in pieces:
+        print(piece, end="", flush=True)
+    print()
+    return result
 
 
 def cmd_caption(a: argparse.Namespace) -> int:
-    _print(_vl(a).caption(a.image, a.length, a.stream, _settings(a)), a.stream)
+    from .skills import SkillRequest
+
+    _show(a, SkillRequest("caption", a.image, length=a.length, settings=_settings(a)))
     return 0
 
 
 def cmd_query(a: argparse.Namespace) -> int:
+    from .skills import SkillRequest
+
     image = None if a.image == "-" else a.image
     refs = json.loads(a.spatial_refs) if a.spatial_refs else None
-    _print(_vl(a).query(image, a.question, a.stream, _settings(a), a.reasoning, refs), a.stream)
+    _show(a, SkillRequest("query", image, a.question, reasoning=a.reasoning, spatial_refs=refs, settings=_settings(a)))
     return 0
 
 
 def cmd_locate(a: argparse.Namespace) -> int:
     from .draw import annotate
+    from .skills import SkillRequest
 
-    result = getattr(_vl(a), a.command)(a.image, a.object, _settings(a))
-    print(json.dumps(result, indent=2))
+    result = _show(a, SkillRequest.of(a.command, a.image, a.object, settings=_settings(a)))
     if a.draw:
         annotate(a.image, result.get("objects", []), result.get("points", []), a.draw)
         print(f"wrote {a.draw}", file=sys.stderr)
@@ -92,7 +127,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from .data.shapes import render_scene
     from .draw import annotate
 
-    model = _vl(a)
+    model = vl_from_args(a)
     image = a.image
     if image is None:
         scene = render_scene(seed=7, n_objects=4, size=(384, 384))
@@ -180,10 +215,11 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from .server.app import ServerConfig
     from .server.run import serve
 
-    vl = _vl(a)
+    vl = vl_from_args(a)
     cfg = ServerConfig(
         allow_remote_images=a.allow_remote_images,
         allow_file_images=a.allow_file_images,
+        allow_adapter_paths=None if a.allow_adapter_paths is None else Path(a.allow_adapter_paths),
         api_key=a.api_key,
         max_body_mb=a.max_body_mb,
         max_in_flight=a.max_in_flight,
@@ -201,7 +237,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 def cmd_eval(a: argparse.Namespace) -> int:
     from .eval.synthetic import evaluate
 
-    result = evaluate(_vl(a), a.seed, a.scenes, a.captchas, a.texts, progress=not a.json)
+    result = evaluate(vl_from_args(a), a.seed, a.scenes, a.captchas, a.texts, progress=not a.json)
     print(json.dumps(result, indent=None if a.json else 2))
     return 0
 
@@ -293,6 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None, help="default 2020, or the next free port")
     p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs")
     p.add_argument("--allow-file-images", action="store_true", help="read file:// image URLs")
+    p.add_argument(
+        "--allow-adapter-paths",
+        default=None,
+        metavar="DIR",
+        help="requests may load adapter files from inside DIR (default: only registered adapters and finetune checkpoints)",
+    )
     p.add_argument("--api-key", default=os.environ.get("MOONBASE_API_KEY"), help="require this key (default $MOONBASE_API_KEY)")
     p.add_argument("--max-body-mb", type=float, default=50.0, help="larger request bodies get 413")
     p.add_argument("--max-in-flight", type=int, default=256, help="more concurrent requests get 429")

@@ -189,10 +189,10 @@ class TokenizerConfig:
         t = d.pop("templates", None)
         if t is not None:
             d["caption"] = {k: _ids(v) for k, v in t["caption"].items()}
-            for task in ("query", "detect", "point"):
+            for task in PREFIX_SUFFIX_TEMPLATES:
                 d[f"{task}_prefix"] = _ids(t[task]["prefix"])
                 d[f"{task}_suffix"] = _ids(t[task]["suffix"])
-        for task in ("query", "detect", "point"):
+        for task in PREFIX_SUFFIX_TEMPLATES:
             for part in ("prefix", "suffix"):
                 if f"{task}_{part}" in d:
                     d[f"{task}_{part}"] = _ids(d[f"{task}_{part}"])
@@ -203,7 +203,7 @@ class TokenizerConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["templates"] = {"caption": {k: list(v) for k, v in d.pop("caption").items()}}
-        for task in ("query", "detect", "point"):
+        for task in PREFIX_SUFFIX_TEMPLATES:
             d["templates"][task] = {"prefix": list(d.pop(f"{task}_prefix")), "suffix": list(d.pop(f"{task}_suffix"))}
         return d
 
@@ -220,6 +220,7 @@ class Defaults:
 
 # Keys of a reference config.json that we read but deliberately ignore: the reference never reads
 # prefix_attn either; we derive the prefix length from the vision grid.
+PREFIX_SUFFIX_TEMPLATES = ("query", "detect", "point")  # the config's `templates` with a prefix and a suffix
 MOONDREAM3_KEYS = {"moe", "tau_attn"}  # the mixture-of-experts model's text config (not supported yet)
 _IGNORED = {"text": {"prefix_attn"}, "vision": set(), "region": set(), "tokenizer": set(), "defaults": set()}
 

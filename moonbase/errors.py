@@ -29,6 +29,11 @@ class AdapterNotFoundError(ModelNotFoundError):
     """A LoRA adapter (variant) name or path could not be resolved."""
 
 
+class CapacityError(MoonbaseError, MemoryError):
+    """A request cannot fit the engine's KV memory or step budget, even alone: lower max_tokens, or give the
+    engine more KV memory (`kv_memory_mb`, `--kv-memory`)."""
+
+
 class RequestTimeoutError(MoonbaseError, TimeoutError):
     """A request did not finish within its time limit; it was cancelled."""
 

@@ -6,6 +6,8 @@ falls back to PIL LANCZOS, which differs by a few grey levels on up-sampled tile
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import io
 import logging
 import math
@@ -120,6 +122,14 @@ class Crops:
 
     pixels: np.ndarray
     tiling: tuple[int, int]
+
+    @functools.cached_property
+    def key(self) -> str:
+        """Content hash of the tiled image: equal pixels share one cached prefix. SHA-256 because CPUs hash
+        it in hardware (about twice blake2b's speed; a 13-crop image is 5.6 MB)."""
+        h = hashlib.sha256(repr((self.pixels.shape, self.tiling)).encode())
+        h.update(np.ascontiguousarray(self.pixels).data)
+        return h.hexdigest()[:32]
 
 
 def tiling_for(height: int, width: int, cfg: VisionConfig) -> tuple[int, int]:

@@ -1,38 +1,26 @@
 """The single-request path: one sequence at a time, plain loops, no batching.
 
-It is deliberately simple because it is the reference the engine is tested against. Every function works
-on typed inputs (EncodedImage, Prompt, Settings) and returns token-level records as well as text.
+It is deliberately simple because it is the reference the engine is tested against: it shares the
+skills' prompts and the model's primitives, and nothing else (its decode loops are written here,
+independently of the engine's programs). Only tests, parity, bench and eval use it.
+
+    out = simple.run(model, encoded_image, SkillRequest("caption", length="short"))   # an Output
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+import dataclasses
+from collections.abc import Callable
 
 import torch
 
-from . import skills
-from .engine.sampler import sample
+from .errors import SettingsError
 from .model.lora import Adapter
 from .model.moondream import Moondream
+from .model.sampler import sample
 from .model.text import EncodedImage, KVCache
-from .skills import Prompt, Settings
-
-
-@dataclass
-class TextRun:
-    """A generated token sequence; `coords` maps the index of a coord token to its decoded value."""
-
-    ids: list[int] = field(default_factory=list)
-    coords: dict[int, float] = field(default_factory=dict)
-    stop_reason: str = ""
-
-
-@dataclass(frozen=True)
-class RegionObject:
-    x: float
-    y: float
-    size: tuple[float, float] | None = None  # detect only
+from .skills import Prompt, Settings, SkillRequest, resolve_settings
+from .skills.program import Output, RegionObject, StopReason, TextRun
 
 
 class SingleSequence:
@@ -67,32 +55,26 @@ class SingleSequence:
 
 @torch.no_grad()
 def generate_text(
-    seq: SingleSequence,
-    *,
-    decode_mask: tuple[int, ...],
-    stop: tuple[int, ...],
-    decode_coords: bool = False,
-    run: TextRun | None = None,
-) -> Iterator[int]:
+    seq: SingleSequence, decode_mask: tuple[int, ...], stop: tuple[int, ...], decode_coords: bool = False
+) -> TextRun:
     """Sample from the current logits until a stop id, max_tokens or the context end. The first token comes
     from the prefill logits unmasked; later steps mask `decode_mask`. With `decode_coords`, a coord token
     is followed by the coordinate decoded from the hidden state that produced it, fed as its embedding."""
-    m, run = seq.m, run if run is not None else TextRun()
+    m, run = seq.m, TextRun()
     coord_id = m.cfg.tokenizer.coord_id
     logits = seq.logits
     while True:
         token = seq.sample(logits)
         if token in stop:
-            run.stop_reason = "stop"
-            return
+            run.stop_reason = StopReason.STOP
+            return run
         run.ids.append(token)
-        yield token
         if len(run.ids) >= seq.settings.max_tokens:
-            run.stop_reason = "max_tokens"
-            return
+            run.stop_reason = StopReason.MAX_TOKENS
+            return run
         if seq.room <= 0:
-            run.stop_reason = "context"
-            return
+            run.stop_reason = StopReason.CONTEXT
+            return run
         if decode_coords and token == coord_id:
             value = m.decode_coord(seq.hidden[None])
             run.coords[len(run.ids) - 1] = float(value[0])
@@ -104,8 +86,8 @@ def generate_text(
 
 
 @torch.no_grad()
-def generate_objects(seq: SingleSequence, with_size: bool, max_objects: int) -> list[RegionObject]:
-    """Greedy region loop: x, then y, then (detect) size, each fed back as an embedding; another object
+def generate_objects(seq: SingleSequence, with_size: bool, max_objects: int) -> Output:
+    """Greedy region loop: x, then y, then (boxes) size, each fed back as an embedding; another object
     follows while the argmax over the full vocabulary is not eos."""
     m, eos = seq.m, seq.m.cfg.tokenizer.eos_id
     out: list[RegionObject] = []
@@ -121,79 +103,56 @@ def generate_objects(seq: SingleSequence, with_size: bool, max_objects: int) -> 
             seq.feed(m.encode_sizes(wh))
             size = (float(wh[0, 0]), float(wh[0, 1]))
         out.append(RegionObject(float(x[0]), float(y[0]), size))
-    return out
+    stop = StopReason.MAX_OBJECTS if len(out) >= max_objects else StopReason.STOP if seq.room >= steps else StopReason.CONTEXT
+    return Output(stop, objects=out)
 
 
 # --- skills ----------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def _start(
-    m: Moondream, image: EncodedImage | None, prompt: Prompt, settings: Settings, adapter: Adapter | None
-) -> SingleSequence:
-    seq = SingleSequence(m, image, settings, adapter)
+def run(m: Moondream, image: EncodedImage | None, req: SkillRequest, adapter: Adapter | None = None) -> Output:
+    """One request from start to end: prefill the skill's prompt after the image prefix (or BOS alone),
+    then the skill's reference loop."""
+    s = resolve_settings(req.settings_dict, m.cfg.defaults)
+    if req.spatial_refs and image is None:
+        raise SettingsError("spatial_refs need an image")
+    seq = SingleSequence(m, image, s, adapter)
+    prompt = req.skill.prompt(req, m.tokenizer)
     if image is None:  # text only: BOS then the prompt, causal from position 0
         prompt = Prompt((m.cfg.tokenizer.bos_id,)) + prompt
     if len(prompt.ids) >= seq.room:
-        raise skills.SettingsError(f"prompt of {len(prompt.ids)} tokens does not fit the context ({seq.room} left)")
+        raise SettingsError(f"prompt of {len(prompt.ids)} tokens does not fit the context ({seq.room} left)")
     seq.prefill(prompt)
-    return seq
+    return _REFERENCE[req.skill.name](seq, req)
 
 
-@torch.no_grad()
-def caption(
-    m: Moondream, image: EncodedImage, length: str, settings: Settings, run: TextRun | None = None, adapter: Adapter | None = None
-) -> Iterator[int]:
-    tok = m.cfg.tokenizer
-    seq = _start(m, image, skills.caption_prompt(tok, length), settings, adapter)
-    return generate_text(seq, decode_mask=(tok.answer_id,), stop=(tok.eos_id,), run=run)
+def _caption(seq: SingleSequence, req: SkillRequest) -> Output:
+    tok = seq.m.cfg.tokenizer
+    text = generate_text(seq, (tok.answer_id,), (tok.eos_id,))
+    return Output(text.stop_reason, text=text)
 
 
-@torch.no_grad()
-def query(
-    m: Moondream,
-    image: EncodedImage | None,
-    question: str,
-    settings: Settings,
-    spatial_refs=None,
-    reasoning: bool = False,
-    run: TextRun | None = None,
-    reasoning_run: TextRun | None = None,
-    adapter: Adapter | None = None,
-) -> Iterator[int]:
-    """Answer token ids; with `reasoning`, the trace is generated first, into `reasoning_run`."""
-    tok = m.cfg.tokenizer
-    if spatial_refs and image is None:
-        raise skills.SettingsError("spatial_refs need an image")
-    seq = _start(m, image, skills.query_prompt(m.tokenizer, question, spatial_refs, reasoning), settings, adapter)
-    if reasoning:
-        trace = reasoning_run if reasoning_run is not None else TextRun()
-        for _ in generate_text(seq, decode_mask=(tok.eos_id, tok.size_id), stop=(tok.answer_id,), decode_coords=True, run=trace):
-            pass
+def _query(seq: SingleSequence, req: SkillRequest) -> Output:
+    """With reasoning, the trace first (stopped by the answer token, which is then prefilled)."""
+    tok, trace = seq.m.cfg.tokenizer, None
+    if req.reasoning:
+        trace = generate_text(seq, (tok.eos_id, tok.size_id), (tok.answer_id,), decode_coords=True)
         if seq.room <= 1:
-            raise skills.SettingsError("the reasoning trace filled the context; lower max_tokens")
+            raise SettingsError("the reasoning trace filled the context; lower max_tokens")
         seq.prefill(Prompt((tok.answer_id,)))
-    return generate_text(seq, decode_mask=(tok.answer_id,), stop=(tok.eos_id,), run=run)
+    text = generate_text(seq, (tok.answer_id,), (tok.eos_id,))
+    return Output(text.stop_reason, text=text, trace=trace)
 
 
-def reasoning_chunks(run: TextRun, m: Moondream) -> list[tuple[list[int], list[float]]]:
-    """Split a reasoning trace into (ids, coordinates) chunks; grounding ids open a new chunk."""
-    tok = m.cfg.tokenizer
-    chunks: list[tuple[list[int], list[float]]] = [([], [])]
-    for i, t in enumerate(run.ids):
-        if t in (tok.start_ground_points_id, tok.end_ground_id):
-            chunks.append(([], []))
-        chunks[-1][0].append(t)
-        if i in run.coords:
-            chunks[-1][1].append(run.coords[i])
-    return chunks
-
-
-@torch.no_grad()
-def locate(
-    m: Moondream, image: EncodedImage, task: str, obj: str, settings: Settings, spatial_refs=None, adapter: Adapter | None = None
-) -> list[RegionObject]:
+def _locate(with_size: bool) -> Callable[[SingleSequence, SkillRequest], Output]:
     """detect (boxes) or point; always greedy, like the reference."""
-    greedy = Settings(0.0, 1.0, settings.max_tokens, settings.max_objects, None, settings.variant)
-    seq = _start(m, image, skills.object_prompt(m.tokenizer, task, obj, spatial_refs), greedy, adapter)
-    return generate_objects(seq, task == "detect", settings.max_objects)
+
+    def locate(seq: SingleSequence, req: SkillRequest) -> Output:
+        seq.settings, seq.rng = dataclasses.replace(seq.settings, temperature=0.0, top_p=1.0, seed=None), None
+        return generate_objects(seq, with_size, seq.settings.max_objects)
+
+    return locate
+
+
+_REFERENCE = {"caption": _caption, "query": _query, "detect": _locate(True), "point": _locate(False)}

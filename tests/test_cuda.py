@@ -28,23 +28,23 @@ def test_cuda_fp32_matches_cpu_and_bf16_runs():
 def test_engine_on_cuda_matches_the_single_request_path():
     from moonbase.engine.engine import EngineConfig
 
-    from .test_engine import _check_batch, _images
+    from .helpers import check_batch, scenes
 
     model = tiny_random(seed=0, device="cuda", dtype=torch.float32)
-    _check_batch(model, _images(3), EngineConfig(max_batch=32, kv_memory_mb=64))
+    check_batch(model, scenes(3), EngineConfig(max_batch=32, kv_memory_mb=64))
 
 
 def test_decode_graphs_replay_and_match_the_single_request_path():
     from moonbase.engine.engine import EngineConfig
 
-    from .test_engine import _check_adapters, _check_batch, _images
+    from .helpers import check_adapters, check_batch, scenes
 
     model = tiny_random(seed=0, device="cuda", dtype=torch.float32)
-    engine = _check_batch(model, _images(3), EngineConfig(max_batch=12, kv_memory_mb=64), repeat=2)
+    engine = check_batch(model, scenes(3), EngineConfig(max_batch=12, kv_memory_mb=64), repeat=2)
     assert engine.runner.graphs.graphs  # decode steps went through captured graphs
-    eager = _check_batch(model, _images(3), EngineConfig(max_batch=12, kv_memory_mb=64, cuda_graphs=False))
+    eager = check_batch(model, scenes(3), EngineConfig(max_batch=12, kv_memory_mb=64, cuda_graphs=False))
     assert eager.runner.graphs is None
-    _check_adapters(model, _images(3))  # steps with adapters run eagerly, next to graph steps of the base
+    check_adapters(model, scenes(3))  # steps with adapters run eagerly, next to graph steps of the base
 
 
 def test_graphs_under_concurrent_clients_in_fp32_and_bf16():
@@ -65,12 +65,12 @@ def test_a_failed_capture_falls_back_to_eager_forwards(monkeypatch):
     from moonbase.engine import graphs
     from moonbase.engine.engine import EngineConfig
 
-    from .test_engine import _check_batch, _images
+    from .helpers import check_batch, scenes
 
     def broken(self, *args):
         raise RuntimeError("capture failed")
 
     monkeypatch.setattr(graphs.Graph, "__init__", broken)
     model = tiny_random(seed=0, device="cuda", dtype=torch.float32)
-    engine = _check_batch(model, _images(2), EngineConfig(max_batch=8, kv_memory_mb=64))
+    engine = check_batch(model, scenes(2), EngineConfig(max_batch=8, kv_memory_mb=64))
     assert engine.runner.graphs.failed and not engine.runner.graphs.graphs

@@ -4,129 +4,50 @@ under memory pressure (eviction and preemption)."""
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 
-import numpy as np
 import pytest
 import torch
 
-from moonbase import simple, skills
+from moonbase import simple
 from moonbase.api import VL
-from moonbase.data.shapes import render_scene
 from moonbase.engine import engine as engine_module
 from moonbase.engine.engine import Engine, EngineConfig
-from moonbase.engine.sequence import Request
 from moonbase.hub import ASSETS, nano
 from moonbase.image import overlap_crops
+from moonbase.skills import SkillRequest
 
-from .helpers import random_adapter
-
-GREEDY = {"temperature": 0.0, "max_tokens": 12, "max_objects": 6}
-
-
-def _images(n: int, seed: int = 0) -> list[np.ndarray]:
-    return [np.asarray(render_scene(seed + i, max_objects=4).image) for i in range(n)]
-
-
-def _cases(images: list[np.ndarray]) -> list[tuple[str, int, dict]]:
-    """(skill, image index, arguments) covering every skill and variant, images reused across cases."""
-    cases = []
-    for i in range(len(images)):
-        cases += [
-            ("caption", i, {"length": ["short", "normal", "long"][i % 3]}),
-            ("query", i, {"question": "How many circles are there?"}),
-            ("detect", i, {"object": "circle"}),
-            ("point", i, {"object": "red shape"}),
-        ]
-    cases += [
-        ("query", 0, {"question": "Where is the star?", "reasoning": True}),
-        ("query", 1, {"question": "What color is it?", "spatial_refs": [[0.5, 0.5]]}),
-        ("query", None, {"question": "What is a circle?"}),
-    ]
-    return cases
-
-
-def _reference(m, images, skill, idx, args, adapter=None):
-    s = skills.resolve_settings(GREEDY, m.cfg.defaults)
-    enc = None
-    if idx is not None:
-        enc = m.prefill_image(m.embed_crops([overlap_crops(images[idx], m.cfg.vision)])[0], adapter)
-    if skill == "caption":
-        return list(simple.caption(m, enc, args["length"], s, adapter=adapter))
-    if skill == "query":
-        trace = simple.TextRun()
-        reasoning = args.get("reasoning", False)
-        ids = list(
-            simple.query(m, enc, args["question"], s, args.get("spatial_refs"), reasoning, reasoning_run=trace, adapter=adapter)
-        )
-        return (ids, trace.ids, trace.coords) if reasoning else ids
-    return [(o.x, o.y, o.size) for o in simple.locate(m, enc, skill, args["object"], s, adapter=adapter)]
-
-
-def _request(vl: VL, images, skill, idx, args, variant=None) -> Request:
-    m, s = vl.model, vl._settings({**GREEDY, "variant": variant})
-    tok = m.cfg.tokenizer
-    if skill == "caption":
-        prompt = skills.caption_prompt(tok, args["length"])
-    elif skill == "query":
-        prompt = skills.query_prompt(m.tokenizer, args["question"], args.get("spatial_refs"), args.get("reasoning", False))
-    else:
-        prompt = skills.object_prompt(m.tokenizer, skill, args["object"])
-    image = None if idx is None else images[idx]
-    return vl._request(skill, image, prompt, s, reasoning=args.get("reasoning", False))
-
-
-def _outcome(result, args):
-    if result.objects is not None:
-        return [(o.x, o.y, o.size) for o in result.objects]
-    if args.get("reasoning"):
-        return (result.run.ids, result.trace.ids, result.trace.coords)
-    return result.run.ids
-
-
-def _check_batch(m, images, engine_cfg: EngineConfig, repeat: int = 1) -> Engine:
-    """Blocking and pipelined engines against the reference; returns the pipelined engine."""
-    cases = _cases(images) * repeat
-    expected = [_reference(m, images, *c) for c in cases]
-    for pipeline in (False, True):
-        engine = Engine(m, dataclasses.replace(engine_cfg, pipeline=pipeline), background=False)
-        vl = VL(m, engine=engine)
-        handles = [engine.submit(_request(vl, images, *c)) for c in cases]  # all in flight at once
-        got = [_outcome(h.result(), c[2]) for h, c in zip(handles, cases, strict=True)]
-        for c, want, have in zip(cases, expected, got, strict=True):
-            assert have == want, (c, pipeline)
-    return engine
+from .helpers import GREEDY, check_adapters, check_batch, outcome, reference, request, scenes, skill_cases
 
 
 @pytest.fixture(scope="module")
 def images():
-    return _images(4)
+    return scenes(4)
 
 
 def test_every_skill_alone_matches_the_single_request_path(tiny, images):
     engine = Engine(tiny, EngineConfig(kv_memory_mb=8), background=False)
     vl = VL(tiny, engine=engine)
-    for case in _cases(images[:2]):
-        want = _reference(tiny, images, *case)
-        assert _outcome(engine.submit(_request(vl, images, *case)).result(), case[2]) == want, case
+    for case in skill_cases(images[:2]):
+        want = reference(tiny, images, *case)
+        assert outcome(engine.submit(request(vl, images, *case)).result().output, case[2]) == want, case
 
 
 def test_mixed_concurrent_batch_matches(tiny, images):
-    engine = _check_batch(tiny, images, EngineConfig(max_batch=32, kv_memory_mb=8))
+    engine = check_batch(tiny, images, EngineConfig(max_batch=32, kv_memory_mb=8))
     assert engine.cache.hits > 0  # several questions per image: the prefix was reused
     assert engine.pool.n_free == engine.pool.n_blocks - sum(len(e.blocks) for e in engine.cache.entries.values())
 
 
 def test_gqa_batch_matches(tiny_gqa, images):
-    _check_batch(tiny_gqa, images[:2], EngineConfig(max_batch=8, kv_memory_mb=8))
+    check_batch(tiny_gqa, images[:2], EngineConfig(max_batch=8, kv_memory_mb=8))
 
 
 def test_small_pool_evicts_and_preempts_without_changing_answers(tiny, images):
     t = tiny.cfg.text
     per_token_mb = 2 * t.n_layers * t.n_kv_heads * t.hd * 4 / 2**20
     tokens = 3 * tiny.cfg.prefix_len + 60  # room for a few sequences only: forces preemption and eviction
-    engine = _check_batch(tiny, images, EngineConfig(max_batch=16, block_size=8, kv_memory_mb=tokens * per_token_mb))
+    engine = check_batch(tiny, images, EngineConfig(max_batch=16, block_size=8, kv_memory_mb=tokens * per_token_mb))
     assert engine.scheduler.preemptions > 0 and engine.cache.evictions > 0
 
 
@@ -141,7 +62,7 @@ def test_sequence_too_large_for_the_pool_fails_cleanly(tiny, images):
 def test_cancel_frees_the_sequence(tiny, images):
     engine = Engine(tiny, EngineConfig(kv_memory_mb=8), background=False)
     vl = VL(tiny, engine=engine)
-    handle = engine.submit(_request(vl, images, "caption", 0, {"length": "long"}))
+    handle = engine.submit(request(vl, images, "caption", 0, {"length": "long"}))
     engine.step()
     handle.cancel()
     engine.step()
@@ -151,7 +72,7 @@ def test_cancel_frees_the_sequence(tiny, images):
 
 def test_background_engine_serves_threads(tiny, images):
     vl = VL(tiny)  # background thread
-    want = _reference(tiny, images, "caption", 0, {"length": "short"})
+    want = reference(tiny, images, "caption", 0, {"length": "short"})
     out = vl.caption(images[0], "short", settings=GREEDY)["caption"]
     assert out == tiny.tokenizer.decode(want)
     streamed = "".join(vl.caption(images[0], "short", stream=True, settings=GREEDY)["caption"])
@@ -182,52 +103,32 @@ HAS_NANO = (ASSETS / "nano" / "model.safetensors").is_file()
 )
 def test_two_adapters_and_the_base_in_one_batch(which, tiny, images):
     model = tiny if which == "tiny" else nano()
-    _check_adapters(model, images)
-
-
-def _check_adapters(tiny, images):
-    engine = Engine(tiny, EngineConfig(max_batch=32, kv_memory_mb=8), background=False)
-    adapters = {
-        name: random_adapter(tiny.cfg.text, rank, seed, name).to(tiny.device, tiny.dtype)
-        for name, rank, seed in (("one", 4, 1), ("two", 8, 2))
-    }
-    for adapter in adapters.values():
-        engine.adapters.register(adapter)
-    vl = VL(tiny, engine=engine)
-    cases = [(c, v) for c in _cases(images[:2]) for v in (None, "one", "two")]
-    expected = [_reference(tiny, images, *c, adapter=adapters.get(v)) for c, v in cases]
-    handles = [engine.submit(_request(vl, images, *c, variant=v)) for c, v in cases]
-    for (c, v), want, h in zip(cases, expected, handles, strict=True):
-        assert _outcome(h.result(), c[2]) == want, (c, v)
-    assert expected[0] != expected[1]  # the adapters change the answers
-    assert len(engine.cache.entries) == 6  # one prefix per (image, adapter)
+    check_adapters(model, images)
 
 
 @pytest.mark.skipif(not HAS_NANO, reason="nano weights not built into this checkout")
 def test_nano_mixed_batch_matches(images):
-    _check_batch(nano(), images[:3], EngineConfig(max_batch=16, kv_memory_mb=32))
+    check_batch(nano(), images[:3], EngineConfig(max_batch=16, kv_memory_mb=32))
 
 
 def test_seeded_sampling_is_reproducible_inside_a_batch(tiny, images):
     hot = {"temperature": 0.8, "top_p": 0.9, "max_tokens": 10, "seed": 7}
-    s = skills.resolve_settings(hot, tiny.cfg.defaults)
     enc = tiny.prefill_image(tiny.embed_crops([overlap_crops(images[0], tiny.cfg.vision)])[0])
-    want = list(simple.caption(tiny, enc, "normal", s))
+    want = simple.run(tiny, enc, SkillRequest("caption", settings=hot)).text.ids
     engine = Engine(tiny, EngineConfig(kv_memory_mb=8), background=False)
     vl = VL(tiny, engine=engine)
-    prompt = skills.caption_prompt(tiny.cfg.tokenizer, "normal")
-    others = [engine.submit(vl._request("caption", images[i], prompt, vl._settings({**hot, "seed": i}))) for i in (1, 2)]
-    mine = engine.submit(vl._request("caption", images[0], prompt, s))
-    assert mine.result().run.ids == want
-    assert all(h.result().run.ids for h in others)
+    others = [engine.submit(vl.prepare(SkillRequest("caption", images[i], settings={**hot, "seed": i}))) for i in (1, 2)]
+    mine = engine.submit(vl.prepare(SkillRequest("caption", images[0], settings=hot)))
+    assert mine.result().output.text.ids == want
+    assert all(h.result().output.text.ids for h in others)
 
 
 def test_results_carry_stats(tiny, images):
     engine = Engine(tiny, EngineConfig(kv_memory_mb=8), background=False)
     vl = VL(tiny, engine=engine)
-    prompt = skills.caption_prompt(tiny.cfg.tokenizer, "short")
-    stats = engine.submit(vl._request("caption", images[0], prompt, vl._settings(GREEDY))).result().stats
-    assert stats["input_tokens"] == len(prompt.ids)
+    request = vl.prepare(SkillRequest("caption", images[0], length="short", settings=GREEDY))
+    stats = engine.submit(request).result().stats
+    assert stats["input_tokens"] == len(request.prompt.ids) == len(tiny.cfg.tokenizer.caption["short"])
     assert stats["output_tokens"] >= 1
     assert 0 < stats["ttft_ms"] <= stats["total_ms"]
 
@@ -246,13 +147,13 @@ def test_int8_decode_runs_every_skill_close_to_fp32(tiny, images):
     # models and two image pairs about one case in five differed somewhere (random weights give flat logits, so
     # near ties are common). Two differing cases are allowed for a tie that another CPU's kernels round the other
     # way; a broken int8 path changes most of them.
-    cases = _cases(images)
+    cases = skill_cases(images)
     outcomes = {}
     for int8 in (False, True):
         engine = Engine(tiny, EngineConfig(kv_memory_mb=8, int8_decode=int8), background=False)
         vl = VL(tiny, engine=engine)
-        handles = [engine.submit(_request(vl, images, *c)) for c in cases]
-        outcomes[int8] = [_outcome(h.result(), c[2]) for h, c in zip(handles, cases, strict=True)]
+        handles = [engine.submit(request(vl, images, *c)) for c in cases]
+        outcomes[int8] = [outcome(h.result().output, c[2]) for h, c in zip(handles, cases, strict=True)]
     differ = [c for c, want, got in zip(cases, outcomes[False], outcomes[True], strict=True) if got != want]
     assert len(differ) <= 2, differ
 
@@ -269,7 +170,7 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(tiny, images):
     with pytest.raises(RuntimeError, match="boom"):
         vl.caption(images[0], "short", settings=GREEDY)
     assert vl.caption(images[0], "short", settings=GREEDY)["caption"] == tiny.tokenizer.decode(
-        _reference(tiny, images, "caption", 0, {"length": "short"})
+        reference(tiny, images, "caption", 0, {"length": "short"})
     )
 
 
@@ -323,7 +224,8 @@ def test_bench_work_counts_the_linear_layers(tiny):
 
     out = work(VL(tiny), scene_images(4, 1), sequential_rps=1.0)
     t = tiny.cfg.text
-    prompt = len(skills.query_prompt(tiny.tokenizer, "What color is the star?").ids)
+    question = SkillRequest("query", question="What color is the star?")
+    prompt = len(question.skill.prompt(question, tiny.tokenizer).ids)
     per_token = 2 * t.dim * (t.qkv_dim + t.dim + 2 * t.ff_dim) * t.n_layers
     assert out["followup_first_token_mflop"] * 1e6 == prompt * per_token + 2 * t.dim * t.vocab_size
     assert out["image_mflop"] > out["followup_first_token_mflop"] and out["request_mflop"] > out["image_mflop"]

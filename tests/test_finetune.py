@@ -11,30 +11,25 @@ import numpy as np
 import pytest
 import torch
 
-from moonbase import simple, skills
+from moonbase import simple
 from moonbase.api import VL
 from moonbase.data.shapes import render_scene
 from moonbase.engine.engine import Engine, EngineConfig
 from moonbase.errors import CheckpointError, TuningError
+from moonbase.eval.metrics import assignment, detect_reward, point_reward
 from moonbase.finetune.data import from_iterable, load_jsonl
 from moonbase.finetune.lora import LoraConfig, TrainableLora, export_peft, import_peft
-from moonbase.finetune.rewards import assignment, detect_reward, point_reward
 from moonbase.finetune.rl import RLConfig, action_logprobs, grpo_loss, rl_batch, rl_loss
 from moonbase.finetune.rollouts import sample_rollouts
-from moonbase.finetune.sft import sft_segment, trace_tokens
 from moonbase.finetune.trainer import Trainer, adapter_from_checkpoint
-from moonbase.finetune.types import (
-    QueryTarget,
-    RegionTarget,
-    RLGroup,
-    Rollout,
-    SFTGroup,
-    SkillRequest,
-    parse_rollout,
-    parse_target,
-)
+from moonbase.finetune.types import RLGroup, SFTGroup, parse_rollout, parse_target
 from moonbase.model.lora import LoraBatch, adapter_from_state_dict
 from moonbase.model.text import decoder
+from moonbase.skills import SkillRequest, get
+from moonbase.skills.program import TextRun
+from moonbase.skills.query import reasoning_chunks, reasoning_output, trace_tokens
+from moonbase.skills.training import Rollout, Target
+from moonbase.train.batch import transcript
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +54,9 @@ def test_sft_loss_falls_on_a_tiny_overfit_set(image):
     m = tiny_random(seed=3)
     trainer = Trainer(m, LoraConfig(rank=8, train_region=True))
     groups = [
-        SFTGroup(SkillRequest("query", image, question="What is it?"), QueryTarget("a red star")),
-        SFTGroup(
-            SkillRequest("detect", image, object="circle"), RegionTarget(boxes=((0.1, 0.2, 0.3, 0.4), (0.6, 0.5, 0.9, 0.8)))
-        ),
-        SFTGroup(SkillRequest("point", image, object="star"), RegionTarget(points=((0.7, 0.2),))),
+        SFTGroup(SkillRequest("query", image, question="What is it?"), Target("a red star")),
+        SFTGroup(SkillRequest("detect", image, object="circle"), Target(boxes=((0.1, 0.2, 0.3, 0.4), (0.6, 0.5, 0.9, 0.8)))),
+        SFTGroup(SkillRequest("point", image, object="star"), Target(points=((0.7, 0.2),))),
     ]
     losses = [trainer.train_step(groups, lr=5e-3)["sft_loss"] for _ in range(30)]
     assert trainer.step == 30
@@ -97,8 +90,8 @@ def test_grpo_loss_on_a_toy_batch_is_the_hand_computed_value():
 def test_rl_loss_through_the_model_is_the_token_level_group_mean(tiny, image):
     trainer = _perturbed(Trainer(tiny, LoraConfig(rank=4)))
     req = SkillRequest("point", image, object="circle")
-    two = Rollout("point", coords=(10, 20, 30, 40), finish_reason="stop")  # 2 objects: 3 actions each + stop
-    none = Rollout("point", finish_reason="stop")  # stops at once: 1 action
+    two = Rollout(coords=(10, 20, 30, 40), finish_reason="stop")  # 2 objects: 3 actions each + stop
+    none = Rollout(finish_reason="stop")  # stops at once: 1 action
     group = RLGroup(req, (two, none), (1.0, 0.0))
     adapter = trainer.adapter("t", frozen=False)
     loss, stats = rl_loss(trainer.policy, [group], adapter, RLConfig(), 10**7)
@@ -118,7 +111,7 @@ def test_engine_rollouts_are_replayed_with_exactly_their_logprobs(tiny, image):
     ]:
         req = SkillRequest(skill, image, settings=(("max_objects", 4), ("max_tokens", 8), ("seed", 1)), **kw)
         rollouts = sample_rollouts(vl, req, 4, live, 0)
-        parsed = tuple(parse_rollout(skill, r, tiny.cfg) for r in rollouts)
+        parsed = tuple(parse_rollout(req.skill, r, tiny.cfg) for r in rollouts)
         assert sum(len(r.logprobs) for r in parsed) > 4
         rb = rl_batch([RLGroup(req, parsed, (0.0, 1.0, 0.5, 1.0))], tiny, RLConfig(), 10**7)
         with torch.no_grad():
@@ -126,9 +119,8 @@ def test_engine_rollouts_are_replayed_with_exactly_their_logprobs(tiny, image):
         torch.testing.assert_close(logp, rb.logp_old, atol=1e-5, rtol=0)
     greedy = sample_rollouts(vl, SkillRequest("point", image, object="o", settings=(("temperature", 0.0),)), 1, None, 0)[0]
     m = tiny  # a greedy rollout of the base model points where `moonbase.simple` does
-    s = skills.resolve_settings({}, m.cfg.defaults)
-    enc = m.prefill_image(m.embed_crops([VL(m)._crops(image)])[0])
-    want = [{"x": o.x, "y": o.y} for o in simple.locate(m, enc, "point", "o", s)]
+    enc = VL(m).encode_image(image)
+    want = [{"x": o.x, "y": o.y} for o in simple.run(m, enc, SkillRequest("point", object="o")).objects]
     assert greedy["output"]["points"][: len(want)] == want[: len(greedy["output"]["points"])]
 
 
@@ -175,8 +167,9 @@ def test_checkpoints_export_in_the_variant_layout_with_the_scale_folded(tiny, tm
 
 
 def test_reasoning_targets_round_trip_through_the_inference_parser(tiny, image):
+    request = SkillRequest("query", image, question="How many?")
     target = parse_target(
-        "query",
+        request,
         {
             "answer": "2",
             "reasoning": {
@@ -185,14 +178,14 @@ def test_reasoning_targets_round_trip_through_the_inference_parser(tiny, image):
             },
         },
     )
-    run = simple.TextRun()
-    for i, (t, coord) in enumerate(trace_tokens(target, tiny)):
+    run = TextRun()
+    for i, (t, coord) in enumerate(trace_tokens(target, tiny.tokenizer)):
         run.ids.append(t)
         if coord is not None:
             run.coords[i] = coord
-    out = skills.reasoning_output(simple.reasoning_chunks(run, tiny), tiny.tokenizer)
+    out = reasoning_output(reasoning_chunks(run, tiny.cfg.tokenizer), tiny.tokenizer)
     assert out == {"text": "I see a star and a circle.", "grounding": [{"start_idx": 8, "end_idx": 14, "points": [[0.25, 0.5]]}]}
-    seg = sft_segment(SkillRequest("query", image, question="How many?"), target, tiny)
+    seg = transcript(*request.skill.teach(request, target, tiny.tokenizer, tiny.cfg), tiny.cfg.tokenizer)
     labels = [t for t in seg.token_label if t != -100]
     assert labels[-2:] == tiny.tokenizer.encode("2") + [tiny.cfg.tokenizer.eos_id]
     assert tiny.cfg.tokenizer.answer_id in labels and sum(c != -100 for c in seg.coord_label) == 2
@@ -212,7 +205,7 @@ def test_data_files_load_with_paths_relative_to_the_file_and_errors_name_the_lin
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     examples = load_jsonl(path)
-    assert [e.request.skill for e in examples] == ["query", "detect", "point", "point"]
+    assert [e.request.skill.name for e in examples] == ["query", "detect", "point", "point"]
     assert examples[0].request.image == tmp_path / "img" / "a.png" and examples[1].where == f"{path}:2"
     assert from_iterable([{"image": image, "question": "q", "answer": "a"}])[0].request.image is image
     bad = [
@@ -250,7 +243,7 @@ def test_rewards_match_their_definitions():
 
 def test_rollouts_sent_back_edited_are_refused(tiny):
     ok = {"skill": "detect", "coords": [1, 2], "sizes": [[3, 4]], "logprobs": [-1.0, -1.0, -1.0, -1.0, -1.0]}
-    assert parse_rollout("detect", ok, tiny.cfg).sizes == ((3, 4),)
+    assert parse_rollout(get("detect"), ok, tiny.cfg).sizes == ((3, 4),)
     for edit, message in [
         ({"coords": [1]}, "2 coords per object"),
         ({"coords": [1, 10**6]}, "out of range"),
@@ -259,6 +252,6 @@ def test_rollouts_sent_back_edited_are_refused(tiny):
         ({"skill": "point"}, "does not match"),
     ]:
         with pytest.raises(TuningError, match=message):
-            parse_rollout("detect", ok | edit, tiny.cfg)
+            parse_rollout(get("detect"), ok | edit, tiny.cfg)
     with pytest.raises(TuningError, match="token ids"):
-        parse_rollout("query", {"answer_tokens": [tiny.cfg.text.vocab_size]}, tiny.cfg)
+        parse_rollout(get("query"), {"answer_tokens": [tiny.cfg.text.vocab_size]}, tiny.cfg)

@@ -1,6 +1,6 @@
 import torch
 
-from moonbase.engine.sampler import sample
+from moonbase.model.sampler import sample
 
 
 def _draw(logits, t, p, n=4000, seed=0):

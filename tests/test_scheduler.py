@@ -7,11 +7,11 @@ import torch
 from moonbase.config import TextConfig
 from moonbase.engine.kv import KVPool, PrefixCache
 from moonbase.engine.scheduler import Scheduler, SchedulerConfig
-from moonbase.engine.sequence import Request, Sequence, Status
-from moonbase.skills import Prompt, Settings
+from moonbase.engine.sequence import Sequence, Status
+from moonbase.skills import Prompt, Request
+from moonbase.skills.program import TextProgram
 
 PREFIX = 10
-SETTINGS = Settings(0.0, 1.0, 8, 4)
 
 
 def _setup(n_blocks=16, block_size=4, max_batch=8, max_step_tokens=1000):
@@ -22,7 +22,8 @@ def _setup(n_blocks=16, block_size=4, max_batch=8, max_step_tokens=1000):
 
 
 def _seq(i, tok, image=None, prompt_len=3):
-    req = Request("caption", Prompt(tuple(range(11, 11 + prompt_len))), SETTINGS, image=image, image_key=image)
+    program = lambda: TextProgram(tok, (tok.answer_id,), (tok.eos_id,), 8)  # noqa: E731
+    req = Request(Prompt(tuple(range(11, 11 + prompt_len))), program, 0.0, 1.0, image=image, image_key=image)
     return Sequence(i, req, tok, torch.device("cpu"))
 
 

@@ -328,6 +328,9 @@ def test_model_names_aliases_and_adapters(tiny, image, tmp_path):
         client.post("/v1/point", json={**body, "model": "moondream3-preview"}).json()["points"] == base
     )  # the tuning client's alias
     torch.save(raw_variant_state(random_adapter(tiny.cfg.text, 4, 3, "x", scale=0.5)), tmp_path / "final.pt")
-    adapted = client.post("/v1/point", json={**body, "variant": str(tmp_path)})  # a variant directory on disk
+    refused = client.post("/v1/point", json={**body, "variant": str(tmp_path)})  # a path: only where the server allows
+    assert refused.status_code == 400 and str(tmp_path) not in refused.text
+    allowing = _app(vl, allow_adapter_paths=tmp_path)
+    adapted = allowing.post("/v1/point", json={**body, "variant": str(tmp_path)})  # a variant directory on disk
     want = vl.point(np.asarray(image.convert("RGB")), "circle", settings={"max_objects": 2, "variant": str(tmp_path)})
     assert adapted.status_code == 200 and adapted.json()["points"] == want["points"]

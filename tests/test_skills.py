@@ -2,35 +2,34 @@ import pytest
 
 from moonbase.config import Defaults
 from moonbase.errors import SettingsError
-from moonbase.skills import (
-    Prompt,
-    caption_prompt,
-    object_prompt,
-    query_prompt,
-    reasoning_output,
-    region_output,
-    resolve_settings,
-    spatial_prompt,
-)
+from moonbase.skills import REGISTRY, Prompt, SkillRequest, get, parse_request, resolve_settings, spatial_prompt
+from moonbase.skills.locate import box
+from moonbase.skills.program import RegionObject
+from moonbase.skills.query import reasoning_output
+
+
+def _prompt(tiny, skill, **kw):
+    req = SkillRequest(skill, **kw)
+    return req.skill.prompt(req, tiny.tokenizer)
 
 
 def test_query_prompt_double_answer_token_and_reasoning(tiny):
     tok, t = tiny.tokenizer, tiny.cfg.tokenizer
     q = tok.encode("What is it?")
-    assert query_prompt(tok, "What is it?").ids == t.query_prefix + tuple(q) + (3, 3)
-    assert query_prompt(tok, "What is it?", reasoning=True).ids == t.query_prefix + tuple(q) + (3, 4)
+    assert _prompt(tiny, "query", question="What is it?").ids == t.query_prefix + tuple(q) + (3, 3)
+    assert _prompt(tiny, "query", question="What is it?", reasoning=True).ids == t.query_prefix + tuple(q) + (3, 4)
 
 
 def test_object_prompts_have_a_leading_space(tiny):
     tok, t = tiny.tokenizer, tiny.cfg.tokenizer
-    assert object_prompt(tok, "detect", "red circle").ids == t.detect_prefix + tuple(tok.encode(" red circle")) + (3,)
-    assert object_prompt(tok, "point", "dog").ids == t.point_prefix + tuple(tok.encode(" dog")) + (3,)
+    assert _prompt(tiny, "detect", object="red circle").ids == t.detect_prefix + tuple(tok.encode(" red circle")) + (3,)
+    assert _prompt(tiny, "point", object="dog").ids == t.point_prefix + tuple(tok.encode(" dog")) + (3,)
 
 
 def test_spatial_refs_become_placeholders_with_values(tiny):
     p = spatial_prompt([[0.25, 0.75], [0.125, 0.25, 0.625, 0.875]], tiny.cfg.tokenizer)
     assert p == Prompt((5, 5, 5, 5, 6), (0.25, 0.75, 0.375, 0.5625), ((0.5, 0.625),))
-    full = query_prompt(tiny.tokenizer, "this?", [[0.5, 0.5]])
+    full = _prompt(tiny, "query", question="this?", spatial_refs=[[0.5, 0.5]])
     assert full.ids[3:5] == (5, 5) and full.coords == (0.5, 0.5)
 
 
@@ -44,9 +43,9 @@ def test_bad_spatial_refs(refs, tiny):
 
 
 def test_caption_lengths(tiny):
-    assert caption_prompt(tiny.cfg.tokenizer, "short").ids == tiny.cfg.tokenizer.caption["short"]
+    assert _prompt(tiny, "caption", length="short").ids == tiny.cfg.tokenizer.caption["short"]
     with pytest.raises(SettingsError, match="length must be one of"):
-        caption_prompt(tiny.cfg.tokenizer, "medium")
+        _prompt(tiny, "caption", length="medium")
 
 
 def test_settings_defaults_and_validation():
@@ -80,5 +79,47 @@ def test_reasoning_output_offsets(tiny):
     assert out["text"][6:12] == " a cat"
 
 
-def test_region_output_is_not_clamped():
-    assert region_output(0.05, 0.5, 0.2, 0.1) == pytest.approx({"x_min": -0.05, "y_min": 0.45, "x_max": 0.15, "y_max": 0.55})
+def test_boxes_are_clipped_to_the_image_unless_raw_values_are_asked_for():
+    o = RegionObject(0.05, 0.95, (0.2, 0.2))
+    assert box(o) == pytest.approx({"x_min": 0.0, "y_min": 0.85, "x_max": 0.15, "y_max": 1.0})
+    assert box(o, clip=False) == pytest.approx({"x_min": -0.05, "y_min": 0.85, "x_max": 0.15, "y_max": 1.05})
+
+
+def test_requests_name_their_skill_and_are_checked_by_it():
+    assert list(REGISTRY) == ["caption", "query", "detect", "point"]
+    assert SkillRequest("detect", object="x").skill is get("detect")
+    with pytest.raises(SettingsError, match="unknown skill 'segmentation'"):
+        SkillRequest("segmentation")
+    image = object()
+    body = {"object": "cat", "image_url": "x", "temperature": 0.1, "settings": {"temperature": 0.2}}
+    req = parse_request(body, lambda v: image, "point")
+    assert req.image is image and req.object == "cat" and req.settings_dict == {"temperature": 0.2}  # nested settings win
+    for body, message in [
+        ({"object": "cat"}, "detect needs an image"),
+        ({"object": "cat", "image_url": "x", "spatial_refs": [[0.5, 0.5]]}, "detect takes no spatial_refs"),
+        ({"object": 3, "image_url": "x"}, "object must be a str"),
+        ({"object": "cat", "image_url": 7}, "image_url must be"),
+        ({"object": "cat", "image_url": "x", "settings": []}, "settings must be an object"),
+    ]:
+        with pytest.raises(SettingsError, match=message):
+            parse_request(body, lambda v: image, "detect")
+
+
+def test_no_module_outside_skills_compares_skill_names():
+    """Adding a skill is one module plus one registry line: nothing else dispatches on skill names."""
+    import re
+    from pathlib import Path
+
+    import moonbase
+
+    names = "|".join(REGISTRY)
+    compare = re.compile(rf"""(==|!=|\bin)\s*[(\[{{]?\s*["']({names})["']|["']({names})["']\s*(==|!=)""")
+    root = Path(moonbase.__file__).parent
+    offenders = [
+        f"{path.relative_to(root)}:{n}: {line.strip()}"
+        for path in root.rglob("*.py")
+        if "skills" not in path.relative_to(root).parts
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if compare.search(line) and not line.lstrip().startswith("for ")  # iterating over names is not dispatching
+    ]
+    assert offenders == []

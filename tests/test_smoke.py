@@ -23,34 +23,39 @@ def image():
 def test_every_skill_gives_the_single_request_answers_in_client_shapes(vl, image):
     """Through the public API (settings, engine, decoding, output shapes), greedy answers are exactly what the
     plain loops of `moonbase.simple` give on the same inputs."""
-    from moonbase import simple, skills
+    from moonbase import simple
+    from moonbase.skills import SkillRequest
+    from moonbase.skills.query import reasoning_chunks, reasoning_output
 
     m, enc = vl.model, vl.encode_image(image)
-    s = skills.resolve_settings(GREEDY, m.cfg.defaults)
+
+    def reference(skill: str, image=enc, settings=GREEDY, **args):
+        return simple.run(m, image, SkillRequest(skill, settings=settings, **args))
 
     def text(ids: list[int]) -> str:
         assert 0 < len(ids) <= GREEDY["max_tokens"]  # non-empty; the tiny model rarely stops, so max_tokens binds
         return m.tokenizer.decode(ids)
 
-    assert vl.caption(image, "short", settings=GREEDY) == {"caption": text(list(simple.caption(m, enc, "short", s)))}
+    assert vl.caption(image, "short", settings=GREEDY) == {"caption": text(reference("caption", length="short").text.ids)}
     for question, refs in (("How many?", None), ("What is this?", [[0.5, 0.5], [0.1, 0.1, 0.4, 0.6]])):
-        want = text(list(simple.query(m, enc, question, s, refs)))
+        want = text(reference("query", question=question, spatial_refs=refs).text.ids)
         assert vl.query(image, question, spatial_refs=refs, settings=GREEDY) == {"answer": want}
-    assert vl.query(None, "Hello?", settings=GREEDY) == {"answer": text(list(simple.query(m, None, "Hello?", s)))}  # text only
-    trace = simple.TextRun()
-    answer = text(list(simple.query(m, enc, "Where?", s, reasoning=True, reasoning_run=trace)))
-    reasoning = skills.reasoning_output(simple.reasoning_chunks(trace, m), m.tokenizer)
-    assert trace.ids and vl.query(image, "Where?", reasoning=True, settings=GREEDY) == {"reasoning": reasoning, "answer": answer}
+    text_only = reference("query", None, question="Hello?").text.ids
+    assert vl.query(None, "Hello?", settings=GREEDY) == {"answer": text(text_only)}
+    out = reference("query", question="Where?", reasoning=True)
+    reasoning = reasoning_output(reasoning_chunks(out.trace, m.cfg.tokenizer), m.tokenizer)
+    answer = text(out.text.ids)
+    assert out.trace.ids
+    assert vl.query(image, "Where?", reasoning=True, settings=GREEDY) == {"reasoning": reasoning, "answer": answer}
 
-    four = skills.resolve_settings({"max_objects": 4}, m.cfg.defaults)
-    want = simple.locate(m, enc, "detect", "circle", four)
+    want = reference("detect", object="circle", settings={"max_objects": 4}).objects
     objects = vl.detect(image, "circle", settings={"max_objects": 4})["objects"]
     assert 0 < len(objects) == len(want) <= 4 and all(set(o) == {"x_min", "y_min", "x_max", "y_max"} for o in objects)
-    for o, w in zip(objects, want, strict=True):  # boxes are centre +- size / 2, not clipped to the image
-        assert (o["x_min"] + o["x_max"]) / 2 == pytest.approx(w.x) and (o["y_min"] + o["y_max"]) / 2 == pytest.approx(w.y)
-        assert (o["x_max"] - o["x_min"], o["y_max"] - o["y_min"]) == pytest.approx(w.size)
+    for o, w in zip(objects, want, strict=True):  # boxes are centre +- size / 2, clipped to the image
+        corners = [w.x - w.size[0] / 2, w.y - w.size[1] / 2, w.x + w.size[0] / 2, w.y + w.size[1] / 2]
+        assert [o["x_min"], o["y_min"], o["x_max"], o["y_max"]] == pytest.approx([min(1, max(0, c)) for c in corners])
         assert 0 <= w.x < 1 and 0 <= w.y < 1 and 0 < w.size[0] <= 1 and 0 < w.size[1] <= 1  # coordinate and size bins
-    want = simple.locate(m, enc, "point", "circle", skills.resolve_settings({"max_objects": 3}, m.cfg.defaults))
+    want = reference("point", object="circle", settings={"max_objects": 3}).objects
     points = vl.point(image, "circle", settings={"max_objects": 3})["points"]
     assert 0 < len(points) <= 3 and points == [{"x": w.x, "y": w.y} for w in want]
     assert all(0 <= p["x"] < 1 and 0 <= p["y"] < 1 for p in points)
@@ -73,13 +78,17 @@ def test_encoded_image_is_reusable_and_equivalent(vl, image):
 
 
 def test_max_tokens_and_seeded_sampling(vl, image):
-    from moonbase import simple, skills
+    from moonbase import simple
+    from moonbase.skills import SkillRequest
+    from moonbase.skills.program import StopReason
 
     enc = vl.encode_image(image)
-    s = skills.resolve_settings({"temperature": 0, "max_tokens": 5}, vl.model.cfg.defaults)
-    run = simple.TextRun()
-    ids = list(simple.caption(vl.model, enc, "normal", s, run=run))
-    assert ids == run.ids and (len(ids) == 5 or run.stop_reason == "stop")
+    run = simple.run(vl.model, enc, SkillRequest("caption", settings={"temperature": 0, "max_tokens": 5})).text
+    assert len(run.ids) == 5 or run.stop_reason is StopReason.STOP
+    stats = {}
+    answer = vl.caption(enc, settings={"temperature": 0, "max_tokens": 5}, stats=stats)
+    assert answer == {"caption": vl.model.tokenizer.decode(run.ids)}
+    assert stats["stop_reason"] == run.stop_reason.value and stats["output_tokens"] >= len(run.ids)
     hot = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 16, "seed": 7}
     assert vl.caption(enc, settings=hot) == vl.caption(enc, settings=hot)
     assert vl.caption(enc, settings={**hot, "seed": 8}) != vl.caption(enc, settings=hot)

@@ -22,15 +22,17 @@ from typing import Any
 import torch
 
 from ..device import release_cpu_threads
+from ..errors import ConfigError
 from ..model.moondream import Moondream
 from ..model.quant import int8_text
+from ..skills import Request
 from .adapters import AdapterStore
 from .graphs import ForwardGraphs
-from .handle import DONE, CancelledError, Handle, Result
+from .handle import CancelledError, Handle, Result
 from .kv import KVPool, PrefixCache
 from .runner import HeadOut, Runner
 from .scheduler import Scheduler, SchedulerConfig
-from .sequence import Request, Sequence, Status
+from .sequence import Sequence, Status
 
 log = logging.getLogger(__name__)
 
@@ -39,25 +41,40 @@ IDLE_S = 0.05  # the background thread gives its CPU threads back after this lon
 
 @dataclass(frozen=True)
 class EngineConfig:
-    max_batch: int = 32
-    max_step_tokens: int = 4096
-    block_size: int = 16
+    max_batch: int = 32  # sequences running at once
+    max_step_tokens: int = 4096  # prefill tokens (image prefixes and prompts) admitted per step
+    block_size: int = 16  # positions per KV block
     kv_memory_mb: float | None = None  # the paged pool, shared by image prefixes and sequences; None: auto
+    prefix_cache_mb: float | None = None  # most KV memory idle cached image prefixes may keep; None: all the pool
     int8_decode: bool = False  # CPU only: single-token steps through int8 linear layers (faster, approximate)
     pipeline: bool | None = None  # launch step t+1 before committing step t; None: on CUDA only
     cuda_graphs: bool = True  # CUDA: replay captured graphs of the text forwards (ignored on CPU)
 
-    def n_blocks(self, m: Moondream) -> int:
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_step_tokens", "block_size"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("kv_memory_mb", "prefix_cache_mb"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and 0 <= v < float("inf")):
+                raise ConfigError(f"{name} must be a non-negative number of MiB, got {v!r}")
+        if self.kv_memory_mb == 0:
+            raise ConfigError("kv_memory_mb must be positive")
+
+    def block_bytes(self, m: Moondream) -> int:
         t = m.cfg.text
-        per_token = 2 * t.n_layers * t.n_kv_heads * t.hd * torch.finfo(m.dtype).bits // 8
-        budget = self.kv_memory_mb * 2**20 if self.kv_memory_mb is not None else _auto_kv_bytes(m, per_token, self.max_batch)
-        return max(1, int(budget) // (per_token * self.block_size))
+        return 2 * t.n_layers * t.n_kv_heads * t.hd * torch.finfo(m.dtype).bits // 8 * self.block_size
+
+    def n_blocks(self, m: Moondream) -> int:
+        per_block = self.block_bytes(m)
+        budget = self.kv_memory_mb * 2**20 if self.kv_memory_mb is not None else _auto_kv_bytes(m, per_block, self)
+        return max(1, int(budget) // per_block)
 
 
-def _auto_kv_bytes(m: Moondream, per_token: int, max_batch: int) -> int:
+def _auto_kv_bytes(m: Moondream, per_block: int, cfg: EngineConfig) -> int:
     """Enough for every sequence of a full batch at the longest context and as many cached image
     prefixes again, capped at 40% of free GPU memory or 15% of the machine's RAM."""
-    wanted = per_token * 2 * max_batch * m.cfg.text.max_context
+    wanted = per_block // cfg.block_size * 2 * cfg.max_batch * m.cfg.text.max_context
     if m.device.type == "cuda":
         cap = 0.4 * torch.cuda.mem_get_info(m.device)[0]
     else:
@@ -69,7 +86,8 @@ class Engine:
     def __init__(self, m: Moondream, cfg: EngineConfig = EngineConfig(), background: bool = True):
         self.m, self.cfg, self.background = m, cfg, background
         self.pool = KVPool(m.cfg.text, cfg.n_blocks(m), cfg.block_size, m.device, m.dtype)
-        self.cache = PrefixCache(self.pool)
+        budget = None if cfg.prefix_cache_mb is None else int(cfg.prefix_cache_mb * 2**20) // cfg.block_bytes(m)
+        self.cache = PrefixCache(self.pool, budget)
         sched_cfg = SchedulerConfig(cfg.max_batch, cfg.max_step_tokens)
         self.scheduler = Scheduler(sched_cfg, self.pool, self.cache, m.cfg.prefix_len)
         decode_w = None
@@ -104,7 +122,7 @@ class Engine:
         if self.background:
             release_cpu_threads()  # this thread's compute is the engine thread's now
         self._inbox.put((seq, handle))
-        self._wake()
+        self.wake()
         return handle
 
     def close(self) -> None:
@@ -192,8 +210,28 @@ class Engine:
             "kv_blocks": self.pool.n_blocks,
             "kv_blocks_cached": sum(len(e.blocks) for e in self.cache.entries.values()),
             "prefix_cache_entries": len(self.cache.entries),
+            "prefix_cache_hits": self.cache.hits,
+            "prefix_cache_evictions": self.cache.evictions,
+            "preemptions": self.scheduler.preemptions,
             "in_flight": len(self._handles),
             "steps": self.steps,
+            "config": self.effective_config,
+        }
+
+    @property
+    def effective_config(self) -> dict[str, Any]:
+        """The knobs as they took effect (automatic choices resolved)."""
+        mb = self.cfg.block_bytes(self.m) / 2**20
+        cache = self.cache.budget_blocks
+        return {
+            "max_batch": self.cfg.max_batch,
+            "max_step_tokens": self.cfg.max_step_tokens,
+            "block_size": self.cfg.block_size,
+            "kv_memory_mb": round(self.pool.n_blocks * mb, 3),
+            "prefix_cache_mb": None if cache is None else round(cache * mb, 3),
+            "int8_decode": self.cfg.int8_decode,
+            "pipeline": self.pipeline,
+            "cuda_graphs": self.runner.graphs is not None,
         }
 
     # --- internals ----------------------------------------------------------------------------------
@@ -207,7 +245,7 @@ class Engine:
         seq.stats.output_tokens += 1  # every step ends in one decision: a token, a stop, a coordinate or a size
         handle = self._handles[seq.id]
         for token in program.new_tokens:
-            handle._events.put(token)
+            handle.emit(token)
         program.new_tokens = []
         if seq.error is not None or program.done:
             self.scheduler.finish(seq)
@@ -218,21 +256,15 @@ class Engine:
     def _complete(self, seq: Sequence, now: float) -> None:
         seq.stats.finished = now
         handle = self._handles.pop(seq.id)
-        p = seq.program
         if seq.cancelled and seq.error is None:
             seq.error = CancelledError("request cancelled")
-        result = Result(seq.req.skill, stats=seq.stats.as_dict(), record=seq.record)
-        if seq.req.skill == "caption":
-            result.run = p.run
-        elif seq.req.skill == "query":
-            result.run, result.trace = p.answer.run, (p.trace.run if seq.req.reasoning else None)
+        if seq.error is not None:
+            handle.finish(None, seq.error)
         else:
-            result.objects = p.objects
-        handle._result = result
-        handle._done.set()
-        handle._events.put(DONE)
+            handle.finish(Result(seq.program.output(), seq.stats.as_dict(), seq.record))
 
-    def _wake(self) -> None:
+    def wake(self) -> None:
+        """Start or wake the background thread (a request arrived or was cancelled)."""
         if not self.background:
             return
         with self._thread_lock:  # threads submitting at once must not start one loop each
@@ -263,13 +295,3 @@ class Engine:
                 seq.error = error
                 self.scheduler.finish(seq)
                 self._complete(seq, now)
-
-    def _drive(self, done: threading.Event, timeout: float | None) -> None:
-        """Wait for `done`; without a background thread, step the engine until it is set."""
-        if self.background:
-            done.wait(timeout)
-            return
-        deadline = None if timeout is None else time.perf_counter() + timeout
-        while not done.is_set() and (deadline is None or time.perf_counter() < deadline):
-            if not self.step():
-                break

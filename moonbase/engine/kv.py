@@ -76,10 +76,11 @@ class PrefixEntry:
 
 class PrefixCache:
     """Image prefixes by key (content hash, adapter), least recently used first. The cache holds one
-    reference to each entry's blocks; a sequence reading an entry holds another."""
+    reference to each entry's blocks; a sequence reading an entry holds another. With `budget_blocks`,
+    idle entries beyond that many blocks are dropped (`trim`); otherwise they stay until the pool needs room."""
 
-    def __init__(self, pool: KVPool):
-        self.pool = pool
+    def __init__(self, pool: KVPool, budget_blocks: int | None = None):
+        self.pool, self.budget_blocks = pool, budget_blocks
         self.entries: OrderedDict[Hashable, PrefixEntry] = OrderedDict()
         self.hits = self.evictions = 0
 
@@ -103,15 +104,23 @@ class PrefixCache:
 
     def evict_for(self, n_blocks: int) -> bool:
         """Drop unused entries, oldest first, until `n_blocks` are free; False if that is impossible."""
+        self._evict(lambda: self.pool.n_free >= n_blocks)
+        return self.pool.n_free >= n_blocks
+
+    def trim(self) -> None:
+        """Keep idle entries within the budget."""
+        if self.budget_blocks is not None:
+            self._evict(lambda: sum(len(e.blocks) for e in self.entries.values()) <= self.budget_blocks)
+
+    def _evict(self, enough) -> None:
         for key in list(self.entries):
-            if self.pool.n_free >= n_blocks:
+            if enough():
                 break
             entry = self.entries[key]
             if all(self.pool.refs[b] == 1 for b in entry.blocks):  # nobody but the cache reads it
                 del self.entries[key]
                 self.pool.release(entry.blocks)
                 self.evictions += 1
-        return self.pool.n_free >= n_blocks
 
     def clear(self) -> None:
         for entry in self.entries.values():

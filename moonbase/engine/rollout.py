@@ -23,12 +23,13 @@ import torch
 
 from ..model import region
 from ..model.moondream import Moondream
-from .sampler import sample
-from .sequence import Head, Sequence
+from ..model.sampler import sample
+from ..skills.program import Head
+from .sequence import Sequence
 
 
 def _samples_regions(seq: Sequence) -> bool:
-    return seq.record is not None and seq.req.skill in ("detect", "point")
+    return seq.record is not None and seq.program.samples_regions
 
 
 class RolloutHeads:
@@ -45,11 +46,12 @@ class RolloutHeads:
         self._host: dict[str, list] | None = None  # the values above, read back once at commit
 
     def restrict(self, lm: list[int], logits: torch.Tensor) -> None:
-        """Detect/point rollout rows choose only between going on (the coord token) and stopping (eos)."""
-        tok = self.m.cfg.tokenizer
-        keep = torch.tensor([tok.coord_id, tok.eos_id], device=logits.device)
+        """Rollout rows whose program decides among a few ids (detect/point: go on with the coord token, or
+        stop with eos) sample among those only."""
         for j, i in enumerate(lm):
-            if _samples_regions(self.rows[i]):
+            seq = self.rows[i]
+            if seq.record is not None and seq.program.decisions:
+                keep = torch.tensor(seq.program.decisions, device=logits.device)
                 kept = logits[j, keep]
                 logits[j] = float("-inf")
                 logits[j, keep] = kept
@@ -103,12 +105,8 @@ class RolloutHeads:
             names = ("token_logp", "coord_bins", "coord_logp", "size_bins", "size_logp")
             self._host = {n: getattr(self, n).tolist() for n in names}
         v = self._host
-        if head is Head.LM:
-            stop = getattr(seq.program, "stop_reason", "stop")  # detect/point: why it stopped, if it did
-            if then is not None or stop == "stop":  # a token (text), or go on / stop by choice (not by a limit)
-                rec.logprobs.append(v["token_logp"][i])
-            if _samples_regions(seq) and seq.program.done:
-                rec.finish = stop
+        if head is Head.LM and not seq.program.limited:  # a token, or go on / stop by choice (not by a limit)
+            rec.logprobs.append(v["token_logp"][i])
         if head is Head.COORD or then is Head.COORD:
             rec.coord_bins.append(v["coord_bins"][i])
             if _samples_regions(seq):

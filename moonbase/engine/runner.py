@@ -14,14 +14,15 @@ import torch
 from ..model import text
 from ..model.lora import Adapter, LoraBatch
 from ..model.moondream import Moondream
+from ..model.sampler import sample
 from ..model.text import EncodedImage
+from ..skills.program import CoordMode, Feed, Head
 from . import layout
 from .graphs import ForwardGraphs, Graph
 from .kv import KVPool, PagedBatch
 from .rollout import RolloutHeads, embed_images, rollout_heads
-from .sampler import sample
 from .scheduler import NewPrefix, StepPlan
-from .sequence import Feed, Head, Sequence
+from .sequence import Sequence
 
 
 class Runner:
@@ -140,8 +141,8 @@ class Runner:
         b = len(rows)
         heads = [s.program.head() for s in rows]
         lm = [i for i, h in enumerate(heads) if h is Head.LM]
-        follow = [rows[i].program.coord_after_token() for i in range(b)]
-        coord_rows = [i for i in range(b) if heads[i] is Head.COORD or (heads[i] is Head.LM and follow[i] is not None)]
+        follow = [rows[i].program.coord_mode() for i in range(b)]
+        coord_rows = [i for i in range(b) if heads[i] is Head.COORD or (heads[i] is Head.LM and follow[i] is not CoordMode.NEVER)]
         size_rows = [i for i, h in enumerate(heads) if h is Head.SIZE]
         tokens = torch.zeros(b, dtype=torch.long, device=dev)
         extra = rollout_heads(m, rows)  # None unless a row records a rollout or has its own region head
@@ -172,8 +173,8 @@ class Runner:
             decoded = extra.coords(coord_rows, hidden) if extra is not None else m.decode_coord(hidden[picked])
             coords[picked] = decoded.to(m.dtype)
             use = torch.zeros(b, dtype=torch.bool, device=dev)
-            use[[i for i in coord_rows if heads[i] is Head.COORD or follow[i] == "always"]] = True
-            on_token = [i for i in coord_rows if follow[i] == "on_coord_token"]
+            use[[i for i in coord_rows if heads[i] is Head.COORD or follow[i] is CoordMode.ALWAYS]] = True
+            on_token = [i for i in coord_rows if follow[i] is CoordMode.ON_COORD_TOKEN]
             if on_token:
                 use[on_token] = tokens[on_token] == m.cfg.tokenizer.coord_id
             next_emb = torch.where(use[:, None], m.encode_coords(coords), next_emb)
@@ -218,7 +219,11 @@ class Runner:
             seq.history.append(program.feed)
             if head is Head.SIZE:
                 embedded = Feed(size=sizes[i])
-            elif head is Head.COORD or out.follow[i] == "always" or (out.follow[i] and tokens[i] == coord_id):
+            elif (
+                head is Head.COORD
+                or out.follow[i] is CoordMode.ALWAYS
+                or (out.follow[i] is CoordMode.ON_COORD_TOKEN and tokens[i] == coord_id)
+            ):
                 embedded = Feed(coord=coords[i])
             else:
                 embedded = Feed(token=tokens[i])
@@ -234,7 +239,7 @@ class HeadOut:
 
     rows: list[Sequence]
     heads: list[Head]
-    follow: list[str | None]  # each LM row's `coord_after_token` when the heads ran
+    follow: list[CoordMode]  # each row's coordinate mode when the heads ran
     rooms: list[int]  # context left when the heads ran (a later forward may already have grown it)
     values: torch.Tensor  # float64: B token ids, B coordinates, B (w, h) sizes
     next_emb: torch.Tensor

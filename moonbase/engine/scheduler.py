@@ -14,6 +14,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import CapacityError
 from .kv import KVPool, PrefixCache, PrefixEntry
 from .sequence import Sequence, Status
 
@@ -61,6 +62,7 @@ class Scheduler:
         """The next step. With `preempt` False (a pipelined step is in flight, so sequences may not be
         replayed yet), a sequence that needs a preemption to go on makes the plan `stalled` instead."""
         plan = StepPlan()
+        self.cache.trim()
         for seq in [s for s in (*self.running, *self.waiting) if s.cancelled]:
             self.finish(seq)
             plan.finished.append(seq)
@@ -70,7 +72,7 @@ class Scheduler:
             if not preempt:
                 plan.stalled = True
                 return plan
-            seq.error = MemoryError(  # it was alone and still did not fit
+            seq.error = CapacityError(  # it was alone and still did not fit
                 f"the KV pool ({self.pool.n_blocks} blocks of {self.pool.block_size}) cannot hold this sequence; "
                 "give the engine more KV memory or lower max_tokens"
             )
@@ -80,7 +82,7 @@ class Scheduler:
         self._admit(plan)
         if self.waiting and not self.running and not plan.prefills:  # nothing will ever free room for it
             seq = self.waiting[0]
-            seq.error = MemoryError(
+            seq.error = CapacityError(
                 f"a request of {len(seq.pending)} tokens does not fit the KV pool ({self.pool.n_blocks} blocks of "
                 f"{self.pool.block_size}) or the step budget ({self.cfg.max_step_tokens} tokens)"
             )

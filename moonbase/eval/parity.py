@@ -9,6 +9,7 @@ Model numerics are checked on the fixture's own crop PNGs so that resizing is te
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -20,12 +21,13 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from .. import image as img_mod
-from .. import simple, skills
+from .. import simple
 from ..api import VL
 from ..hub import load_dir
 from ..image import load_image, normalize, overlap_crops, tiling_for
 from ..model import region, vision
 from ..model.rope import k_to_interleaved
+from ..skills import Prompt, SkillRequest
 from .report import Report, Row, same_result, short_json
 
 # Tolerances from the fixture README ("Suggested tolerances", float32 column).
@@ -40,7 +42,7 @@ class Parity:
         self.meta = json.loads((self.dir / "expected.json").read_text())
         self.tensors = load_file(str(self.dir / "expected.safetensors"))
         self.m = load_dir(self.dir, device="cpu", dtype=torch.float32)
-        self.vl = VL(self.m)
+        self.vl = VL(self.m, clip=False)  # the reference returns boxes as decoded, not clipped to the image
         self.report = Report()
         self.encoded: dict[int, Any] = {}
 
@@ -125,16 +127,17 @@ class Parity:
             r.close(g, key, value, self.t(name), None if crop else REL_TOL, CROP_ABS_TOL if crop else None)
 
     # --- cases --------------------------------------------------------------------------------------
-    def prompts(self, call: dict[str, Any], text_only: bool) -> list[skills.Prompt]:
-        m, tok = self.m, self.m.cfg.tokenizer
-        skill = call["skill"]
-        if skill == "caption":
-            return [skills.caption_prompt(tok, call.get("length", "normal"))]
-        if skill == "query":
-            p = skills.query_prompt(m.tokenizer, call["question"], call.get("spatial_refs"), call.get("reasoning", False))
-            p = skills.Prompt((tok.bos_id,)) + p if text_only else p
-            return [p, skills.Prompt((tok.answer_id,))] if call.get("reasoning") else [p]
-        return [skills.object_prompt(m.tokenizer, skill, call["object"], call.get("spatial_refs"))]
+    @staticmethod
+    def request(call: dict[str, Any], image: Any = None) -> SkillRequest:
+        settings = dict(call.get("settings") or {}, **({"seed": call["seed"]} if "seed" in call else {}))
+        args = {k: call[k] for k in ("length", "question", "object", "reasoning", "spatial_refs") if k in call}
+        return SkillRequest(call["skill"], image, settings=settings, **args)
+
+    def prompts(self, call: dict[str, Any], text_only: bool) -> list[Prompt]:
+        tok, req = self.m.cfg.tokenizer, self.request(call)
+        p = req.skill.prompt(req, self.m.tokenizer)
+        p = Prompt((tok.bos_id,)) + p if text_only else p
+        return [p, Prompt((tok.answer_id,))] if req.reasoning else [p]
 
     def check_case(self, case: dict[str, Any]) -> None:
         call, info = case["call"], bool(case.get("informational"))
@@ -256,37 +259,24 @@ class Parity:
 
     def end_to_end(self, case: dict[str, Any], image: Any, info: bool) -> None:
         m, r, g, call = self.m, self.report, case["name"], case["call"]
-        settings = dict(call.get("settings") or {}, **({"seed": call["seed"]} if "seed" in call else {}))
-        s = skills.resolve_settings(settings, m.cfg.defaults)
+        req = self.request(call)
         phases = case["phases"]
         near_tie = info or any(p.get("near_tie_steps") for p in phases)
-        with torch.no_grad():
-            if call["skill"] in ("caption", "query"):
-                run, trace = simple.TextRun(), simple.TextRun()
-                if call["skill"] == "caption":
-                    list(simple.caption(m, image, call.get("length", "normal"), s, run=run))
-                else:
-                    list(
-                        simple.query(
-                            m, image, call["question"], s, call.get("spatial_refs"), call.get("reasoning", False), run, trace
-                        )
-                    )
-                runs = [trace, run] if call.get("reasoning") else [run]
-                for phase, ours in zip(phases, runs, strict=True):
-                    stop = "max_tokens" if phase["stop_reason"] == "max_tokens" else "stop"
-                    r.exact(
-                        g, f"{phase['phase']} greedy ids", [ours.ids, ours.stop_reason], [phase["generated_ids"], stop], near_tie
-                    )
-            else:
-                objs = simple.locate(m, image, call["skill"], call["object"], s, call.get("spatial_refs"))
-                ours = [[o.x, o.y, *(o.size or ())] for o in objs]
-                ref = [[o["x"], o["y"], *([o["w"], o["h"]] if "w" in o else [])] for o in phases[0]["objects"]]
-                r.exact(g, "greedy objects", ours, ref, near_tie)
-        kwargs = {k: call[k] for k in ("length", "question", "object", "reasoning", "spatial_refs") if k in call}
+        out = simple.run(m, image, req)
+        if out.text is not None:
+            runs = [out.trace, out.text] if req.reasoning else [out.text]
+            for phase, ours in zip(phases, runs, strict=True):
+                stop = "max_tokens" if phase["stop_reason"] == "max_tokens" else "stop"
+                got, want = [ours.ids, ours.stop_reason.value], [phase["generated_ids"], stop]
+                r.exact(g, f"{phase['phase']} greedy ids", got, want, near_tie)
+        else:
+            ours = [[o.x, o.y, *(o.size or ())] for o in out.objects]
+            ref = [[o["x"], o["y"], *([o["w"], o["h"]] if "w" in o else [])] for o in phases[0]["objects"]]
+            r.exact(g, "greedy objects", ours, ref, near_tie)
         for source, img in (("fixture crops", image), ("image file", call.get("image"))):
             if source == "image file" and img is not None:
                 img = self.dir / self.meta["images"][img]["file"]
-            result = getattr(self.vl, call["skill"])(img, settings=settings, **kwargs)
+            result = self.vl.run(dataclasses.replace(req, image=img))
             informational = near_tie or (source == "image file" and img is not None and img_mod.RESIZE_BACKEND != "pyvips")
             r.exact(
                 g,

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from ..api import VL
 from ..data.mix import synthetic_example
+from ..skills import SkillRequest
 from .metrics import Counts, exact_match, match_boxes, match_points, parse_count, token_f1
 
 GREEDY = {"temperature": 0.0, "top_p": 1.0}
@@ -38,34 +39,31 @@ def evaluate(
     examples += [synthetic_example("eval", seed, n_scenes + n_captcha + i, "text") for i in range(n_text)]
     scores: dict[str, list[float]] = defaultdict(list)
     boxes, points = Counts(), Counts()
-    text_settings = {**GREEDY, "max_tokens": max_tokens}
+    settings = {**GREEDY, "max_tokens": max_tokens, "max_objects": max_objects}
     lock = threading.Lock()
 
+    def text(task, out) -> None:
+        if "caption" in out:
+            scores["caption"].append(token_f1(out["caption"], task.answer))
+        elif task.kind == "count":
+            scores["count"].append(float(parse_count(out["answer"]) == int(task.answer)))
+        else:
+            scores[task.kind].append(float(exact_match(out["answer"], task.answer)))
+
+    def located(task, out) -> None:
+        if "objects" in out:
+            pred = [(o["x_min"], o["y_min"], o["x_max"], o["y_max"]) for o in out["objects"]]
+            boxes.add(match_boxes(pred, list(task.boxes)), len(pred), len(task.boxes))
+        else:
+            pts = [(p["x"], p["y"]) for p in out["points"]]
+            points.add(match_points(pts, list(task.boxes)), len(pts), len(task.boxes))
+        scores[f"{task.kind}_queries"].append(1.0)
+
     def score(ex) -> None:  # one image's tasks, in order; several images run at once and batch in the engine
-        for task in ex.tasks:
-            image = ex.image  # the engine caches the image prefix: only the first task pays for vision
-            if task.skill == "caption":
-                pred = vl.caption(image, task.arg, settings=text_settings)["caption"]
-                result = ("caption", token_f1(pred, task.answer))
-            elif task.skill == "query":
-                pred = vl.query(image, task.arg, settings=text_settings)["answer"]
-                if task.kind == "count":
-                    result = ("count", float(parse_count(pred) == int(task.answer)))
-                else:
-                    result = (task.kind, float(exact_match(pred, task.answer)))
-            elif task.skill == "detect":
-                objs = vl.detect(image, task.arg, settings={"max_objects": max_objects})["objects"]
-                pred_boxes = [(o["x_min"], o["y_min"], o["x_max"], o["y_max"]) for o in objs]
-                with lock:
-                    boxes.add(match_boxes(pred_boxes, list(task.boxes)), len(pred_boxes), len(task.boxes))
-                result = ("detect_queries", 1.0)
-            else:
-                pts = vl.point(image, task.arg, settings={"max_objects": max_objects})["points"]
-                with lock:
-                    points.add(match_points([(p["x"], p["y"]) for p in pts], list(task.boxes)), len(pts), len(task.boxes))
-                result = ("point_queries", 1.0)
+        for task in ex.tasks:  # the engine caches the image prefix: only the first task pays for vision
+            out = vl.run(SkillRequest.of(task.skill, ex.image, task.arg, settings=settings))
             with lock:
-                scores[result[0]].append(result[1])
+                (located if "objects" in out or "points" in out else text)(task, out)
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:

@@ -66,11 +66,11 @@ def add_parser(sub, model_args) -> None:
 
 
 def _service(a: argparse.Namespace):
-    from .. import vl as make_vl
+    from ..cli import vl_from_args
     from .registry import Registry
     from .service import TuningService
 
-    model = make_vl(a.model, a.device, a.dtype)
+    model = vl_from_args(a)
     return TuningService(model, Registry(a.store), model.model.name)
 
 

@@ -22,11 +22,16 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TuningError
-from .types import SkillRequest, Target, parse_request, parse_target
+from ..skills import SkillRequest
+from ..skills.training import Target
+from .types import parse_target, parse_tuning_request
+
+SKILL_OF_KEY = {"question": "query", "points": "point", "boxes": "detect"}  # first key present wins
+TARGET_KEYS = ("answer", "reasoning", "boxes", "points")
 
 
 @dataclass(frozen=True)
-class Example:
+class LabeledRequest:
     request: SkillRequest
     target: Target
     row: dict[str, Any]  # the row as given (a user reward function receives it)
@@ -34,18 +39,10 @@ class Example:
 
 
 def _skill(row: dict[str, Any]) -> str | None:
-    if "skill" in row:
-        return row["skill"]
-    if "question" in row:
-        return "query"
-    if "points" in row:
-        return "point"
-    if "boxes" in row:
-        return "detect"
-    return None
+    return row.get("skill") or next((SKILL_OF_KEY[k] for k in SKILL_OF_KEY if k in row), None)
 
 
-def parse_row(row: Any, base_dir: Path | None, where: str) -> Example:
+def parse_row(row: Any, base_dir: Path | None, where: str) -> LabeledRequest:
     try:
         if not isinstance(row, dict):
             raise TuningError(f"a row must be a JSON object, got {type(row).__name__}")
@@ -61,18 +58,15 @@ def parse_row(row: Any, base_dir: Path | None, where: str) -> Example:
             if not path.is_file():
                 raise TuningError(f"no such image file: {path}")
             image = path
-        request = {k: row[k] for k in ("question", "object", "spatial_refs", "reasoning", "settings") if k in row}
-        request = parse_request(
-            {"skill": skill, "image": image} | {k: v for k, v in request.items() if k != "reasoning"}, lambda v: v
-        )
-        target_keys = ("answer", "reasoning") if skill == "query" else ("boxes", "points")
-        target = parse_target(skill, {k: row[k] for k in target_keys if k in row})
-        return Example(request, target, row, where)
+        fields = {k: row[k] for k in ("question", "object", "spatial_refs", "settings") if k in row}
+        request = parse_tuning_request({"skill": skill, "image": image} | fields, lambda v: v)  # loaded when used
+        target = parse_target(request, {k: row[k] for k in TARGET_KEYS if k in row})
+        return LabeledRequest(request, target, row, where)
     except TuningError as e:
         raise TuningError(f"{where}: {e}") from None
 
 
-def load_jsonl(path: str | Path) -> list[Example]:
+def load_jsonl(path: str | Path) -> list[LabeledRequest]:
     path = Path(path)
     if not path.is_file():
         raise TuningError(f"no such data file: {path}")
@@ -90,13 +84,13 @@ def load_jsonl(path: str | Path) -> list[Example]:
     return out
 
 
-def from_iterable(rows: Iterable[Any], base_dir: str | Path | None = None) -> list[Example]:
+def from_iterable(rows: Iterable[Any], base_dir: str | Path | None = None) -> list[LabeledRequest]:
     """Rows as dicts; images may be paths, PIL images or HxWx3 uint8 arrays."""
     base = None if base_dir is None else Path(base_dir)
     return [parse_row(row, base, f"<iterable>:{i}") for i, row in enumerate(rows)]
 
 
-def split(examples: list[Example], held_out: float | int, seed: int = 0) -> tuple[list[Example], list[Example]]:
+def split(examples: list[LabeledRequest], held_out: float | int, seed: int = 0) -> tuple[list, list]:
     """(train, held out): a fraction (< 1) or a count of examples, drawn with `seed`."""
     n = len(examples)
     k = int(round(held_out * n)) if isinstance(held_out, float) and held_out < 1 else int(held_out)

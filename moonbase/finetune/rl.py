@@ -1,10 +1,10 @@
 """GRPO over rollouts sampled by the engine (finetuning.md §5).
 
 A rollout is replayed by teacher forcing: the prompt, then exactly the sampled tokens and the coordinate
-and size bins fed back, through the current policy in one forward; each action's log-probability is read
-at the position before it, under the distribution it was sampled from (temperature, the same logit masks
-as sampling, the two-way go-on / stop choice of detect and point). Rollouts of one request share one
-packed row behind one image prefix.
+and size bins fed back (its skill's `replay` moves), through the current policy in one forward; each
+action's log-probability is read at the position before it, under the distribution it was sampled from
+(temperature, the same logit masks as sampling, the two-way go-on / stop choice of detect and point).
+Rollouts of one request share one packed row behind one image prefix.
 
 Loss per action: -min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A) with rho = exp(logp - logp_old)
 and A = (r - mean_group r) / (std_group r + eps) (population std); averaged over the actions of a group
@@ -24,10 +24,13 @@ from ..model import region
 from ..model.lora import Adapter
 from ..model.moondream import Moondream
 from ..model.text import lm_logits
-from ..train.batch import SKILLS, Batch, Segment, pack_rows
+from ..skills import Prompt
+from ..skills.program import Head
+from ..skills.training import Move
+from ..train.batch import SKILLS, Batch, Segment, pack_rows, transcript
 from ..train.losses import hidden_at
-from .sft import group_image, prompt_segment, request_prompt
-from .types import RLGroup, Rollout, SkillRequest
+from .sft import group_image
+from .types import RLGroup
 
 
 @dataclass(frozen=True)
@@ -38,67 +41,14 @@ class RLConfig:
     std_eps: float = 1e-6
 
 
-@dataclass(frozen=True)
-class Action:
-    pos: int  # position in the segment whose output chooses it
-    kind: str  # token | decide | coord | size
-    label: int | tuple[int, int]
-    mask: tuple[int, ...] = ()  # token ids masked out at sampling
-
-
-def rollout_segment(req: SkillRequest, r: Rollout, m: Moondream) -> tuple[Segment, list[Action]]:
-    """The prompt, then every sampled choice fed back, and the actions to score."""
-    tok, rc = m.cfg.tokenizer, m.cfg.region
-    seg = prompt_segment(request_prompt(req, m.tokenizer), m)
-    acts: list[Action] = []
-
-    def act(kind: str, label, mask=()) -> None:
-        acts.append(Action(len(seg) - 1, kind, label, mask))
-
-    if req.skill == "query":
-        coords = iter(r.coords)
-        if req.reasoning:
-            trace = r.thinking_tokens
-            for j, t in enumerate(trace):
-                act("token", t, () if j == 0 else (tok.eos_id, tok.size_id))
-                if j == len(trace) - 1 and not r.has_answer_separator:
-                    break  # a trace cut by max_tokens: its last token is not fed, the answer token is
-                if t == tok.coord_id:
-                    b = next(coords, None)
-                    if b is None:
-                        raise TuningError("rollout: the trace has more coord tokens than coords")
-                    seg.add(coord=float(region.coord_from_bin(torch.tensor(b), rc)))
-                else:
-                    seg.add(t)
-            if r.has_answer_separator:
-                act("token", tok.answer_id, (tok.eos_id, tok.size_id) if r.thinking_tokens else ())
-            seg.add(tok.answer_id)
-        if next(coords, None) is not None:
-            raise TuningError("rollout: more coords than coord tokens in the trace")
-        for j, t in enumerate(r.answer_tokens):
-            act("token", t, () if j == 0 else (tok.answer_id,))
-            seg.add(t)
-        if r.finish_reason == "stop":
-            act("token", tok.eos_id, (tok.answer_id,) if r.answer_tokens else ())
-    else:
-        for k in range(len(r.coords) // 2):
-            x, y = r.coords[2 * k], r.coords[2 * k + 1]
-            act("decide", tok.coord_id)
-            act("coord", x)
-            seg.add(coord=float(region.coord_from_bin(torch.tensor(x), rc)))
-            act("coord", y)
-            seg.add(coord=float(region.coord_from_bin(torch.tensor(y), rc)))
-            if req.skill == "detect":
-                act("size", r.sizes[k])
-                wh = region.size_from_bin(torch.tensor(r.sizes[k]), rc).tolist()
-                seg.add(size=(wh[0], wh[1]))
-        if r.finish_reason == "stop":
-            act("decide", tok.eos_id)
-    while acts and len(seg) - 1 > acts[-1].pos:  # inputs after the last choice are never read
-        seg.drop_last()
-    if r.logprobs is not None and len(r.logprobs) != len(acts):
-        raise TuningError(f"rollout has {len(r.logprobs)} logprobs for {len(acts)} sampled actions")
-    return seg, acts
+def rollout_segment(prompt: Prompt, moves: list[Move], m: Moondream) -> tuple[Segment, list[tuple[int, Move]]]:
+    """A rollout's prompt and moves as one segment, and its actions with the positions whose outputs chose them."""
+    at, acts = len(prompt.ids) - 1, []
+    for move in moves:
+        if move.action and move.label is not None:
+            acts.append((at, move))
+        at += move.feed is not None
+    return transcript(prompt, moves, m.cfg.tokenizer), acts
 
 
 @dataclass
@@ -106,7 +56,7 @@ class RLBatch:
     batch: Batch
     row: torch.Tensor  # per action
     pos: torch.Tensor
-    actions: list[Action]
+    actions: list[Move]
     temperature: torch.Tensor
     logp_old: torch.Tensor  # NaN where the rollout recorded none
     group: torch.Tensor  # index of the action's group
@@ -133,16 +83,18 @@ def rl_batch(groups: list[RLGroup], m: Moondream, cfg: RLConfig, max_pixels: int
         row: list[tuple[int, Segment]] = []
         used = prefix
         for ri, r in enumerate(g.rollouts):
-            seg, acts = rollout_segment(g.request, r, m)
+            seg, acts = rollout_segment(*g.request.skill.replay(g.request, r, m.tokenizer, m.cfg), m)
+            if r.logprobs is not None and len(r.logprobs) != len(acts):
+                raise TuningError(f"rollout has {len(r.logprobs)} logprobs for {len(acts)} sampled actions")
             if used + len(seg) > m.cfg.text.max_context and row:
                 images.append(image), rows.append(row)
                 row, used = [], prefix
             old = r.logprobs if r.logprobs is not None else [float("nan")] * len(acts)
-            for a, lp in zip(acts, old, strict=True):
-                entry = (len(rows), used + a.pos, a, r.temperature or 1.0, lp, gi, n_rollouts, adv[ri])
+            for (pos, a), lp in zip(acts, old, strict=True):
+                entry = (len(rows), used + pos, a, r.temperature or 1.0, lp, gi, n_rollouts, adv[ri])
                 for k, v in zip(col, entry, strict=True):
                     col[k].append(v)
-            row.append((SKILLS.index(g.request.skill), seg))
+            row.append((SKILLS.index(g.request.skill.name), seg))
             used += len(seg)
             n_rollouts += 1
         images.append(image), rows.append(row)
@@ -176,36 +128,37 @@ def action_logprobs(policy: Moondream, rb: RLBatch, adapter: Adapter | None) -> 
     keys = rb.row * t_max + rb.pos
     idx = torch.searchsorted(torch.unique(keys), keys).to(policy.device)
     temp = rb.temperature.clamp_min(1e-6).to(policy.device)
-    tok = policy.cfg.tokenizer
     out = torch.zeros(n, device=policy.device)
-    for kind in ("token", "decide", "coord", "size"):
-        which = [i for i, a in enumerate(rb.actions) if a.kind == kind]
-        if not which:
-            continue
+    kinds: dict[tuple[Head, bool], list[int]] = {}  # actions by head, and whether a token chose among a few ids
+    for i, a in enumerate(rb.actions):
+        kinds.setdefault((a.head, bool(a.decisions)), []).append(i)
+    for (head, decide), which in kinds.items():
         at = torch.tensor(which, device=policy.device)
         hid, t = h[idx[at]], temp[at][:, None]
-        if kind in ("token", "decide"):
-            logits = lm_logits(hid, policy.w.text).float()
-            if kind == "decide":  # the two-way go-on / stop choice
-                logits = logits[:, [tok.coord_id, tok.eos_id]]
-                labels = torch.tensor([0 if rb.actions[i].label == tok.coord_id else 1 for i in which], device=policy.device)
-            else:
-                mask = torch.zeros_like(logits, dtype=torch.bool)
-                for j, i in enumerate(which):
-                    if rb.actions[i].mask:
-                        mask[j, list(rb.actions[i].mask)] = True
-                logits = logits.masked_fill(mask, float("-inf"))
-                labels = torch.tensor([rb.actions[i].label for i in which], device=policy.device)
-            lp = torch.log_softmax(logits / t, -1).gather(-1, labels[:, None]).squeeze(-1)
-        elif kind == "coord":
-            logits = region.coord_logits(hid, policy.w.region).float()
-            labels = torch.tensor([rb.actions[i].label for i in which], device=policy.device)
-            lp = torch.log_softmax(logits / t, -1).gather(-1, labels[:, None]).squeeze(-1)
-        else:
+        acts = [rb.actions[i] for i in which]
+        if head is Head.SIZE:
             logits = region.size_logits(hid, policy.w.region).float()  # (n, 2, bins)
-            labels = torch.tensor([list(rb.actions[i].label) for i in which], device=policy.device)
+            labels = torch.tensor([list(a.label) for a in acts], device=policy.device)
             lp = torch.log_softmax(logits / t[:, :, None], -1).gather(-1, labels[:, :, None]).squeeze(-1).sum(-1)
-        out = out.index_put((at,), lp)
+            out = out.index_put((at,), lp)
+            continue
+        if head is Head.COORD:
+            logits = region.coord_logits(hid, policy.w.region).float()
+            labels = [a.label for a in acts]
+        elif decide:  # go on or stop: the other ids are not actions
+            choices = torch.tensor([a.decisions for a in acts], device=policy.device)
+            logits = lm_logits(hid, policy.w.text).float().gather(-1, choices)
+            labels = [a.decisions.index(a.label) for a in acts]
+        else:
+            logits = lm_logits(hid, policy.w.text).float()
+            mask = torch.zeros_like(logits, dtype=torch.bool)
+            for j, a in enumerate(acts):
+                if a.mask:
+                    mask[j, list(a.mask)] = True
+            logits = logits.masked_fill(mask, float("-inf"))
+            labels = [a.label for a in acts]
+        index = torch.tensor(labels, device=policy.device)[:, None]
+        out = out.index_put((at,), torch.log_softmax(logits / t, -1).gather(-1, index).squeeze(-1))
     return out
 
 

@@ -25,8 +25,7 @@ from typing import Any
 from tqdm import tqdm
 
 from ..image import load_image
-from .data import Example, split
-from .rewards import reward_from_truth
+from .data import LabeledRequest, split
 from .rollouts import sample_rollouts
 from .service import TuningService
 from .types import RLGroup, SFTGroup, parse_rollout
@@ -55,22 +54,16 @@ def _clip(x: Any) -> float:
 
 
 def evaluate(
-    svc: TuningService, examples: list[Example], variant: str | None, reward: Reward | None = None, max_tokens: int = 64
+    svc: TuningService, examples: list[LabeledRequest], variant: str | None, reward: Reward | None = None, max_tokens: int = 64
 ) -> float:
     """Mean greedy score over `examples` (several at once, so the engine batches them)."""
     vl = svc.vl
     settings = {"temperature": 0.0, "max_tokens": max_tokens} | ({"variant": variant} if variant else {})
 
-    def score(ex: Example) -> float:
-        r, image = ex.request, load_image(ex.request.image, vl.max_pixels)
-        refs = None if r.spatial_refs is None else [list(x) for x in r.spatial_refs]
-        if r.skill == "query":
-            out = vl.query(image, r.question, settings=settings, spatial_refs=refs)
-        elif r.skill == "detect":
-            out = vl.detect(image, r.object, settings=settings)
-        else:
-            out = vl.point(image, r.object, settings=settings, spatial_refs=refs)
-        return _clip(reward(ex.row, out)) if reward else reward_from_truth(r.skill, out, ex.target)
+    def score(ex: LabeledRequest) -> float:
+        r = ex.request
+        out = vl.run(dataclasses.replace(r, image=load_image(r.image, vl.limits.max_pixels), settings=settings))
+        return _clip(reward(ex.row, out)) if reward else r.skill.reward(out, ex.target)
 
     if not examples:
         return float("nan")
@@ -78,23 +71,20 @@ def evaluate(
         return sum(pool.map(score, examples)) / len(examples)
 
 
-def sft_step(svc: TuningService, fid: str, batch: list[Example], cfg: RunConfig) -> dict[str, Any]:
+def sft_step(svc: TuningService, fid: str, batch: list[LabeledRequest], cfg: RunConfig) -> dict[str, Any]:
     return svc.train_groups(fid, [SFTGroup(ex.request, ex.target) for ex in batch], cfg.lr)
 
 
-def rl_step(svc: TuningService, fid: str, batch: list[Example], cfg: RunConfig, reward: Reward | None) -> dict[str, Any]:
+def rl_step(svc: TuningService, fid: str, batch: list[LabeledRequest], cfg: RunConfig, reward: Reward | None) -> dict[str, Any]:
     """Rollouts of every example of the batch at once (they meet in the engine's batch), scored, one step."""
     step, live = svc.session(fid).policy
     m = svc.vl.model
 
-    def group(ex: Example) -> RLGroup:
+    def group(ex: LabeledRequest) -> RLGroup:
         settings = dict(ex.request.settings) | {"temperature": cfg.temperature}
         req = dataclasses.replace(ex.request, settings=tuple(sorted(settings.items())))
         rollouts = sample_rollouts(svc.vl, req, cfg.rollouts, live, step)
-        scores = [
-            _clip(reward(ex.row, r["output"])) if reward else reward_from_truth(req.skill, r["output"], ex.target)
-            for r in rollouts
-        ]
+        scores = [_clip(reward(ex.row, r["output"])) if reward else req.skill.reward(r["output"], ex.target) for r in rollouts]
         return RLGroup(ex.request, tuple(parse_rollout(req.skill, r, m.cfg) for r in rollouts), tuple(scores))
 
     with ThreadPoolExecutor(len(batch)) as pool:
@@ -104,7 +94,7 @@ def rl_step(svc: TuningService, fid: str, batch: list[Example], cfg: RunConfig, 
 
 
 def fine_tune(
-    svc: TuningService, name: str, examples: list[Example], cfg: RunConfig, reward: Reward | None = None
+    svc: TuningService, name: str, examples: list[LabeledRequest], cfg: RunConfig, reward: Reward | None = None
 ) -> dict[str, Any]:
     """Create (or resume, by name) a finetune, train it on `examples` minus a held-out split, evaluate the
     split before and after, save the final checkpoint. Returns a summary with the model string."""

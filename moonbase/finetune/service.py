@@ -33,11 +33,10 @@ from ..image import load_image
 from ..model.lora import TARGETS, Adapter, adapter_from_state_dict
 from .lora import RANKS, LoraConfig
 from .registry import Registry
-from .rewards import reward_from_truth
 from .rollouts import sample_rollouts
 from .steps import Limits, body_digest, finetune_id_of, int_of, parse_step
 from .trainer import StepConfig, Trainer, adapter_from_checkpoint
-from .types import parse_request, parse_target
+from .types import parse_target, parse_tuning_request
 
 NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 KEPT_KEYS = 1000
@@ -70,15 +69,13 @@ class TuningService:
         cached_sessions: int = 4,
     ):
         self.vl, self.store, self.base_name, self.step_cfg, self.limits = vl, store, base_name, step_cfg, limits
-        self.image_of = image_of or (lambda v: load_image(v, vl.max_pixels))
+        self.image_of = image_of or (lambda v: load_image(v, vl.limits.max_pixels))
         self.cached_sessions = cached_sessions
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._lock = threading.Lock()
         self._inflight: dict[tuple[str, str], Future] = {}
         self._writers: dict[str, threading.Lock] = {}
-        store_ = vl.engine.adapters
-        fallback = store_.resolve
-        store_.resolve = lambda name: self.resolve(name) or fallback(name)
+        vl.engine.adapters.add_source(self.resolve)  # `<finetune_id>@<step>` serves that checkpoint
 
     # --- finetunes ----------------------------------------------------------------------------------
 
@@ -175,12 +172,12 @@ class TuningService:
         n = body.get("num_rollouts", 1)
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.limits.max_rollouts:
             raise TuningError(f"num_rollouts must be an integer in 1..{self.limits.max_rollouts}")
-        req = parse_request(body.get("request"), self.image_of)
+        req = parse_tuning_request(body.get("request"), self.image_of)
         truth = body.get("ground_truth")
-        truth = None if truth is None else parse_target(req.skill, truth, "ground_truth")
+        truth = None if truth is None else parse_target(req, truth, "ground_truth")
         step, live = self.session(fid).policy
         rollouts = sample_rollouts(self.vl, req, n, live, step)
-        rewards = None if truth is None else [reward_from_truth(req.skill, r["output"], truth) for r in rollouts]
+        rewards = None if truth is None else [req.skill.reward(r["output"], truth) for r in rollouts]
         return {"request": body.get("request"), "rollouts": rollouts, "rewards": rewards}
 
     def train_step(self, body: dict[str, Any], key: str | None = None) -> dict[str, Any]:

@@ -11,12 +11,9 @@ from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
 from ..api import VL, CancelScope
+from .errors import ClientGone
 
 T = TypeVar("T")
-
-
-class ClientGone(Exception):
-    """The client disconnected before the answer was ready."""
 
 
 async def cancellable(request: Request, vl: VL, fn: Callable[[], T]) -> T:

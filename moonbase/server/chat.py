@@ -33,8 +33,11 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from ..errors import SettingsError
+from ..skills import SkillRequest
+from ..skills.program import StopReason
 from .cancel import cancellable
-from .registry import ModelRegistry
+from .errors import error_body
+from .registry import Selection
 
 # OpenAI chat-completions parameters this server does not honour -> the values that change nothing.
 UNHONOURED: dict[str, tuple[Any, ...]] = {
@@ -151,10 +154,12 @@ def _conversation(messages: list[ChatMessage]) -> tuple[str, str | None]:
     return question, images[0][1] if images else None
 
 
-def add_chat_route(app: FastAPI, registry: ModelRegistry, image_of: Callable[[str | None], Any]) -> None:
+def add_chat_route(
+    app: FastAPI, select: Callable[[str | None], Selection], image_of: Callable[[str], Any], timeout: float | None
+) -> None:
     @app.post("/v1/chat/completions")
     async def chat(request: Request, body: ChatRequest):
-        sel = registry.select(body.model)
+        sel = select(body.model)
         _refuse_unhonoured(body.model_extra or {})
         question, image = _conversation(body.messages)
         settings = {"temperature": body.temperature, "top_p": body.top_p, "seed": body.seed}
@@ -163,7 +168,9 @@ def add_chat_route(app: FastAPI, registry: ModelRegistry, image_of: Callable[[st
         stats: dict[str, Any] = {}
 
         def run():
-            return sel.vl.query(image_of(image), question, body.stream, settings, bool(body.reasoning), stats=stats)
+            decoded = None if image is None else image_of(image)
+            req = SkillRequest("query", decoded, question, reasoning=bool(body.reasoning), settings=settings)
+            return sel.vl.run(req, body.stream, stats, timeout)
 
         out = await cancellable(request, sel.vl, run)
         rid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
@@ -186,7 +193,7 @@ def add_chat_route(app: FastAPI, registry: ModelRegistry, image_of: Callable[[st
 
 
 def _finish(stats: dict[str, Any]) -> str:
-    return "length" if stats.get("stop_reason") in ("max_tokens", "context") else "stop"
+    return StopReason(stats["stop_reason"]).finish_reason
 
 
 def _usage(stats: dict[str, Any]) -> dict[str, int]:
@@ -217,8 +224,8 @@ def _chunks(
     try:
         for piece in pieces:
             yield delta({"content": piece})
-    except Exception as e:  # after the 200 header: report in-band, then end the stream
-        yield "data: " + json.dumps({"error": {"message": str(e), "type": type(e).__name__}}) + "\n\n"
+    except Exception as e:  # after the 200 header: report in-band (the body a non-streaming error has), then end
+        yield "data: " + json.dumps({"error": error_body(e)}) + "\n\n"
     else:
         yield delta({}, _finish(stats))
         if usage:

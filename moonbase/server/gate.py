@@ -9,10 +9,10 @@ import logging
 import threading
 import time
 from collections import Counter
-from typing import Any
 
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import error_response, exception_response
 
 access_log = logging.getLogger("moonbase.access")
 
@@ -28,7 +28,8 @@ class Gate:
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
             await self.app(scope, receive, send)
             return
-        send = self._counted(scope, send)
+        started = [False]
+        send = self._counted(scope, send, started)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if self.api_key is not None and not self._authorized(headers):
             await _error(
@@ -51,16 +52,20 @@ class Gate:
             await self.app(scope, self._limited(receive), send)
         except _TooLarge:
             await _error(send, 413, f"request body over {self.max_body} bytes", "request_too_large")
+        except Exception as e:  # the app's catch-all handler has answered with the JSON error, then re-raised it
+            if not started[0]:
+                await exception_response(e)(scope, _no_body, send)
         finally:
             with self._lock:
                 self.in_flight -= 1
 
-    def _counted(self, scope: Scope, send: Send) -> Send:
+    def _counted(self, scope: Scope, send: Send, started: list[bool]) -> Send:
         path, start = scope["path"], time.perf_counter()
         client = (scope.get("client") or ("-", 0))[0]
 
         async def wrapped(message: Message) -> None:
             if message["type"] == "http.response.start":
+                started[0] = True
                 with self._lock:
                     self.responses[(path, message["status"])] += 1
                 ms = round((time.perf_counter() - start) * 1000, 1)
@@ -90,24 +95,6 @@ class Gate:
 
 class _TooLarge(Exception):
     pass
-
-
-def error_response(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    """The one error body of every route and of the gate: `{"error": {"message", "type", "code"}}`."""
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status, headers=headers)
-
-
-def errors_as_json(app: Any, table: dict[type[Exception], tuple[int, str]]) -> None:
-    """Each exception type answers with its status and error type; the message is the exception's text."""
-    for exc_type, (status, kind) in table.items():
-        app.add_exception_handler(exc_type, _answer(status, kind))
-
-
-def _answer(status: int, kind: str) -> Any:
-    def handle(_: Any, exc: Exception) -> JSONResponse:
-        return error_response(status, str(exc), kind)
-
-    return handle
 
 
 async def _error(send: Send, status: int, message: str, kind: str, extra: dict[str, str] | None = None) -> None:

@@ -15,8 +15,8 @@ def add_ops_routes(app: FastAPI, registry: ModelRegistry, gate: Gate) -> None:
     def snapshot() -> dict[str, Any]:
         engines = {}
         for name, vl in registry.models.items():
-            e = vl.engine
-            engines[name] = e.stats | {"prefix_cache_hits": e.cache.hits, "prefix_cache_evictions": e.cache.evictions}
+            limits = {"max_crops": vl.limits.max_crops or vl.model.cfg.vision.max_crops, "max_pixels": vl.limits.max_pixels}
+            engines[name] = vl.engine.stats | {"images": limits}
         responses: dict[str, dict[str, int]] = {}
         for (path, status), n in sorted(gate.responses.items()):
             responses.setdefault(path, {})[str(status)] = n

@@ -3,6 +3,7 @@ uvicorn, drain in-flight requests on shutdown."""
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import sys
@@ -37,6 +38,7 @@ def serve(
         print(f"port {DEFAULT_PORT} is busy; using {chosen}", file=sys.stderr)
     app = create_app(ModelRegistry({name: vl}, name), cfg, finetunes)
     print(f"moonbase serving {name} on http://{host}:{chosen}/v1", file=sys.stderr)
+    print(f"engine: {json.dumps(vl.engine.effective_config)}", file=sys.stderr)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s access %(message)s"))
     access_log.addHandler(handler)  # one JSON line per request

@@ -1,6 +1,7 @@
 """The tuning API under /v1/tuning, wire-compatible with the official client's `md.ft` (api-compat.md §9).
-HTTP only: every route calls the `TuningService`. Handlers are plain `def`s (FastAPI runs them in its
-thread pool): rollouts go through the shared engine, train steps run in the handler's thread.
+HTTP only: every route calls the `TuningService`; errors map through `server/errors.py` like every route's.
+Handlers are plain `def`s (FastAPI runs them in its thread pool): rollouts go through the shared engine,
+train steps run in the handler's thread.
 
 Checkpoint downloads: `.../checkpoints/{step}/download` returns a short-lived URL outside /v1 that needs
 no API key (the way the official stack hands out presigned URLs); it serves the `torch.save` file whose
@@ -17,9 +18,9 @@ from typing import Any
 from fastapi import Body, FastAPI, Header, Request
 from fastapi.responses import FileResponse
 
-from ..errors import FinetuneConflictError, FinetuneNotFoundError, IdempotencyKeyReusedError, TuningError
+from ..errors import FinetuneNotFoundError, TuningError
 from ..finetune.service import TuningService
-from .gate import error_response, errors_as_json
+from .errors import error_response
 
 DOWNLOAD_TTL_S = 600
 
@@ -27,8 +28,6 @@ DOWNLOAD_TTL_S = 600
 def add_tuning_routes(app: FastAPI, service: TuningService) -> None:
     links: dict[str, tuple[Any, float]] = {}  # download token -> (path, expiry)
     links_lock = threading.Lock()
-
-    errors_as_json(app, {FinetuneConflictError: (409, "conflict_error"), IdempotencyKeyReusedError: (422, "idempotency_error")})
 
     @app.post("/v1/tuning/finetunes")
     def create(body: dict[str, Any] = Body(...)) -> dict[str, Any]:

@@ -2,8 +2,8 @@
 
 A row is `[BOS, image tokens, task 1, task 2, ...]`. Each task segment restarts its positions right after
 the prefix and attends only to the prefix and to itself (causally), so packing k tasks costs one prefix
-instead of k and is exactly equivalent to k separate sequences. Prompts come from `skills`, the renderer
-inference uses, so training and inference see the same ids.
+instead of k and is exactly equivalent to k separate sequences. Prompts and the moves that teach a target
+come from the skills, the renderer inference uses, so training and inference see the same ids.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ import numpy as np
 import torch
 
 from .. import skills
-from ..config import ModelConfig
+from ..config import ModelConfig, TokenizerConfig
 from ..data.tasks import Box, Example, Task
 from ..image import Crops, overlap_crops
-from ..model import region
+from ..skills.program import Head
+from ..skills.training import Move, Target
 from ..tokenizer import Tokenizer
 
 IGNORE = -100
@@ -54,46 +55,35 @@ class Segment:
         return len(self.ids)
 
 
-def render_task(task: Task, tokenizer: Tokenizer, cfg: ModelConfig, prompt: skills.Prompt | None = None) -> Segment:
-    """A task as one segment. `prompt` overrides the skill's default prompt (e.g. one with spatial refs)."""
-    tok, rc = cfg.tokenizer, cfg.region
+def transcript(prompt: skills.Prompt, moves: list[Move], tok: TokenizerConfig) -> Segment:
+    """A prompt and the moves after it as one segment: each move's label is read at the current last input,
+    then its feed is appended. Inputs after the last label are never read, and are dropped."""
     seg = Segment()
-    if task.skill in ("caption", "query"):
-        if prompt is None and task.skill == "caption":
-            prompt = skills.caption_prompt(tok, task.arg)
-        elif prompt is None:
-            prompt = skills.query_prompt(tokenizer, task.arg)
-        target = tokenizer.encode(task.answer) + [tok.eos_id]
-    else:
-        prompt = prompt or skills.object_prompt(tokenizer, task.skill, task.arg)
-        target = []
     coords, sizes = iter(prompt.coords), iter(prompt.sizes)
     for t in prompt.ids:
         seg.add(t, next(coords) if t == tok.coord_id else None, next(sizes) if t == tok.size_id else None)
-    seg.attend[-1] = task.grounding
-    for t in target:  # the label of input i is the token that follows it
-        seg.token_label[-1] = t
-        seg.add(t)
-    if target:
-        seg.drop_last()  # the final label (eos) is read at the last answer token; eos itself is never fed
-        return seg
-    for box in task.boxes:  # region loop: decide "another object", then x, y (and size), each fed back
-        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-        seg.token_label[-1] = tok.coord_id
-        seg.coord_label[-1] = bx = region.coord_to_bin(cx, rc)
-        seg.attend[-1] = (box,)
-        seg.add(coord=float(region.coord_from_bin(torch.tensor(bx), rc)))
-        seg.coord_label[-1] = by = region.coord_to_bin(cy, rc)
-        seg.attend[-1] = (box,)
-        seg.add(coord=float(region.coord_from_bin(torch.tensor(by), rc)))
-        if task.skill == "detect":
-            bw, bh = region.size_to_bin(box[2] - box[0], rc), region.size_to_bin(box[3] - box[1], rc)
-            seg.size_label[-1] = (bw, bh)
-            seg.attend[-1] = (box,)
-            wh = region.size_from_bin(torch.tensor([bw, bh]), rc).tolist()
-            seg.add(size=(wh[0], wh[1]))
-    seg.token_label[-1] = tok.eos_id
+    last = len(seg) - 1
+    for move in moves:
+        at = len(seg) - 1
+        if move.label is not None:
+            column = {Head.LM: seg.token_label, Head.COORD: seg.coord_label, Head.SIZE: seg.size_label}[move.head]
+            column[at], last = move.label, at
+        if move.about:
+            seg.attend[at] = move.about
+        if move.feed is not None:
+            f = move.feed
+            seg.add(0 if f.token is None else f.token, f.coord, f.size)
+    while len(seg) - 1 > last:
+        seg.drop_last()
     return seg
+
+
+def render_task(task: Task, tokenizer: Tokenizer, cfg: ModelConfig) -> Segment:
+    """A synthetic task as one segment, taught the way its skill teaches a target."""
+    skill = skills.get(task.skill)
+    target = Target(answer=task.answer, boxes=task.boxes, about=task.grounding)
+    prompt, moves = skill.teach(skills.SkillRequest.of(skill, None, task.arg), target, tokenizer, cfg)
+    return transcript(prompt, moves, cfg.tokenizer)
 
 
 @dataclass
@@ -112,7 +102,7 @@ class Batch:
     patch_labels: torch.Tensor  # (R, P, 2) kind and colour of the object under each image token (0 = none)
 
 
-SKILLS = ("caption", "query", "detect", "point")
+SKILLS = tuple(skills.REGISTRY)
 
 
 def make_batch(examples: list[Example], tokenizer: Tokenizer, cfg: ModelConfig, max_len: int | None = None) -> Batch:

@@ -1,0 +1,76 @@
+"""The one error table of the server: every exception a request can end in, mapped to an HTTP status and
+an error type, with the same JSON body on every route (`{"error": {"message", "type", "code"}}`) and the
+same payload in the error event that ends a failed stream."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from starlette.responses import JSONResponse
+
+from ..engine.handle import CancelledError
+from ..errors import (
+    CapacityError,
+    FinetuneConflictError,
+    IdempotencyKeyReusedError,
+    ModelNotFoundError,
+    MoonbaseError,
+    RequestTimeoutError,
+)
+
+log = logging.getLogger(__name__)
+
+
+class ClientGone(Exception):
+    """The client disconnected before the answer was ready."""
+
+
+class NotImplementedSkill(Exception):
+    """A route this model cannot serve (a skill its weights do not have)."""
+
+
+# The first class an exception is an instance of wins: specific before general.
+ERRORS: tuple[tuple[type[BaseException], int, str], ...] = (
+    (FinetuneConflictError, 409, "conflict_error"),
+    (IdempotencyKeyReusedError, 422, "idempotency_error"),
+    (ModelNotFoundError, 404, "not_found_error"),  # models, adapters, finetunes, checkpoints
+    (RequestTimeoutError, 504, "timeout_error"),
+    (CapacityError, 413, "capacity_error"),  # cannot fit the KV pool even alone: not worth retrying as is
+    (MoonbaseError, 400, "invalid_request_error"),
+    (NotImplementedSkill, 501, "not_implemented_error"),
+    (ClientGone, 499, "client_closed_request"),
+    (CancelledError, 499, "client_closed_request"),
+    (MemoryError, 503, "overloaded_error"),  # out of host memory: retrying later may work
+)
+
+
+def describe(exc: BaseException) -> tuple[int, str, str]:
+    """(status, error type, message) for any exception; unexpected ones (a failed forward) are 500s."""
+    for cls, status, kind in ERRORS:
+        if isinstance(exc, cls):
+            return status, kind, str(exc) or cls.__name__
+    if type(exc).__name__ == "OutOfMemoryError":  # torch's CUDA OOM, a RuntimeError: transient
+        return 503, "overloaded_error", f"the device ran out of memory: {exc}"
+    log.error("request failed", exc_info=exc)
+    return 500, "internal_error", f"the model failed on this request ({type(exc).__name__}: {exc})"
+
+
+def error_body(exc: BaseException) -> dict[str, Any]:
+    status, kind, message = describe(exc)
+    return {"message": message, "type": kind, "code": status}
+
+
+def error_response(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status, headers=headers)
+
+
+def exception_response(exc: BaseException) -> JSONResponse:
+    status, kind, message = describe(exc)
+    return error_response(status, message, kind)
+
+
+def install(app: Any) -> None:
+    """Every class of the table, and anything else, answers with its JSON error."""
+    for cls in {cls for cls, _, _ in ERRORS} | {Exception}:
+        app.add_exception_handler(cls, lambda _request, exc: exception_response(exc))

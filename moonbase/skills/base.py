@@ -1,0 +1,212 @@
+"""What every skill shares: the request a caller makes (`SkillRequest`), validated settings, prompts as
+token ids with region values, and the `Skill` base class each skill module fills in."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import Defaults, ModelConfig, TokenizerConfig
+from ..errors import SettingsError, TuningError
+from ..tokenizer import Tokenizer
+from .program import Feed, Output, Program
+from .training import Move, Rollout, Target
+
+SETTING_KEYS = ("temperature", "top_p", "max_tokens", "max_objects", "seed", "variant")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """Token ids plus the values that replace coord/size placeholder ids, in order of appearance."""
+
+    ids: tuple[int, ...]
+    coords: tuple[float, ...] = ()
+    sizes: tuple[tuple[float, float], ...] = ()
+
+    def __add__(self, other: Prompt) -> Prompt:
+        return Prompt(self.ids + other.ids, self.coords + other.coords, self.sizes + other.sizes)
+
+    def feeds(self, tok: TokenizerConfig) -> list[Feed]:
+        """The prompt as decoder inputs: coord/size placeholder ids take their values, in order."""
+        coords, sizes = iter(self.coords), iter(self.sizes)
+        return [
+            Feed(coord=next(coords)) if t == tok.coord_id else Feed(size=next(sizes)) if t == tok.size_id else Feed(token=t)
+            for t in self.ids
+        ]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Settings with the model's defaults filled in (`resolve_settings`)."""
+
+    temperature: float
+    top_p: float
+    max_tokens: int
+    max_objects: int
+    seed: int | None = None
+    variant: str | None = None
+
+
+def _number(settings: dict[str, Any], key: str, default: float) -> float:
+    v = settings.get(key, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise SettingsError(f"{key} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def _count(settings: dict[str, Any], key: str, default: int) -> int:
+    v = settings.get(key, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise SettingsError(f"{key} must be a positive integer, got {v!r}")
+    return v
+
+
+def resolve_settings(settings: dict[str, Any] | None, defaults: Defaults) -> Settings:
+    """Validate user settings (every key optional) and fill in the model's defaults."""
+    s = dict(settings or {})
+    unknown = set(s) - set(SETTING_KEYS)
+    if unknown:
+        raise SettingsError(f"unknown settings {sorted(unknown)}; allowed: {', '.join(SETTING_KEYS)}")
+    temperature = _number(s, "temperature", defaults.temperature)
+    if temperature < 0:
+        raise SettingsError(f"temperature must be >= 0, got {temperature}")
+    top_p = _number(s, "top_p", defaults.top_p)
+    if not 0 < top_p <= 1:
+        raise SettingsError(f"top_p must be in (0, 1], got {top_p}")
+    seed = s.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise SettingsError(f"seed must be an integer, got {seed!r}")
+    variant = s.get("variant")
+    if variant is not None and not isinstance(variant, str):
+        raise SettingsError(f"variant must be a string, got {variant!r}")
+    return Settings(
+        temperature,
+        top_p,
+        _count(s, "max_tokens", defaults.max_tokens),
+        _count(s, "max_objects", defaults.max_objects),
+        seed,
+        variant or None,
+    )
+
+
+def spatial_prompt(refs: Any, tok: TokenizerConfig) -> Prompt:
+    """[x, y] points -> two coord tokens; [x_min, y_min, x_max, y_max] boxes -> centre coords + one size token."""
+    if refs is None:
+        return Prompt(())
+    if not isinstance(refs, (list, tuple)):
+        raise SettingsError("spatial_refs must be a list of [x, y] points or [x_min, y_min, x_max, y_max] boxes")
+    ids: list[int] = []
+    coords: list[float] = []
+    sizes: list[tuple[float, float]] = []
+    for ref in refs:
+        if not isinstance(ref, (list, tuple)) or len(ref) not in (2, 4):
+            raise SettingsError(f"each spatial ref must have 2 or 4 numbers, got {ref!r}")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= 1 for v in ref):
+            raise SettingsError(f"spatial ref values must be finite numbers in [0, 1], got {ref!r}")
+        if len(ref) == 2:
+            ids += [tok.coord_id, tok.coord_id]
+            coords += [float(ref[0]), float(ref[1])]
+        else:
+            x1, y1, x2, y2 = (float(v) for v in ref)
+            if x1 > x2 or y1 > y2:
+                raise SettingsError(f"box spatial ref needs x_min <= x_max and y_min <= y_max, got {ref!r}")
+            ids += [tok.coord_id, tok.coord_id, tok.size_id]
+            coords += [(x1 + x2) / 2, (y1 + y2) / 2]
+            sizes.append((x2 - x1, y2 - y1))
+    return Prompt(tuple(ids), tuple(coords), tuple(sizes))
+
+
+@dataclass(frozen=True)
+class SkillRequest:
+    """One call of a skill, as every path builds it: the Python API, HTTP routes, the tuning API, data
+    files, bench and eval. `skill` may be given by name; each skill reads its own arguments and checks
+    them when the request is prepared (`skills.prepare`) or parsed (`skills.parse_request`)."""
+
+    skill: Skill
+    image: Any = None  # ImageInput | EncodedImage | None (text only)
+    question: str | None = None  # query
+    object: str | None = None  # detect, point
+    length: str = "normal"  # caption: short | normal | long
+    reasoning: bool = False  # query
+    spatial_refs: Any = None  # query, point: [x, y] points or [x_min, y_min, x_max, y_max] boxes
+    settings: tuple[tuple[str, Any], ...] = ()  # sorted items: frozen
+
+    def __post_init__(self) -> None:
+        if isinstance(self.skill, str):
+            from . import get
+
+            object.__setattr__(self, "skill", get(self.skill))
+        if isinstance(self.settings, dict):
+            object.__setattr__(self, "settings", tuple(sorted(self.settings.items())))
+
+    @classmethod
+    def of(cls, skill: Skill | str, image: Any, arg: str, **kw: Any) -> SkillRequest:
+        """A request from the skill's main argument (caption length, question or object)."""
+        if isinstance(skill, str):
+            from . import get
+
+            skill = get(skill)
+        return cls(skill, image, **{skill.arg: arg}, **kw)
+
+    @property
+    def settings_dict(self) -> dict[str, Any]:
+        return dict(self.settings)
+
+
+class Skill:
+    """One skill: it checks its arguments, builds its prompt, creates its engine program and renders what
+    the program produced; for fine-tuning it parses targets, turns a target or a rollout into the moves that
+    teach it, validates rollouts sent back, and scores outputs against ground truth."""
+
+    name: str
+    arg: str  # the SkillRequest field its main argument fills
+    needs_image = True
+    takes_spatial_refs = False
+    can_reason = False
+    greedy = False  # decoded greedily whatever the temperature (rollouts still sample)
+    text_key: str | None = None  # the output field that streams as text
+    tunable = True  # the tuning API trains it (SFT targets, rollouts)
+
+    def check(self, req: SkillRequest) -> None:
+        if self.needs_image and req.image is None:
+            raise SettingsError(f"{self.name} needs an image")
+        if req.spatial_refs and not self.takes_spatial_refs:
+            raise SettingsError(f"{self.name} takes no spatial_refs")
+        if req.spatial_refs and req.image is None:
+            raise SettingsError("spatial_refs need an image")
+        if req.reasoning and not self.can_reason:
+            raise SettingsError(f"{self.name} does not reason; only query takes reasoning")
+
+    def prompt(self, req: SkillRequest, tokenizer: Tokenizer) -> Prompt:
+        raise NotImplementedError
+
+    def program(self, req: SkillRequest, s: Settings, tok: TokenizerConfig) -> Callable[[], Program]:
+        raise NotImplementedError
+
+    def render(self, out: Output, tokenizer: Tokenizer, clip: bool = True) -> dict[str, Any]:
+        raise NotImplementedError
+
+    # --- fine-tuning --------------------------------------------------------------------------------
+
+    def parse_target(self, d: dict[str, Any], where: str) -> Target:
+        raise TuningError(f"{self.name} is not tunable")
+
+    def teach(self, req: SkillRequest, target: Target, tokenizer: Tokenizer, cfg: ModelConfig) -> tuple[Prompt, list[Move]]:
+        """The prompt and the decisions that produce `target` (teacher forcing: SFT and the nano recipe)."""
+        raise TuningError(f"{self.name} is not tunable")
+
+    def replay(self, req: SkillRequest, r: Rollout, tokenizer: Tokenizer, cfg: ModelConfig) -> tuple[Prompt, list[Move]]:
+        """The prompt and the decisions a rollout sampled, to score them under the current policy (GRPO)."""
+        raise TuningError(f"{self.name} is not tunable")
+
+    def check_rollout(self, r: Rollout, where: str) -> None:
+        """A rollout sent back by a client must be one this skill can produce."""
+
+    def reward(self, output: dict[str, Any], truth: Target) -> float:
+        raise TuningError(f"{self.name} has no ground-truth reward")
