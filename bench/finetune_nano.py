@@ -22,11 +22,11 @@ from moonbase.bench import machine
 from moonbase.data.captcha import QUESTION, captcha_example
 from moonbase.data.shapes import render_scene
 from moonbase.finetune.data import Example
-from moonbase.finetune.registry import Registry
 from moonbase.finetune.rewards import reward_from_truth
 from moonbase.finetune.rollouts import sample_rollouts
 from moonbase.finetune.run import evaluate
 from moonbase.finetune.service import TuningService
+from moonbase.finetune.store import FinetuneStore
 from moonbase.finetune.types import QueryTarget, RegionTarget, RLGroup, SFTGroup, SkillRequest, parse_rollout
 from moonbase.hub import nano
 
@@ -160,7 +160,7 @@ def main() -> None:
     m = nano()
     vl = VL(m)
     with tempfile.TemporaryDirectory() as root:
-        svc = TuningService(vl, Registry(root), "nano")
+        svc = TuningService(vl, FinetuneStore(root), "nano")
         result = sft_captcha(svc, a) if sft else rl_largest(svc, a)
     print(json.dumps(result | {"model": "nano", "device": "cpu", "machine": machine(torch.device("cpu"))}))
 

@@ -32,7 +32,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prefix-cache", type=_mib, metavar="SIZE", help="most of it idle cached image prefixes keep (default: all)")
     g.add_argument("--max-batch", type=_positive, default=32, metavar="N", help="sequences decoded at once (default 32)")
     g.add_argument("--max-step-tokens", type=_positive, default=4096, metavar="N", help="prefill tokens per step (default 4096)")
-    g.add_argument("--max-crops", type=_positive, metavar="N", help="image tiles at most (default: the model's; fewer: faster)")
+    g.add_argument("--max-crops", type=_positive, metavar="N", help="tile budget per image (default: the model's; fewer: faster)")
     g.add_argument("--pipeline", action=argparse.BooleanOptionalAction, help="overlap host and device work (default: on CUDA)")
     g.add_argument("--int8-decode", action="store_true", help="CPU: int8 weights for decode steps (faster, approximate)")
 
@@ -227,9 +227,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
     )
     finetunes = None
     if a.finetunes != "none":
-        from .finetune.registry import Registry
+        from .finetune.store import FinetuneStore
 
-        finetunes = Registry(a.finetunes)
+        finetunes = FinetuneStore(a.finetunes)
     serve(vl, vl.model.name, a.host, a.port, cfg, finetunes)
     return 0
 
@@ -340,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-in-flight", type=int, default=256, help="more concurrent requests get 429")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request before 504")
     p.add_argument(
-        "--finetunes", default=DEFAULT_STORE, help=f"finetune registry for /v1/tuning (default {DEFAULT_STORE}; none = off)"
+        "--finetunes", default=DEFAULT_STORE, help=f"finetune store for /v1/tuning (default {DEFAULT_STORE}; none = off)"
     )
     _model_args(p)
     p.set_defaults(fn=cmd_serve)

@@ -15,7 +15,7 @@ from PIL import Image
 
 from moonbase.api import VL
 from moonbase.server.app import create_app
-from moonbase.server.registry import ModelRegistry
+from moonbase.server.models import ServedModels
 
 GREEDY = {"temperature": 0, "max_tokens": 4}
 
@@ -27,7 +27,7 @@ def vl(tiny):
 
 @pytest.fixture(scope="module")
 def client(vl):
-    return TestClient(create_app(ModelRegistry({"tiny": vl}, "tiny")))
+    return TestClient(create_app(ServedModels({"tiny": vl}, "tiny")))
 
 
 def _png(color: tuple[int, int, int], size: tuple[int, int] = (32, 24)) -> str:

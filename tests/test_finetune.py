@@ -16,13 +16,13 @@ from moonbase.api import VL
 from moonbase.data.shapes import render_scene
 from moonbase.engine.engine import Engine, EngineConfig
 from moonbase.errors import CheckpointError, TuningError
-from moonbase.eval.metrics import assignment, detect_reward, point_reward
 from moonbase.finetune.data import from_iterable, load_jsonl
 from moonbase.finetune.lora import LoraConfig, TrainableLora, export_peft, import_peft
 from moonbase.finetune.rl import RLConfig, action_logprobs, grpo_loss, rl_batch, rl_loss
 from moonbase.finetune.rollouts import sample_rollouts
 from moonbase.finetune.trainer import Trainer, adapter_from_checkpoint
 from moonbase.finetune.types import RLGroup, SFTGroup, parse_rollout, parse_target
+from moonbase.metrics import assignment, detect_reward, point_reward
 from moonbase.model.lora import LoraBatch, adapter_from_state_dict
 from moonbase.model.text import decoder
 from moonbase.skills import SkillRequest, get

@@ -14,7 +14,7 @@ from PIL import Image
 
 from moonbase.cli import main
 from moonbase.data.shapes import render_scene
-from moonbase.finetune.registry import Registry
+from moonbase.finetune.store import FinetuneStore
 
 
 def _data(tmp_path) -> str:
@@ -50,7 +50,7 @@ def test_sft_then_rl_then_peft_export_and_import(tmp_path, capsys, monkeypatch):
     assert (peft / "adapter_config.json").is_file() and (peft / "adapter_model.safetensors").is_file()
     assert main(["finetune", "import", str(peft), "--name", "back", "--model", "tiny-random", "--store", store]) == 0
     imported = json.loads(capsys.readouterr().out)
-    reg = Registry(store)
+    reg = FinetuneStore(store)
     a = reg.load_checkpoint(sft["finetune_id"], 6)["lora_state_dict"]
     b = reg.load_checkpoint(imported["finetune_id"], 0)["lora_state_dict"]
     assert a.keys() == b.keys() and all(np.allclose(a[k].numpy(), b[k].numpy(), atol=1e-6) for k in a)
@@ -63,7 +63,7 @@ def test_a_duplicate_step_in_flight_gets_its_twins_result(tiny, tmp_path):
     from moonbase.api import VL
     from moonbase.finetune.service import TuningService
 
-    svc = TuningService(VL(tiny), Registry(tmp_path), "tiny-random")
+    svc = TuningService(VL(tiny), FinetuneStore(tmp_path), "tiny-random")
     fid = svc.create("twins", 8)["finetune_id"]
     image = np.asarray(render_scene(5, max_objects=3).image)
     body = {

@@ -1,6 +1,6 @@
 import pytest
 
-from moonbase.eval.metrics import Counts, exact_match, iou, match_boxes, match_points, parse_count, token_f1
+from moonbase.metrics import Counts, exact_match, iou, match_boxes, match_points, parse_count, token_f1
 
 
 def test_iou_by_hand():

@@ -18,7 +18,7 @@ from PIL import Image
 from moonbase.api import VL
 from moonbase.data.shapes import render_scene
 from moonbase.server.app import create_app
-from moonbase.server.registry import ModelRegistry
+from moonbase.server.models import ServedModels
 
 from .serving import serving
 
@@ -28,7 +28,7 @@ GREEDY = {"temperature": 0.0, "max_tokens": 10}
 @pytest.fixture(scope="module")
 def served(tiny):
     vl = VL(tiny)
-    with serving(create_app(ModelRegistry({"tiny": vl}, "tiny")), 21020) as url:
+    with serving(create_app(ServedModels({"tiny": vl}, "tiny")), 21020) as url:
         yield vl, url
 
 
@@ -175,7 +175,7 @@ def _app(vl, **cfg):
 
     from moonbase.server.app import ServerConfig
 
-    return TestClient(create_app(ModelRegistry({"tiny": vl}, "tiny"), ServerConfig(**cfg)))
+    return TestClient(create_app(ServedModels({"tiny": vl}, "tiny"), ServerConfig(**cfg)))
 
 
 def test_api_key_is_required_when_set(tiny, image):
@@ -307,7 +307,7 @@ def test_a_client_that_goes_away_frees_its_sequence(tiny, image):
         return real_step()
 
     vl.engine.step = slow_step
-    with serving(create_app(ModelRegistry({"tiny": vl}, "tiny")), 25020) as url:
+    with serving(create_app(ServedModels({"tiny": vl}, "tiny")), 25020) as url:
         body = {"image_url": _data_url(image), "length": "long", "settings": {"max_tokens": 40, "temperature": 0}}
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{url}/v1/caption", json=body, timeout=0.5)
@@ -334,3 +334,24 @@ def test_model_names_aliases_and_adapters(tiny, image, tmp_path):
     adapted = allowing.post("/v1/point", json={**body, "variant": str(tmp_path)})  # a variant directory on disk
     want = vl.point(np.asarray(image.convert("RGB")), "circle", settings={"max_objects": 2, "variant": str(tmp_path)})
     assert adapted.status_code == 200 and adapted.json()["points"] == want["points"]
+
+
+def test_engine_flags_of_serve_take_effect_and_stats_show_them(tmp_path):
+    from .serving import serve_processes
+
+    flags = ["--kv-memory", "3MB", "--prefix-cache", "1MB", "--max-batch", "8", "--max-step-tokens", "2048"]
+    flags += ["--max-crops", "1", "--no-pipeline", "--finetunes", "none"]
+    with serve_processes([flags], tmp_path, 23040) as (url,):
+        engine = httpx.get(url + "/v1/stats").json()["models"]["tiny-random"]
+    cfg = engine["config"]
+    assert (cfg["max_batch"], cfg["max_step_tokens"], cfg["pipeline"], cfg["int8_decode"]) == (8, 2048, False, False)
+    assert 2.9 < cfg["kv_memory_mb"] <= 3 and 0.9 < cfg["prefix_cache_mb"] <= 1
+    assert engine["kv_blocks"] * (3 / cfg["kv_memory_mb"]) == pytest.approx(3 * 2**20 / _block_bytes(), rel=0.02)
+    assert engine["images"]["max_crops"] == 1
+
+
+def _block_bytes() -> int:
+    from moonbase.hub import tiny_random
+
+    t = tiny_random().cfg.text
+    return 2 * t.n_layers * t.n_kv_heads * t.hd * 4 * 16  # fp32, 16 positions per block

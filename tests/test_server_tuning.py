@@ -4,12 +4,6 @@ the documented flow end to end, idempotency and retries, and errors that are typ
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import httpx
 import moondream as md
 import pytest
@@ -17,13 +11,12 @@ import torch
 
 from moonbase.api import VL
 from moonbase.data.shapes import render_scene
-from moonbase.finetune.registry import Registry
+from moonbase.finetune.store import FinetuneStore
 from moonbase.finetune.trainer import adapter_from_checkpoint
 from moonbase.server.app import create_app
-from moonbase.server.registry import ModelRegistry
-from moonbase.server.run import free_port
+from moonbase.server.models import ServedModels
 
-from .serving import serving
+from .serving import serve_processes, serving
 
 QUESTION = "What is the secret word?"
 GREEDY = {"temperature": 0.0, "max_tokens": 8}
@@ -31,8 +24,8 @@ GREEDY = {"temperature": 0.0, "max_tokens": 8}
 
 @pytest.fixture(scope="module")
 def server(tiny, tmp_path_factory):
-    store = Registry(tmp_path_factory.mktemp("finetunes"))
-    with serving(create_app(ModelRegistry({"tiny": VL(tiny)}, "tiny"), finetunes=store), 22020) as url:
+    store = FinetuneStore(tmp_path_factory.mktemp("finetunes"))
+    with serving(create_app(ServedModels({"tiny": VL(tiny)}, "tiny"), finetunes=store), 22020) as url:
         yield url, store
 
 
@@ -163,38 +156,8 @@ def test_tuning_errors_are_typed_json(server, image):
 def two_servers(tmp_path_factory):
     """Two real `moonbase serve` processes on one --finetunes directory (replicas sharing a registry)."""
     root, logs = tmp_path_factory.mktemp("shared-finetunes"), tmp_path_factory.mktemp("logs")
-    repo = str(Path(__file__).resolve().parents[1])
-    env = os.environ | {"PYTHONPATH": os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)}
-    procs, urls, port = [], [], 22040
-    for i in range(2):
-        port = free_port("127.0.0.1", port + 1)
-        cmd = [sys.executable, "-m", "moonbase", "serve", "--model", "tiny-random", "--device", "cpu"]
-        cmd += ["--finetunes", str(root), "--port", str(port)]
-        with open(logs / f"{i}.log", "w") as log:
-            procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
-        urls.append(f"http://127.0.0.1:{port}")
-    try:
-        for i, (proc, url) in enumerate(zip(procs, urls, strict=True)):
-            deadline = time.time() + 60
-            while not _up(url):
-                assert proc.poll() is None and time.time() < deadline, (logs / f"{i}.log").read_text()
-                time.sleep(0.1)
-        yield urls, Registry(root)
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-
-def _up(url: str) -> bool:
-    try:
-        return httpx.get(url + "/v1/tuning/finetunes", timeout=5).status_code == 200
-    except httpx.TransportError:
-        return False
+    with serve_processes([["--finetunes", str(root)]] * 2, logs, 22040) as urls:
+        yield urls, FinetuneStore(root)
 
 
 def _image_url(image) -> str:

@@ -131,3 +131,28 @@ def test_cli_models_and_pull_errors(capsys, monkeypatch):
     monkeypatch.setattr(hub, "hub_snapshot", offline)
     assert cli.main(["pull", "vikhyatk/moondream2"]) == 2
     assert "cannot get 'vikhyatk/moondream2'" in capsys.readouterr().err
+
+
+def test_engine_knobs_of_vl_take_effect_and_are_validated(image):
+    import moonbase
+    from moonbase.errors import ConfigError
+    from moonbase.skills import SkillRequest
+
+    vl = moonbase.vl("tiny-random", kv_memory_mb=2, prefix_cache_mb=0.5, max_batch=3, max_crops=1, pipeline=False)
+    cfg = vl.engine.effective_config
+    assert (cfg["max_batch"], cfg["pipeline"]) == (3, False) and 1.9 < cfg["kv_memory_mb"] <= 2
+    big = np.zeros((1000, 1000, 3), np.uint8)
+    assert moonbase.vl("tiny-random").prepare(SkillRequest("caption", big)).image.tiling == (2, 2)  # the model's own
+    assert vl.prepare(SkillRequest("caption", big)).image.tiling == (1, 1)
+    for bad in ({"max_batch": 0}, {"kv_memory_mb": -1}, {"max_crops": 0}, {"max_step_tokens": 2.5}):
+        with pytest.raises(ConfigError):
+            moonbase.vl("tiny-random", **bad)
+
+
+def test_importing_moonbase_loads_no_torch_engine_hub_or_server():
+    import subprocess
+    import sys
+
+    heavy = ["torch", "moonbase.engine.engine", "moonbase.hub", "moonbase.server.app", "moonbase.api"]
+    code = f"import sys, moonbase, moonbase.data.shapes, moonbase.cli; print([m for m in {heavy!r} if m in sys.modules])"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"

@@ -15,8 +15,8 @@ from tqdm import tqdm
 
 from ..api import VL
 from ..data.mix import synthetic_example
+from ..metrics import Counts, exact_match, match_boxes, match_points, parse_count, token_f1
 from ..skills import SkillRequest
-from .metrics import Counts, exact_match, match_boxes, match_points, parse_count, token_f1
 
 GREEDY = {"temperature": 0.0, "top_p": 1.0}
 

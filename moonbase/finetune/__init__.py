@@ -1,7 +1,7 @@
-"""Fine-tuning: LoRA adapters trained by SFT and RL (GRPO), a registry of finetunes on disk, and the
+"""Fine-tuning: LoRA adapters trained by SFT and RL (GRPO), a store of finetunes on disk, and the
 service behind the tuning API. See docs/finetuning.md.
 
-    from moonbase.finetune import Registry, TuningService, RunConfig, fine_tune, from_iterable, load_jsonl
+    from moonbase.finetune import FinetuneStore, TuningService, RunConfig, fine_tune, from_iterable, load_jsonl
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import importlib
 _EXPORTS = {
     "LoraConfig": "lora",
     "TrainableLora": "lora",
-    "Registry": "registry",
+    "FinetuneStore": "store",
     "TuningService": "service",
     "StepConfig": "trainer",
     "Trainer": "trainer",
@@ -23,9 +23,8 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-# Imported on first use. Not to defer torch (`moonbase/__init__` imports it first): every `moonbase` command
-# (through `.cli`) and the server (through `.registry`) import this package, and the modules behind these names
-# (service, trainer, sft, rl, data, ...) would add 0.06-0.12 s to each start (measured on 2 CPU cores).
+# Imported on first use: every `moonbase` command imports this package (through `.cli`), and the modules behind
+# these names import torch; `moonbase --help` and `import moonbase.finetune.cli` stay free of it.
 def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -67,11 +67,11 @@ def add_parser(sub, model_args) -> None:
 
 def _service(a: argparse.Namespace):
     from ..cli import vl_from_args
-    from .registry import Registry
     from .service import TuningService
+    from .store import FinetuneStore
 
     model = vl_from_args(a)
-    return TuningService(model, Registry(a.store), model.model.name)
+    return TuningService(model, FinetuneStore(a.store), model.model.name)
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -104,9 +104,9 @@ def _checkpoint(svc_store, ref: str) -> tuple[str, int]:
 
 def cmd_export(a: argparse.Namespace) -> int:
     from .lora import LoraConfig, export_peft
-    from .registry import Registry
+    from .store import FinetuneStore
 
-    store = Registry(a.store)
+    store = FinetuneStore(a.store)
     fid, step = _checkpoint(store, a.checkpoint)
     state = store.load_checkpoint(fid, step)
     cfg = LoraConfig.from_dict(state["lora_config"])
@@ -128,9 +128,9 @@ def cmd_import(a: argparse.Namespace) -> int:
 
 
 def cmd_list(a: argparse.Namespace) -> int:
-    from .registry import Registry
+    from .store import FinetuneStore
 
-    store = Registry(a.store)
+    store = FinetuneStore(a.store)
     for info in store.list():
         steps = [c["step"] for c in store.checkpoints(info.finetune_id)]
         print(f"{info.finetune_id}  {info.name:<24} rank {info.rank:<3} base {info.base_model:<12} checkpoints {steps}")

@@ -22,12 +22,15 @@ from ..skills.program import StopReason
 ROLLOUT_DEFAULTS = {"temperature": 1.0, "top_p": 1.0}
 
 
-def sample_rollouts(vl: VL, req: SkillRequest, n: int, adapter: Adapter | None, policy_step: int) -> list[dict[str, Any]]:
-    """`adapter`: the policy to sample (the request's own `variant` is ignored)."""
+def sample_rollouts(
+    vl: VL, req: SkillRequest, n: int, adapter: Adapter | None, policy_step: int, timeout: float | None = None
+) -> list[dict[str, Any]]:
+    """`adapter`: the policy to sample (the request's own `variant` is ignored); `timeout`: seconds for all n
+    (default: the VL's)."""
     settings = ROLLOUT_DEFAULTS | {k: v for k, v in req.settings_dict.items() if k != "variant"}
     request = dataclasses.replace(vl.prepare(dataclasses.replace(req, settings=settings), rollout=True), adapter=adapter)
     seeds = [request.seed + i if request.seed is not None else random.getrandbits(62) for i in range(n)]
-    results = vl.wait([vl.submit(dataclasses.replace(request, seed=s)) for s in seeds])
+    results = vl.wait([vl.submit(dataclasses.replace(request, seed=s)) for s in seeds], timeout)
     return [_rollout(req, r, vl, request.temperature, policy_step) for r in results]
 
 

@@ -3,11 +3,11 @@ callable or from ground truth; greedy evaluation of a held-out split before and 
 checkpoint saved (and served as `<base>/<finetune_id>@<step>`).
 
     import moonbase
-    from moonbase.finetune import Registry, TuningService, from_iterable
+    from moonbase.finetune import FinetuneStore, TuningService, from_iterable
     from moonbase.finetune.run import RunConfig, fine_tune
 
     vl = moonbase.vl()
-    svc = TuningService(vl, Registry("~/.cache/moonbase/finetunes"), vl.model.name)
+    svc = TuningService(vl, FinetuneStore("~/.cache/moonbase/finetunes"), vl.model.name)
     examples = from_iterable([{"image": img, "object": "ball", "points": [[0.4, 0.6]]}, ...])
     fine_tune(svc, "balls", examples, RunConfig(mode="rl", steps=50), reward=lambda row, out: ...)
 """

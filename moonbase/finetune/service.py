@@ -9,7 +9,7 @@ last `KEPT_KEYS` keys are kept). A duplicate arriving while its twin is still ru
 same body when there is no key) waits for the twin and gets its result. What remains: a retry of a step
 without a key that arrives after the first copy finished is applied again (see docs/finetuning.md).
 
-Several processes may serve one registry directory. Every change to a finetune holds its `Registry.lock`
+Several processes may serve one finetune directory. Every change to a finetune holds its `FinetuneStore.lock`
 (an OS file lock) besides this process's lock, and a cached session is used only while state.pt is still
 the file it was loaded from or saved as: when another process has replaced it, the session (trainer state
 and idempotency keys together) is loaded again, so no step is lost and a key is applied once.
@@ -32,9 +32,9 @@ from ..errors import FinetuneConflictError, FinetuneNotFoundError, IdempotencyKe
 from ..image import load_image
 from ..model.lora import TARGETS, Adapter, adapter_from_state_dict
 from .lora import RANKS, LoraConfig
-from .registry import Registry
 from .rollouts import sample_rollouts
 from .steps import Limits, body_digest, finetune_id_of, int_of, parse_step
+from .store import FinetuneStore
 from .trainer import StepConfig, Trainer, adapter_from_checkpoint
 from .types import parse_target, parse_tuning_request
 
@@ -44,7 +44,7 @@ KEPT_KEYS = 1000
 
 class Session:
     """A loaded finetune: its trainer, the frozen adapter rollouts sample from, its recent keys, and the
-    state.pt they match, held open (`Registry.state_is`: has another process replaced it since?)."""
+    state.pt they match, held open (`FinetuneStore.state_is`: has another process replaced it since?)."""
 
     def __init__(self, fid: str, trainer: Trainer, responses: dict[str, Any], file: BinaryIO | None):
         self.fid, self.trainer, self.file = fid, trainer, file
@@ -61,14 +61,16 @@ class TuningService:
     def __init__(
         self,
         vl: VL,
-        store: Registry,
+        store: FinetuneStore,
         base_name: str,
         image_of: Callable[[Any], Any] | None = None,
         step_cfg: StepConfig = StepConfig(),
         limits: Limits = Limits(),
         cached_sessions: int = 4,
+        timeout: float | None = None,  # seconds per rollouts request (default: the VL's)
     ):
         self.vl, self.store, self.base_name, self.step_cfg, self.limits = vl, store, base_name, step_cfg, limits
+        self.timeout = timeout
         self.image_of = image_of or (lambda v: load_image(v, vl.limits.max_pixels))
         self.cached_sessions = cached_sessions
         self._sessions: OrderedDict[str, Session] = OrderedDict()
@@ -156,7 +158,7 @@ class TuningService:
     def writer(self, fid: str) -> Iterator[None]:
         """Held by every change to a finetune's training state: this process's lock for the id (kept per id,
         not per cached session: a session evicted from the cache mid-step must not let a second copy train
-        at the same time), then the registry's file lock for it (other processes sharing the directory)."""
+        at the same time), then the store's file lock for it (other processes sharing the directory)."""
         with self._lock:
             lock = self._writers.setdefault(fid, threading.Lock())
         with lock, self.store.lock(fid):
@@ -176,7 +178,7 @@ class TuningService:
         truth = body.get("ground_truth")
         truth = None if truth is None else parse_target(req, truth, "ground_truth")
         step, live = self.session(fid).policy
-        rollouts = sample_rollouts(self.vl, req, n, live, step)
+        rollouts = sample_rollouts(self.vl, req, n, live, step, self.timeout)
         rewards = None if truth is None else [req.skill.reward(r["output"], truth) for r in rollouts]
         return {"request": body.get("request"), "rollouts": rollouts, "rewards": rewards}
 

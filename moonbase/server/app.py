@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from .. import skills
 from ..errors import SettingsError
-from ..finetune.registry import Registry
+from ..finetune.store import FinetuneStore
 from ..image import DEFAULT_MAX_PIXELS
 from ..skills import Skill
 from . import errors
@@ -30,8 +30,8 @@ from .cancel import cancellable
 from .chat import add_chat_route
 from .gate import Gate
 from .images import decode_image_url
+from .models import Selection, ServedModels, checked_adapter
 from .ops import add_ops_routes
-from .registry import ModelRegistry, Selection, checked_adapter
 
 
 @dataclass(frozen=True)
@@ -46,13 +46,13 @@ class ServerConfig:
     timeout_s: float | None = 600.0  # per request, then 504 (and the engine frees it)
 
 
-def create_app(registry: ModelRegistry, cfg: ServerConfig = ServerConfig(), finetunes: Registry | None = None) -> Gate:
+def create_app(served: ServedModels, cfg: ServerConfig = ServerConfig(), finetunes: FinetuneStore | None = None) -> Gate:
     """The ASGI application: the FastAPI routes behind the Gate (auth, body limit, admission, counters).
-    With a finetune registry, the tuning API (/v1/tuning) trains adapters of the default model, and
+    With a finetune store, the tuning API (/v1/tuning) trains adapters of the default model, and
     `model="<base>/<finetune_id>@<step>"` serves its checkpoints."""
     app = FastAPI(title="moonbase", description="Moondream vision-language models, served locally.")
     gate = Gate(app, cfg.api_key, int(cfg.max_body_mb * 2**20), cfg.max_in_flight)
-    add_ops_routes(app, registry, gate)
+    add_ops_routes(app, served, gate)
     errors.install(app)
 
     @app.exception_handler(RequestValidationError)
@@ -65,7 +65,7 @@ def create_app(registry: ModelRegistry, cfg: ServerConfig = ServerConfig(), fine
         return decode_image_url(url, cfg.max_pixels, cfg.allow_remote_images, cfg.allow_file_images)
 
     def select(model: Any, variant: str | None = None) -> Selection:
-        sel = registry.select(model, variant)
+        sel = served.select(model, variant)
         return dataclasses.replace(sel, adapter=checked_adapter(sel, finetunes is not None, cfg.allow_adapter_paths))
 
     add_chat_route(app, select, image_of, cfg.timeout_s)
@@ -73,15 +73,16 @@ def create_app(registry: ModelRegistry, cfg: ServerConfig = ServerConfig(), fine
         from ..finetune.service import TuningService
         from .tuning import add_tuning_routes
 
-        add_tuning_routes(app, TuningService(registry.models[registry.default], finetunes, registry.default, image_of))
+        base = served.models[served.default]
+        add_tuning_routes(app, TuningService(base, finetunes, served.default, image_of, timeout=cfg.timeout_s))
 
     @app.get("/health")
     def health() -> dict[str, Any]:
-        return {"status": "ok", "models": list(registry.models)}
+        return {"status": "ok", "models": list(served.models)}
 
     @app.get("/v1/models")
     def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "moonbase"} for name in registry.models]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "moonbase"} for name in served.models]}
 
     for skill in skills.REGISTRY.values():
         app.post(f"/v1/{skill.name}")(_skill_route(skill, select, image_of, cfg.timeout_s))

@@ -37,7 +37,7 @@ from ..skills import SkillRequest
 from ..skills.program import StopReason
 from .cancel import cancellable
 from .errors import error_body
-from .registry import Selection
+from .models import Selection
 
 # OpenAI chat-completions parameters this server does not honour -> the values that change nothing.
 UNHONOURED: dict[str, tuple[Any, ...]] = {

@@ -8,13 +8,13 @@ from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse
 
 from .gate import Gate
-from .registry import ModelRegistry
+from .models import ServedModels
 
 
-def add_ops_routes(app: FastAPI, registry: ModelRegistry, gate: Gate) -> None:
+def add_ops_routes(app: FastAPI, served: ServedModels, gate: Gate) -> None:
     def snapshot() -> dict[str, Any]:
         engines = {}
-        for name, vl in registry.models.items():
+        for name, vl in served.models.items():
             limits = {"max_crops": vl.limits.max_crops or vl.model.cfg.vision.max_crops, "max_pixels": vl.limits.max_pixels}
             engines[name] = vl.engine.stats | {"images": limits}
         responses: dict[str, dict[str, int]] = {}

@@ -13,7 +13,7 @@ import uvicorn
 from ..api import VL
 from .app import ServerConfig, create_app
 from .gate import access_log
-from .registry import ModelRegistry
+from .models import ServedModels
 
 DEFAULT_PORT = 2020
 
@@ -36,7 +36,7 @@ def serve(
     chosen = port if port is not None else free_port(host, DEFAULT_PORT)
     if port is None and chosen != DEFAULT_PORT:
         print(f"port {DEFAULT_PORT} is busy; using {chosen}", file=sys.stderr)
-    app = create_app(ModelRegistry({name: vl}, name), cfg, finetunes)
+    app = create_app(ServedModels({name: vl}, name), cfg, finetunes)
     print(f"moonbase serving {name} on http://{host}:{chosen}/v1", file=sys.stderr)
     print(f"engine: {json.dumps(vl.engine.effective_config)}", file=sys.stderr)
     handler = logging.StreamHandler(sys.stderr)

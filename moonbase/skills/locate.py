@@ -11,7 +11,7 @@ from typing import Any
 from ..config import ModelConfig, TokenizerConfig
 from ..data.tasks import Box, canonical
 from ..errors import SettingsError, TuningError
-from ..eval.metrics import detect_reward, point_reward
+from ..metrics import detect_reward, point_reward
 from ..model import region
 from ..tokenizer import Tokenizer
 from .base import Prompt, Settings, Skill, SkillRequest, spatial_prompt

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..config import ModelConfig, TokenizerConfig
 from ..errors import SettingsError, TuningError
-from ..eval.metrics import exact_match
+from ..metrics import exact_match
 from ..model import region
 from ..tokenizer import Tokenizer
 from .base import Prompt, Settings, Skill, SkillRequest, spatial_prompt

@@ -11,7 +11,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import AdapterNotFoundError, SettingsError
+from ..errors import AdapterNotFoundError, ConfigError, SettingsError
 from ..image import DEFAULT_MAX_PIXELS, Crops, load_image, overlap_crops
 from ..model.lora import Adapter
 from ..model.moondream import Moondream
@@ -51,7 +51,7 @@ class ImageLimits:
 
     def __post_init__(self) -> None:
         if self.max_pixels < 1 or (self.max_crops is not None and self.max_crops < 1):
-            raise SettingsError("max_pixels and max_crops must be positive")
+            raise ConfigError(f"max_pixels and max_crops must be positive, got {self.max_pixels} and {self.max_crops}")
 
     def crops(self, m: Moondream, image: Any) -> Crops:
         vision = m.cfg.vision

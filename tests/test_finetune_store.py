@@ -1,4 +1,4 @@
-"""The finetune registry on disk: ids, idempotent creation, crash safety, and processes sharing it. A
+"""The finetune store on disk: ids, idempotent creation, crash safety, and processes sharing it. A
 subprocess really is SIGKILLed in the middle of a checkpoint save (and of a train-state save); what it
 leaves must load. (Two servers training one finetune: tests/test_server_tuning.py.)"""
 
@@ -14,29 +14,29 @@ import pytest
 import torch
 
 from moonbase.errors import FinetuneConflictError, FinetuneNotFoundError
-from moonbase.finetune.registry import Registry, new_ulid
+from moonbase.finetune.store import FinetuneStore, new_ulid
 
 SAVE_THEN_CRASH = textwrap.dedent(
     """
     import sys
     import torch
-    from moonbase.finetune import registry
+    from moonbase.finetune import store
     from moonbase.finetune.lora import LoraConfig
     from moonbase.finetune.trainer import Trainer
     from moonbase.hub import tiny_random
 
     root, fid, point = sys.argv[1], sys.argv[2], sys.argv[3]
-    store = registry.Registry(root)
+    finetunes = store.FinetuneStore(root)
     trainer = Trainer(tiny_random(seed=0), LoraConfig(rank=8))
     with torch.no_grad():
         for p in trainer.lora.b.values():
             p.fill_(0.5)  # step 2 differs from step 1
     trainer.step = 2
-    registry.crash_at = point
+    store.crash_at = point
     if point.startswith("state"):
-        store.save_state(fid, trainer.state_dict() | {"responses": {}})
+        finetunes.save_state(fid, trainer.state_dict() | {"responses": {}})
     else:
-        store.save_checkpoint(fid, 2, trainer.checkpoint())
+        finetunes.save_checkpoint(fid, 2, trainer.checkpoint())
     print("not killed")
     """
 )
@@ -45,10 +45,10 @@ LOG_METRICS = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from moonbase.finetune.registry import Registry
+    from moonbase.finetune.store import FinetuneStore
 
     root, fid, who, ready = sys.argv[1], sys.argv[2], sys.argv[3], Path(sys.argv[4])
-    store = Registry(root)
+    store = FinetuneStore(root)
     (ready / who).touch()
     while len(list(ready.iterdir())) < 2:  # start together, so that the writes interleave
         time.sleep(0.001)
@@ -66,7 +66,7 @@ def test_ulids_are_crockford_and_sort_by_time():
 
 
 def test_create_is_idempotent_by_name_and_rank(tmp_path):
-    store = Registry(tmp_path)
+    store = FinetuneStore(tmp_path)
     info, created = store.create("a", 8, "tiny", {"rank": 8})
     again, created_again = store.create("a", 8, "tiny", {"rank": 8})
     assert created and not created_again and again.finetune_id == info.finetune_id
@@ -91,7 +91,7 @@ def test_a_process_killed_mid_save_leaves_the_previous_checkpoint_loadable(tiny,
     from moonbase.finetune.lora import LoraConfig
     from moonbase.finetune.trainer import Trainer, adapter_from_checkpoint
 
-    store = Registry(tmp_path)
+    store = FinetuneStore(tmp_path)
     fid = store.create("crash", 8, "tiny-random", {"rank": 8})[0].finetune_id
     trainer = Trainer(tiny, LoraConfig(rank=8))
     trainer.step = 1
@@ -112,7 +112,7 @@ def test_a_process_killed_mid_save_leaves_the_previous_checkpoint_loadable(tiny,
 
 
 def test_processes_logging_metrics_at_once_lose_none(tmp_path):
-    store = Registry(tmp_path / "root")
+    store = FinetuneStore(tmp_path / "root")
     fid = store.create("metrics", 8, "tiny", {})[0].finetune_id
     (tmp_path / "ready").mkdir()
     args = [str(store.root), fid]

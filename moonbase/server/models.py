@@ -27,7 +27,7 @@ class Selection:
 
 
 @dataclass
-class ModelRegistry:
+class ServedModels:
     models: dict[str, VL]
     default: str
     aliases: tuple[str, ...] = field(default=ALIASES)
@@ -62,7 +62,7 @@ def checked_adapter(sel: Selection, finetunes: bool, allowed_dir: Path | None) -
             raise AdapterNotFoundError(f"unknown adapter {name!r}")
         return str(path)
     if CHECKPOINT.fullmatch(name):
-        raise AdapterNotFoundError(f"unknown adapter {name!r}: this server has no finetune registry")
+        raise AdapterNotFoundError(f"unknown adapter {name!r}: this server has no finetune store")
     if Path(name).name != name or name.startswith(("~", ".")):
         raise SettingsError(
             "adapters are chosen by name (a registered adapter or <finetune_id>@<step>); this server does not load "

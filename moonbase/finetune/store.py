@@ -9,8 +9,8 @@ directory: `moonbase/atomic.py`), so a crash at any moment leaves each file eith
                                                once its .json does, so a crash between the two leaves an
                                                orphan .pt that is ignored (and overwritten by the next save)
                        metrics.json            {step: {name: value}}, user metrics and every applied step's
-                       .lock                   the finetune's advisory lock (`Registry.lock`); ROOT/.lock is
-                                               the registry's (names, create and delete)
+                       .lock                   the finetune's advisory lock (`FinetuneStore.lock`); ROOT/.lock is
+                                               the store's (names, create and delete)
 
 Deleting keeps meta.json as a tombstone (a repeated DELETE is still 200) and removes the rest.
 
@@ -90,7 +90,7 @@ def checkpoint_id(finetune_id: str, step: int) -> str:
     return f"{finetune_id}@{step}"
 
 
-class Registry:
+class FinetuneStore:
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser()
         self.root.mkdir(parents=True, exist_ok=True)
@@ -99,7 +99,7 @@ class Registry:
     @contextmanager
     def lock(self, fid: str | None = None) -> Iterator[None]:
         """Exclusive across threads and processes sharing ROOT: one finetune's lock, or without an id the
-        registry's (names are unique among live finetunes). `fcntl.flock` on a `.lock` file, so POSIX only
+        store's (names are unique among live finetunes). `fcntl.flock` on a `.lock` file, so POSIX only
         (and a local filesystem); each call opens the file anew, and flock excludes other open files of it
         in this process too. The OS releases it when its holder dies, so a killed server blocks no one."""
         path = (self.root if fid is None else self._dir(fid)) / ".lock"
