@@ -21,33 +21,34 @@ from moonbase.api import VL
 from moonbase.bench import machine
 from moonbase.data.captcha import QUESTION, captcha_example
 from moonbase.data.shapes import render_scene
-from moonbase.finetune.data import Example
-from moonbase.finetune.rewards import reward_from_truth
+from moonbase.finetune.data import LabeledRequest
 from moonbase.finetune.rollouts import sample_rollouts
 from moonbase.finetune.run import evaluate
 from moonbase.finetune.service import TuningService
 from moonbase.finetune.store import FinetuneStore
-from moonbase.finetune.types import QueryTarget, RegionTarget, RLGroup, SFTGroup, SkillRequest, parse_rollout
+from moonbase.finetune.types import RLGroup, SFTGroup, parse_rollout
 from moonbase.hub import nano
+from moonbase.skills import SkillRequest
+from moonbase.skills.training import Target
 
 
-def captcha(seed: int) -> Example:
+def captcha(seed: int) -> LabeledRequest:
     ex = captcha_example(seed)
     t = ex.tasks[0]
-    return Example(SkillRequest("query", ex.image, question=QUESTION), QueryTarget(t.answer), {}, f"captcha:{seed}")
+    return LabeledRequest(SkillRequest("query", ex.image, question=QUESTION), Target(t.answer), {}, f"captcha:{seed}")
 
 
-def largest(seed: int) -> Example | None:
+def largest(seed: int) -> LabeledRequest | None:
     """A scene with a clearly largest shape (area at least 1.3x the next), or None."""
     scene = render_scene(seed, max_objects=5)
     shapes = sorted(scene.shapes, key=lambda s: s.w * s.h, reverse=True)
     if len(shapes) < 2 or shapes[0].w * shapes[0].h < 1.3 * shapes[1].w * shapes[1].h:
         return None
     req = SkillRequest("point", np.asarray(scene.image), object="largest shape", settings=(("max_objects", 4),))
-    return Example(req, RegionTarget(boxes=(shapes[0].box,)), {}, f"scene:{seed}")
+    return LabeledRequest(req, Target(boxes=(shapes[0].box,)), {}, f"scene:{seed}")
 
 
-def scenes(start: int, n: int) -> list[Example]:
+def scenes(start: int, n: int) -> list[LabeledRequest]:
     out, seed = [], start
     while len(out) < n:
         ex = largest(seed)
@@ -57,7 +58,7 @@ def scenes(start: int, n: int) -> list[Example]:
     return out
 
 
-def char_accuracy(svc: TuningService, examples: list[Example], variant: str | None) -> float:
+def char_accuracy(svc: TuningService, examples: list[LabeledRequest], variant: str | None) -> float:
     """Digits in the right place / digits, greedy (a finer view than exact match)."""
     settings = {"temperature": 0.0, "max_tokens": 8} | ({"variant": variant} if variant else {})
     hit = total = 0
@@ -107,10 +108,10 @@ def rl_largest(svc: TuningService, a: argparse.Namespace) -> dict:
         at, live = svc.session(fid).policy
         batch = [train[(s * a.batch + i) % len(train)] for i in range(a.batch)]
 
-        def group(ex: Example, live=live, at=at) -> RLGroup:
+        def group(ex: LabeledRequest, live=live, at=at) -> RLGroup:
             rollouts = sample_rollouts(svc.vl, ex.request, a.rollouts, live, at)
-            rewards = tuple(reward_from_truth("point", r["output"], ex.target) for r in rollouts)
-            return RLGroup(ex.request, tuple(parse_rollout("point", r, svc.vl.model.cfg) for r in rollouts), rewards)
+            rewards = tuple(ex.request.skill.reward(r["output"], ex.target) for r in rollouts)
+            return RLGroup(ex.request, tuple(parse_rollout(ex.request.skill, r, svc.vl.model.cfg) for r in rollouts), rewards)
 
         with ThreadPoolExecutor(len(batch)) as pool:  # every rollout of the step meets in the engine's batch
             groups = list(pool.map(group, batch))

@@ -301,6 +301,3 @@ class ModelConfig:
 def md2() -> ModelConfig:
     """Moondream 2 (2B), the 2025-06-21 generation with the starmie-v1 tokenizer."""
     return ModelConfig().validate()
-
-
-PRESETS = {"moondream2": md2}

@@ -14,6 +14,11 @@ import string
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+from scipy.sparse import csr_array
+from scipy.sparse.csgraph import maximum_bipartite_matching
+
 Box = tuple[float, float, float, float]
 Point = tuple[float, float]
 POINT_RADIUS = 0.05
@@ -59,19 +64,11 @@ def match_boxes(pred: list[Box], true: list[Box], threshold: float = 0.5) -> int
 
 def match_points(points: list[tuple[float, float]], true: list[Box]) -> int:
     """True positives of a one-to-one matching of points to the boxes that contain them (maximum matching)."""
-    inside = [[j for j, b in enumerate(true) if b[0] <= x <= b[2] and b[1] <= y <= b[3]] for x, y in points]
-    owner: dict[int, int] = {}
-
-    def augment(i: int, seen: set[int]) -> bool:
-        for j in inside[i]:
-            if j not in seen:
-                seen.add(j)
-                if j not in owner or augment(owner[j], seen):
-                    owner[j] = i
-                    return True
-        return False
-
-    return sum(augment(i, set()) for i in range(len(points)))
+    if not points or not true:
+        return 0
+    inside = [[b[0] <= x <= b[2] and b[1] <= y <= b[3] for b in true] for x, y in points]
+    matched = maximum_bipartite_matching(csr_array(np.array(inside, dtype=np.int8)), perm_type="column")
+    return int((matched >= 0).sum())
 
 
 def normalize_text(s: str) -> str:
@@ -108,42 +105,11 @@ def parse_count(answer: str) -> int | None:
 
 
 def assignment(weights: list[list[float]]) -> list[tuple[int, int]]:
-    """Maximum-weight one-to-one matching of rows to columns (Hungarian algorithm with potentials, O(n^3))."""
-    n_rows, n_cols = len(weights), len(weights[0]) if weights else 0
-    n = max(n_rows, n_cols)
-    if n == 0:
+    """Maximum-weight one-to-one matching of rows to columns."""
+    if not weights or not weights[0]:
         return []
-    big = max((w for row in weights for w in row), default=0.0)
-    cost = [[big - (weights[i][j] if i < n_rows and j < n_cols else 0.0) for j in range(n)] for i in range(n)]
-    inf = float("inf")
-    u, v, match, way = [0.0] * (n + 1), [0.0] * (n + 1), [0] * (n + 1), [0] * (n + 1)  # 1-based; match[col] = row
-    for i in range(1, n + 1):
-        match[0], j0 = i, 0
-        minv, used = [inf] * (n + 1), [False] * (n + 1)
-        while True:
-            used[j0] = True
-            i0, delta, j1 = match[j0], inf, 0
-            for j in range(1, n + 1):
-                if not used[j]:
-                    cur = cost[i0 - 1][j - 1] - u[i0] - v[j]
-                    if cur < minv[j]:
-                        minv[j], way[j] = cur, j0
-                    if minv[j] < delta:
-                        delta, j1 = minv[j], j
-            for j in range(n + 1):
-                if used[j]:
-                    u[match[j]] += delta
-                    v[j] -= delta
-                else:
-                    minv[j] -= delta
-            j0 = j1
-            if match[j0] == 0:
-                break
-        while j0:
-            j1 = way[j0]
-            match[j0] = match[j1]
-            j0 = j1
-    return [(match[j] - 1, j - 1) for j in range(1, n + 1) if match[j] - 1 < n_rows and j - 1 < n_cols]
+    rows, cols = linear_sum_assignment(np.asarray(weights), maximize=True)
+    return [(int(i), int(j)) for i, j in zip(rows, cols, strict=True)]
 
 
 def detect_reward(pred: list[Box], true: list[Box]) -> float:

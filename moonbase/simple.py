@@ -9,9 +9,6 @@ independently of the engine's programs). Only tests, parity, bench and eval use 
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
-
 import torch
 
 from .errors import SettingsError
@@ -145,14 +142,9 @@ def _query(seq: SingleSequence, req: SkillRequest) -> Output:
     return Output(text.stop_reason, text=text, trace=trace)
 
 
-def _locate(with_size: bool) -> Callable[[SingleSequence, SkillRequest], Output]:
-    """detect (boxes) or point; always greedy, like the reference."""
-
-    def locate(seq: SingleSequence, req: SkillRequest) -> Output:
-        seq.settings, seq.rng = dataclasses.replace(seq.settings, temperature=0.0, top_p=1.0, seed=None), None
-        return generate_objects(seq, with_size, seq.settings.max_objects)
-
-    return locate
-
-
-_REFERENCE = {"caption": _caption, "query": _query, "detect": _locate(True), "point": _locate(False)}
+_REFERENCE = {  # detect (boxes) and point are greedy whatever the settings, like the reference
+    "caption": _caption,
+    "query": _query,
+    "detect": lambda seq, req: generate_objects(seq, True, seq.settings.max_objects),
+    "point": lambda seq, req: generate_objects(seq, False, seq.settings.max_objects),
+}

@@ -11,7 +11,9 @@ the scheduler plans, the runner executes, and finished sequences hand their resu
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import os
 import queue
 import threading
@@ -51,15 +53,11 @@ class EngineConfig:
     cuda_graphs: bool = True  # CUDA: replay captured graphs of the text forwards (ignored on CPU)
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_step_tokens", "block_size"):
-            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("kv_memory_mb", "prefix_cache_mb"):
-            v = getattr(self, name)
-            if v is not None and not (isinstance(v, (int, float)) and 0 <= v < float("inf")):
-                raise ConfigError(f"{name} must be a non-negative number of MiB, got {v!r}")
-        if self.kv_memory_mb == 0:
-            raise ConfigError("kv_memory_mb must be positive")
+        for name, v in dataclasses.asdict(self).items():
+            count = name in ("max_batch", "max_step_tokens", "block_size")
+            size = name.endswith("_mb") and v is not None and not (isinstance(v, (int, float)) and 0 < v < math.inf)
+            if size or (count and (type(v) is not int or v < 1)):
+                raise ConfigError(f"{name} must be a positive {'integer' if count else 'number of MiB'}, got {v!r}")
 
     def block_bytes(self, m: Moondream) -> int:
         t = m.cfg.text
@@ -221,15 +219,10 @@ class Engine:
     @property
     def effective_config(self) -> dict[str, Any]:
         """The knobs as they took effect (automatic choices resolved)."""
-        mb = self.cfg.block_bytes(self.m) / 2**20
-        cache = self.cache.budget_blocks
-        return {
-            "max_batch": self.cfg.max_batch,
-            "max_step_tokens": self.cfg.max_step_tokens,
-            "block_size": self.cfg.block_size,
+        mb, cache = self.cfg.block_bytes(self.m) / 2**20, self.cache.budget_blocks
+        return dataclasses.asdict(self.cfg) | {
             "kv_memory_mb": round(self.pool.n_blocks * mb, 3),
             "prefix_cache_mb": None if cache is None else round(cache * mb, 3),
-            "int8_decode": self.cfg.int8_decode,
             "pipeline": self.pipeline,
             "cuda_graphs": self.runner.graphs is not None,
         }

@@ -10,7 +10,7 @@ same body when there is no key) waits for the twin and gets its result. What rem
 without a key that arrives after the first copy finished is applied again (see docs/finetuning.md).
 
 Several processes may serve one finetune directory. Every change to a finetune holds its `FinetuneStore.lock`
-(an OS file lock) besides this process's lock, and a cached session is used only while state.pt is still
+(an OS file lock: it excludes other threads too), and a cached session is used only while state.pt is still
 the file it was loaded from or saved as: when another process has replaced it, the session (trainer state
 and idempotency keys together) is loaded again, so no step is lost and a key is applied once.
 """
@@ -21,9 +21,8 @@ import hashlib
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
-from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, BinaryIO
 
@@ -76,7 +75,6 @@ class TuningService:
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._lock = threading.Lock()
         self._inflight: dict[tuple[str, str], Future] = {}
-        self._writers: dict[str, threading.Lock] = {}
         vl.engine.adapters.add_source(self.resolve)  # `<finetune_id>@<step>` serves that checkpoint
 
     # --- finetunes ----------------------------------------------------------------------------------
@@ -95,7 +93,7 @@ class TuningService:
         info, created = self.store.create(name, rank, self.base_name, cfg.to_dict())
         fid = info.finetune_id
         if created:
-            with self.writer(fid):  # only while there is no state.pt: another process may have found it by name and trained it
+            with self.store.lock(fid):  # another process may have found it by name and trained it already
                 if self.store.state_is(fid, None):
                     self.store.save_state(fid, self._new_trainer(fid, cfg).state_dict() | {"responses": {}})
         return info.public()
@@ -154,16 +152,6 @@ class TuningService:
                 self._sessions.popitem(last=False)
         return session
 
-    @contextmanager
-    def writer(self, fid: str) -> Iterator[None]:
-        """Held by every change to a finetune's training state: this process's lock for the id (kept per id,
-        not per cached session: a session evicted from the cache mid-step must not let a second copy train
-        at the same time), then the store's file lock for it (other processes sharing the directory)."""
-        with self._lock:
-            lock = self._writers.setdefault(fid, threading.Lock())
-        with lock, self.store.lock(fid):
-            yield
-
     def _step(self, fid: str) -> int:
         return self.session(fid).trainer.step
 
@@ -207,7 +195,7 @@ class TuningService:
                 self._inflight.pop(twin_key, None)
 
     def _apply(self, fid: str, body: dict[str, Any], key: str | None, digest: str) -> dict[str, Any]:
-        with self.writer(fid):
+        with self.store.lock(fid):
             session = self.session(fid)
             if key is not None and key in session.responses:
                 seen, response = session.responses[key]
@@ -219,7 +207,7 @@ class TuningService:
 
     def train_groups(self, fid: str, groups: list, lr: float, cfg: StepConfig | None = None) -> dict[str, Any]:
         """A train step from typed groups (the CLI's path), persisted like an API step."""
-        with self.writer(fid):
+        with self.store.lock(fid):
             return self._train(self.session(fid), groups, lr, cfg or self.step_cfg, None, "")
 
     def _train(self, session: Session, groups: list, lr: float, cfg: StepConfig, key: str | None, digest: str) -> dict[str, Any]:
@@ -254,7 +242,7 @@ class TuningService:
         return {"ok": True, "step": step, "logged_count": self.store.log_metrics(fid, step, values)}
 
     def save_checkpoint(self, fid: str) -> dict[str, Any]:
-        with self.writer(fid):
+        with self.store.lock(fid):
             trainer = self.session(fid).trainer
             return {"ok": True, "checkpoint": self.store.save_checkpoint(fid, trainer.step, trainer.checkpoint())}
 

@@ -7,10 +7,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def linear_weights(d_in: int, d_out: int) -> nn.Linear:
-    return nn.Linear(d_in, d_out)
-
-
 def mlp_weights(d_in: int, d_hidden: int, d_out: int) -> nn.ModuleDict:
     return nn.ModuleDict({"fc1": nn.Linear(d_in, d_hidden), "fc2": nn.Linear(d_hidden, d_out)})
 
