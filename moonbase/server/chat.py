@@ -1,24 +1,13 @@
-"""POST /v1/chat/completions, OpenAI-compatible, within what Moondream does.
+"""POST /v1/chat/completions, OpenAI-compatible within what Moondream does: the answer is a query about the
+last user message's text parts (joined with spaces; earlier turns are not fed, Moondream 2 has no chat
+template) and about the one `image_url` part of the request, if any. More than one image is a 400 that
+says how many were sent; a part of another type, or without its string, is a 400 naming it.
 
-Moondream 2 has no chat template: the answer is the model's answer to the last user message's text parts
-(joined with spaces); earlier turns are not fed to the model. It sees at most one image per request: the
-one `image_url` part (`{"type": "image_url", "image_url": {"url": ...}}`, a data URL) anywhere in the
-messages. A request with more than one image gets a 400 that says how many it sent (never an answer
-about one of them); a chat with no image is a text-only query. Content parts are `text` (a string
-`text`) and `image_url` (an object with a string `url`; `detail`, if given, must be one of OpenAI's
-values and has no effect: Moondream crops every image its own way); an assistant message may also carry
-`refusal` parts. Any other part type, or a part without its string, is a 400 naming it.
-
-Honoured parameters: `model`, `messages`, `stream`, `stream_options.include_usage` (a final chunk with
-empty `choices` and the `usage`, as OpenAI sends it), `temperature`, `top_p`, `max_completion_tokens` /
-`max_tokens`, `seed`, and Moondream's `reasoning`. The OpenAI parameters in `UNHONOURED` change the
-answer in ways this server does not implement (JSON mode, tools, several choices, logprobs, stop
-sequences, penalties, ...): a request that sets any of them to anything but a value that changes nothing
-(its default, e.g. `n: 1`, `response_format: {"type": "text"}`) gets one 400 naming every such
-parameter, rather than an answer that silently ignores them. Metadata that does not change the answer
-(`user`, `metadata`, `store`, `service_tier`, `safety_identifier`, `prompt_cache_key`, and
-`stream_options.include_obfuscation`) is accepted and ignored; nothing is stored. Keys OpenAI does not
-define are ignored, as on every route of this server (clients add their own)."""
+Honoured: `model`, `messages`, `stream`, `stream_options.include_usage`, `temperature`, `top_p`,
+`max_completion_tokens` / `max_tokens`, `seed`, and Moondream's `reasoning`. The parameters in `UNHONOURED`
+get a 400 naming them unless set to a value that changes nothing (`n: 1`, ...). Metadata that does not
+change the answer (`user`, `metadata`, `store`, `service_tier`, ...) and keys OpenAI does not define are
+ignored, as on every route (clients add their own); nothing is stored."""
 
 from __future__ import annotations
 
@@ -197,12 +186,8 @@ def _finish(stats: dict[str, Any]) -> str:
 
 
 def _usage(stats: dict[str, Any]) -> dict[str, int]:
-    prompt_tokens = stats["input_tokens"] + stats["image_tokens"]
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": stats["output_tokens"],
-        "total_tokens": prompt_tokens + stats["output_tokens"],
-    }
+    prompt, completion = stats["input_tokens"] + stats["image_tokens"], stats["output_tokens"]
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _chunks(
