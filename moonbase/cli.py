@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -161,32 +162,32 @@ def cmd_parity(a: argparse.Namespace) -> int:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from .train.nano import TrainArgs, train
+    from .train.args import TrainArgs
+    from .train.nano import train
 
-    fields = {
-        f: getattr(a, f)
-        for f in (
-            "out",
-            "steps",
-            "batch_images",
-            "lr",
-            "seed",
-            "max_minutes",
-            "device",
-            "resume",
-            "workers",
-            "locate_tasks",
-            "drills",
-            "phrase_mix",
-            "probe_weight",
-            "vision_steps",
-            "probe_position",
-        )
-    }
-    if a.phrase_mix is not None:
-        fields["phrase_mix"] = tuple(a.phrase_mix)
-    train(TrainArgs(**{k: v for k, v in fields.items() if v is not None}))
+    given = {f.name: getattr(a, f.name) for f in dataclasses.fields(TrainArgs) if "help" in f.metadata}
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None}  # nargs: a list
+    train(TrainArgs(**given))
     return 0
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    """A flag for each TrainArgs field made with `flag`; unset ones keep the field's default."""
+    from .train.args import TrainArgs
+
+    for f in dataclasses.fields(TrainArgs):
+        if "help" not in f.metadata:
+            continue
+        kw = dict(f.metadata, default=None)
+        if isinstance(f.default, bool):  # --resume: a switch; --probe-position: on unless --no-probe-position
+            kw["action"] = argparse.BooleanOptionalAction if f.default else "store_true"
+            shown = "on" if f.default else "off"
+        else:
+            kw.setdefault("type", {"int": int, "float": float}.get(f.type.split(" | ")[0], str))
+            shown = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        if shown is not None:
+            kw["help"] += f" (default {shown})"
+        p.add_argument("--" + f.name.replace("_", "-"), **kw)
 
 
 def cmd_models(a: argparse.Namespace) -> int:
@@ -280,40 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model from scratch (the embedded nano recipe)")
     p.add_argument("recipe", choices=("nano",))
-    p.add_argument("--out", default=None, help="run directory (default runs/nano)")
-    p.add_argument("--steps", type=int, default=None, help="steps of the full model, after the vision ones (default 2600)")
-    p.add_argument("--batch-images", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument(
-        "--max-minutes", type=float, default=None, help="stop (and save) after this much training time (default 59; 0: no cap)"
-    )
-    p.add_argument("--device", default=None)
-    p.add_argument("--locate-tasks", type=int, default=None, help="detect/point tasks per shape scene (default 8)")
-    p.add_argument(
-        "--drills", type=int, default=None, help="extra extremes and count questions per shape scene (default 2; 0: none)"
-    )
-    p.add_argument(
-        "--phrase-mix",
-        type=float,
-        nargs=4,
-        default=None,
-        metavar=("SCENE", "KIND", "COLOUR", "RANDOM"),
-        help="weights of the object phrases in training: a shape in the scene, a kind alone, a colour alone, a random "
-        "colour and kind (default 0.30 0.30 0.25 0.15; the eval draws 0.45 0.25 0.15 0.15)",
-    )
-    p.add_argument(
-        "--vision-steps", type=int, default=None, help="steps that pre-train the vision side alone, first (default 800; 0: none)"
-    )
-    p.add_argument("--probe-weight", type=float, default=None, help="image-token probe loss weight (0: off; default 0.3)")
-    p.add_argument(
-        "--probe-position",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="the probe also reads each image token's own grid row and column (default on)",
-    )
-    p.add_argument("--workers", type=int, default=None, help="data-rendering processes (default 0: one background thread)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    _train_args(p)
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("models", help="list the models available locally")
