@@ -161,11 +161,9 @@ def local_models() -> list[dict[str, str]]:
     ]
     try:
         from huggingface_hub import scan_cache_dir
-    except ImportError:
-        return out
-    try:
+
         repos = scan_cache_dir().repos
-    except Exception:  # no cache directory yet
+    except Exception:  # huggingface_hub not installed, or no cache directory yet
         return out
     for repo in sorted(repos, key=lambda r: r.repo_id):
         if repo.repo_type == "model" and "moondream" in repo.repo_id.lower():
