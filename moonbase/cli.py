@@ -56,10 +56,8 @@ def _settings_args(p: argparse.ArgumentParser, objects: bool = False) -> None:
     if objects:
         p.add_argument("--max-objects", type=int, default=None)
     else:
-        p.add_argument("--temperature", type=float, default=None)
-        p.add_argument("--top-p", type=float, default=None)
-        p.add_argument("--max-tokens", type=int, default=None)
-        p.add_argument("--seed", type=int, default=None)
+        for flag, kind in (("--temperature", float), ("--top-p", float), ("--max-tokens", int), ("--seed", int)):
+            p.add_argument(flag, type=kind, default=None)
         p.add_argument("--stream", action="store_true", help="print text as it is generated")
 
 
@@ -80,8 +78,12 @@ def vl_from_args(a: argparse.Namespace):
     return model
 
 
-def _show(a: argparse.Namespace, req) -> dict[str, Any]:
-    """Run one skill request; print its result as JSON, or its text as it is generated (--stream)."""
+def _show(a: argparse.Namespace, skill: str, image: Any, arg: str, **kw: Any) -> dict[str, Any]:
+    """Run one skill request (`arg`: its main argument); print its result as JSON, or its text as it is generated
+    (--stream)."""
+    from .skills import SkillRequest
+
+    req = SkillRequest.of(skill, image, arg, settings=_settings(a), **kw)
     stream = getattr(a, "stream", False) and req.skill.text_key is not None
     result = vl_from_args(a).run(req, stream)
     if not stream:
@@ -97,26 +99,20 @@ def _show(a: argparse.Namespace, req) -> dict[str, Any]:
 
 
 def cmd_caption(a: argparse.Namespace) -> int:
-    from .skills import SkillRequest
-
-    _show(a, SkillRequest("caption", a.image, length=a.length, settings=_settings(a)))
+    _show(a, "caption", a.image, a.length)
     return 0
 
 
 def cmd_query(a: argparse.Namespace) -> int:
-    from .skills import SkillRequest
-
-    image = None if a.image == "-" else a.image
     refs = json.loads(a.spatial_refs) if a.spatial_refs else None
-    _show(a, SkillRequest("query", image, a.question, reasoning=a.reasoning, spatial_refs=refs, settings=_settings(a)))
+    _show(a, "query", None if a.image == "-" else a.image, a.question, reasoning=a.reasoning, spatial_refs=refs)
     return 0
 
 
 def cmd_locate(a: argparse.Namespace) -> int:
     from .draw import annotate
-    from .skills import SkillRequest
 
-    result = _show(a, SkillRequest.of(a.command, a.image, a.object, settings=_settings(a)))
+    result = _show(a, a.command, a.image, a.object)
     if a.draw:
         annotate(a.image, result.get("objects", []), result.get("points", []), a.draw)
         print(f"wrote {a.draw}", file=sys.stderr)

@@ -95,18 +95,8 @@ def render_step(step: int, a: TrainArgs, tokenizer: Tokenizer, cfg: ModelConfig)
         return make_batch([dataclasses.replace(ex, tasks=()) for ex in scenes], tokenizer, cfg)
     step -= a.vision_steps
     cap = 8 if a.curriculum <= 0 else min(8, 3 + int(6 * step / (a.curriculum * a.steps)))
-    examples = [
-        synthetic_example(
-            "train",
-            a.seed,
-            step * a.batch_images + i,
-            max_objects=cap,
-            locate_tasks=a.locate_tasks,
-            phrase_mix=a.phrase_mix,
-            drills=a.drills,
-        )
-        for i in range(a.batch_images)
-    ]
+    recipe = dict(max_objects=cap, locate_tasks=a.locate_tasks, phrase_mix=a.phrase_mix, drills=a.drills)
+    examples = [synthetic_example("train", a.seed, step * a.batch_images + i, **recipe) for i in range(a.batch_images)]
     return make_batch(examples, tokenizer, cfg)
 
 
@@ -161,11 +151,9 @@ def _train(a: TrainArgs) -> Path:
     weights = weights.to(device)
     m = Moondream(cfg, weights, Tokenizer(hf_tok, cfg.tokenizer), name="nano")
     weights.requires_grad_(True)
-    probe = (
-        image_probe(cfg.text.dim, cfg.vision.grid if a.probe_position else 0).to(device)
-        if a.probe_weight > 0 or a.vision_steps > 0
-        else None
-    )
+    probe = None
+    if a.probe_weight > 0 or a.vision_steps > 0:
+        probe = image_probe(cfg.text.dim, cfg.vision.grid if a.probe_position else 0).to(device)
     if probe is not None and state is not None and "probe" in state:
         probe.load_state_dict(state["probe"])
     decay = [p for n, p in weights.named_parameters() if p.dim() >= 2 and "wte" not in n and "pos_emb" not in n]
