@@ -313,10 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a model on a held-out synthetic suite")
     p.add_argument("--suite", default="synthetic", choices=("synthetic",))
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--scenes", type=int, default=150)
-    p.add_argument("--captchas", type=int, default=60)
-    p.add_argument("--texts", type=int, default=60)
+    for flag, default in (("--seed", 1), ("--scenes", 150), ("--captchas", 60), ("--texts", 60)):
+        p.add_argument(flag, type=int, default=default)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _model_args(p)
     p.set_defaults(fn=cmd_eval)

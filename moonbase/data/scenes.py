@@ -20,7 +20,7 @@ def plural(kind: str) -> str:
 def _region(s: Shape) -> str:
     row = "top" if s.cy < 1 / 3 else "bottom" if s.cy > 2 / 3 else "middle"
     col = "left" if s.cx < 1 / 3 else "right" if s.cx > 2 / 3 else "center"
-    return "center" if (row, col) == ("middle", "center") else f"{row} {col}" if row != "middle" else f"middle {col}"
+    return "center" if (row, col) == ("middle", "center") else f"{row} {col}"
 
 
 def article(word: str) -> str:

@@ -112,7 +112,8 @@ def make_batch(examples: list[Example], tokenizer: Tokenizer, cfg: ModelConfig, 
         if ex.regions:  # scenes with every object known: dense labels for the image tokens
             b.patch_labels[i] = 0
             for kind, color, box in ex.regions:
-                b.patch_labels[i, box_tokens(box, cfg.vision.grid, 0.5)] = torch.tensor([kind + 1, color + 1])
+                cells = torch.from_numpy(_box_cells(box, cfg.vision.grid, 0.5).copy())  # the cached array is read-only
+                b.patch_labels[i, cells] = torch.tensor([kind + 1, color + 1])
     return b
 
 
@@ -165,13 +166,9 @@ def pack_rows(images: list, rows: list[list[tuple[int, Segment]]], cfg: ModelCon
     )
 
 
-def box_tokens(box: Box, grid: int, min_overlap: float = ATTEND_OVERLAP) -> torch.Tensor:
-    """(grid*grid,) image tokens whose cell is covered at least `min_overlap` by the box (always the centre's)."""
-    return torch.from_numpy(_box_cells(box, grid, min_overlap).copy())
-
-
 @functools.lru_cache(maxsize=4096)  # a scene's boxes recur at every position of every task about them
 def _box_cells(box: Box, grid: int, min_overlap: float) -> np.ndarray:
+    """(grid*grid,) image tokens whose cell is covered at least `min_overlap` by the box (always the centre's)."""
     edges = np.arange(grid + 1, dtype=np.float32) / grid
     lo, hi = edges[:-1], edges[1:]
     x0, y0, x1, y1 = (np.float32(v) for v in box)
