@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -55,10 +56,8 @@ def _settings_args(p: argparse.ArgumentParser, objects: bool = False) -> None:
     if objects:
         p.add_argument("--max-objects", type=int, default=None)
     else:
-        p.add_argument("--temperature", type=float, default=None)
-        p.add_argument("--top-p", type=float, default=None)
-        p.add_argument("--max-tokens", type=int, default=None)
-        p.add_argument("--seed", type=int, default=None)
+        for flag, kind in (("--temperature", float), ("--top-p", float), ("--max-tokens", int), ("--seed", int)):
+            p.add_argument(flag, type=kind, default=None)
         p.add_argument("--stream", action="store_true", help="print text as it is generated")
 
 
@@ -79,8 +78,12 @@ def vl_from_args(a: argparse.Namespace):
     return model
 
 
-def _show(a: argparse.Namespace, req) -> dict[str, Any]:
-    """Run one skill request; print its result as JSON, or its text as it is generated (--stream)."""
+def _show(a: argparse.Namespace, skill: str, image: Any, arg: str, **kw: Any) -> dict[str, Any]:
+    """Run one skill request (`arg`: its main argument); print its result as JSON, or its text as it is generated
+    (--stream)."""
+    from .skills import SkillRequest
+
+    req = SkillRequest.of(skill, image, arg, settings=_settings(a), **kw)
     stream = getattr(a, "stream", False) and req.skill.text_key is not None
     result = vl_from_args(a).run(req, stream)
     if not stream:
@@ -96,26 +99,20 @@ def _show(a: argparse.Namespace, req) -> dict[str, Any]:
 
 
 def cmd_caption(a: argparse.Namespace) -> int:
-    from .skills import SkillRequest
-
-    _show(a, SkillRequest("caption", a.image, length=a.length, settings=_settings(a)))
+    _show(a, "caption", a.image, a.length)
     return 0
 
 
 def cmd_query(a: argparse.Namespace) -> int:
-    from .skills import SkillRequest
-
-    image = None if a.image == "-" else a.image
     refs = json.loads(a.spatial_refs) if a.spatial_refs else None
-    _show(a, SkillRequest("query", image, a.question, reasoning=a.reasoning, spatial_refs=refs, settings=_settings(a)))
+    _show(a, "query", None if a.image == "-" else a.image, a.question, reasoning=a.reasoning, spatial_refs=refs)
     return 0
 
 
 def cmd_locate(a: argparse.Namespace) -> int:
     from .draw import annotate
-    from .skills import SkillRequest
 
-    result = _show(a, SkillRequest.of(a.command, a.image, a.object, settings=_settings(a)))
+    result = _show(a, a.command, a.image, a.object)
     if a.draw:
         annotate(a.image, result.get("objects", []), result.get("points", []), a.draw)
         print(f"wrote {a.draw}", file=sys.stderr)
@@ -161,32 +158,32 @@ def cmd_parity(a: argparse.Namespace) -> int:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from .train.nano import TrainArgs, train
+    from .train.args import TrainArgs
+    from .train.nano import train
 
-    fields = {
-        f: getattr(a, f)
-        for f in (
-            "out",
-            "steps",
-            "batch_images",
-            "lr",
-            "seed",
-            "max_minutes",
-            "device",
-            "resume",
-            "workers",
-            "locate_tasks",
-            "drills",
-            "phrase_mix",
-            "probe_weight",
-            "vision_steps",
-            "probe_position",
-        )
-    }
-    if a.phrase_mix is not None:
-        fields["phrase_mix"] = tuple(a.phrase_mix)
-    train(TrainArgs(**{k: v for k, v in fields.items() if v is not None}))
+    given = {f.name: getattr(a, f.name) for f in dataclasses.fields(TrainArgs) if "help" in f.metadata}
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None}  # nargs: a list
+    train(TrainArgs(**given))
     return 0
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    """A flag for each TrainArgs field made with `flag`; unset ones keep the field's default."""
+    from .train.args import TrainArgs
+
+    for f in dataclasses.fields(TrainArgs):
+        if "help" not in f.metadata:
+            continue
+        kw = dict(f.metadata, default=None)
+        if isinstance(f.default, bool):  # --resume: a switch; --probe-position: on unless --no-probe-position
+            kw["action"] = argparse.BooleanOptionalAction if f.default else "store_true"
+            shown = "on" if f.default else "off"
+        else:
+            kw.setdefault("type", {"int": int, "float": float}.get(f.type.split(" | ")[0], str))
+            shown = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        if shown is not None:
+            kw["help"] += f" (default {shown})"
+        p.add_argument("--" + f.name.replace("_", "-"), **kw)
 
 
 def cmd_models(a: argparse.Namespace) -> int:
@@ -280,40 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model from scratch (the embedded nano recipe)")
     p.add_argument("recipe", choices=("nano",))
-    p.add_argument("--out", default=None, help="run directory (default runs/nano)")
-    p.add_argument("--steps", type=int, default=None, help="steps of the full model, after the vision ones (default 2600)")
-    p.add_argument("--batch-images", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument(
-        "--max-minutes", type=float, default=None, help="stop (and save) after this much training time (default 59; 0: no cap)"
-    )
-    p.add_argument("--device", default=None)
-    p.add_argument("--locate-tasks", type=int, default=None, help="detect/point tasks per shape scene (default 8)")
-    p.add_argument(
-        "--drills", type=int, default=None, help="extra extremes and count questions per shape scene (default 2; 0: none)"
-    )
-    p.add_argument(
-        "--phrase-mix",
-        type=float,
-        nargs=4,
-        default=None,
-        metavar=("SCENE", "KIND", "COLOUR", "RANDOM"),
-        help="weights of the object phrases in training: a shape in the scene, a kind alone, a colour alone, a random "
-        "colour and kind (default 0.30 0.30 0.25 0.15; the eval draws 0.45 0.25 0.15 0.15)",
-    )
-    p.add_argument(
-        "--vision-steps", type=int, default=None, help="steps that pre-train the vision side alone, first (default 800; 0: none)"
-    )
-    p.add_argument("--probe-weight", type=float, default=None, help="image-token probe loss weight (0: off; default 0.3)")
-    p.add_argument(
-        "--probe-position",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="the probe also reads each image token's own grid row and column (default on)",
-    )
-    p.add_argument("--workers", type=int, default=None, help="data-rendering processes (default 0: one background thread)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    _train_args(p)
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("models", help="list the models available locally")
@@ -349,10 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a model on a held-out synthetic suite")
     p.add_argument("--suite", default="synthetic", choices=("synthetic",))
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--scenes", type=int, default=150)
-    p.add_argument("--captchas", type=int, default=60)
-    p.add_argument("--texts", type=int, default=60)
+    for flag, default in (("--seed", 1), ("--scenes", 150), ("--captchas", 60), ("--texts", 60)):
+        p.add_argument(flag, type=int, default=default)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _model_args(p)
     p.set_defaults(fn=cmd_eval)

@@ -161,26 +161,10 @@ class TokenizerConfig:
     object_leading_space: bool = True
 
     def all_ids(self) -> list[int]:
-        ids = [
-            self.bos_id,
-            self.eos_id,
-            self.answer_id,
-            self.thinking_id,
-            self.coord_id,
-            self.size_id,
-            self.start_ground_points_id,
-            self.end_ground_id,
-        ]
-        for t in (
-            *self.caption.values(),
-            self.query_prefix,
-            self.query_suffix,
-            self.detect_prefix,
-            self.detect_suffix,
-            self.point_prefix,
-            self.point_suffix,
-        ):
-            ids.extend(t)
+        ids = [getattr(self, f.name) for f in dataclasses.fields(self) if f.name.endswith("_id")]
+        ids += [i for template in self.caption.values() for i in template]
+        for task in PREFIX_SUFFIX_TEMPLATES:
+            ids += [*getattr(self, f"{task}_prefix"), *getattr(self, f"{task}_suffix")]
         return ids
 
     @classmethod
@@ -188,10 +172,9 @@ class TokenizerConfig:
         d = dict(d)
         t = d.pop("templates", None)
         if t is not None:
-            d["caption"] = {k: _ids(v) for k, v in t["caption"].items()}
+            d["caption"] = t["caption"]
             for task in PREFIX_SUFFIX_TEMPLATES:
-                d[f"{task}_prefix"] = _ids(t[task]["prefix"])
-                d[f"{task}_suffix"] = _ids(t[task]["suffix"])
+                d[f"{task}_prefix"], d[f"{task}_suffix"] = t[task]["prefix"], t[task]["suffix"]
         for task in PREFIX_SUFFIX_TEMPLATES:
             for part in ("prefix", "suffix"):
                 if f"{task}_{part}" in d:
@@ -218,16 +201,16 @@ class Defaults:
     max_objects: int = 50
 
 
-# Keys of a reference config.json that we read but deliberately ignore: the reference never reads
-# prefix_attn either; we derive the prefix length from the vision grid.
 PREFIX_SUFFIX_TEMPLATES = ("query", "detect", "point")  # the config's `templates` with a prefix and a suffix
 MOONDREAM3_KEYS = {"moe", "tau_attn"}  # the mixture-of-experts model's text config (not supported yet)
-_IGNORED = {"text": {"prefix_attn"}, "vision": set(), "region": set(), "tokenizer": set(), "defaults": set()}
+# Keys of a reference config.json that we read but deliberately ignore: the reference never reads
+# prefix_attn either; we derive the prefix length from the vision grid.
+_IGNORED = {"text": {"prefix_attn"}}
 
 
 def _build(cls: type, d: dict[str, Any], section: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - names - _IGNORED[section]
+    unknown = set(d) - names - _IGNORED.get(section, set())
     if section == "text" and unknown & MOONDREAM3_KEYS:
         raise ConfigError(
             f"this is a Moondream 3 configuration (text keys {sorted(unknown & MOONDREAM3_KEYS)}); "
@@ -252,9 +235,8 @@ class ModelConfig:
         return 1 + self.vision.n_patches
 
     def validate(self) -> ModelConfig:
-        self.vision.validate()
-        self.text.validate()
-        self.region.validate()
+        for part in (self.vision, self.text, self.region):
+            part.validate()
         if self.vision.proj_out_dim != self.text.dim or self.region.dim != self.text.dim:
             raise ConfigError(
                 f"projection dim {self.vision.proj_out_dim} and region dim {self.region.dim} must equal text dim {self.text.dim}"
@@ -268,25 +250,18 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        unknown = set(d) - {"text", "vision", "region", "tokenizer", "defaults"}
+        unknown = set(d) - set(SECTIONS)
         if unknown:
             raise ConfigError(f"unknown config sections: {sorted(unknown)}")
-        return cls(
-            vision=_build(VisionConfig, d.get("vision", {}), "vision"),
-            text=_build(TextConfig, d.get("text", {}), "text"),
-            region=_build(RegionConfig, d.get("region", {}), "region"),
-            tokenizer=TokenizerConfig.from_dict(d.get("tokenizer", {})),
-            defaults=_build(Defaults, d.get("defaults", {}), "defaults"),
-        ).validate()
+        sections = {}
+        for name, kind in SECTIONS.items():
+            given = d.get(name, {})
+            sections[name] = TokenizerConfig.from_dict(given) if kind is TokenizerConfig else _build(kind, given, name)
+        return cls(**sections).validate()
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "vision": dataclasses.asdict(self.vision),
-            "text": dataclasses.asdict(self.text),
-            "region": dataclasses.asdict(self.region),
-            "tokenizer": self.tokenizer.to_dict(),
-            "defaults": dataclasses.asdict(self.defaults),
-        }
+        d = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        return d | {"tokenizer": self.tokenizer.to_dict()}  # its own format, in the same place
 
     @classmethod
     def from_file(cls, path: str | Path) -> ModelConfig:
@@ -296,6 +271,9 @@ class ModelConfig:
             # the default config, so do we (shapes are still validated against the checkpoint).
             return md2()
         return cls.from_dict(d)
+
+
+SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(ModelConfig)}  # "vision": VisionConfig, ...
 
 
 def md2() -> ModelConfig:

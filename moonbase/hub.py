@@ -28,11 +28,10 @@ WEIGHT_FILES = ("model.safetensors", "model.pt")
 ASSETS = Path(__file__).parent / "assets"
 
 
-def model_config_for(directory: Path) -> ModelConfig:
+def model_config_for(directory: Path, weights: Path) -> ModelConfig:
     cfg_file = directory / "config.json"
     cfg = ModelConfig.from_file(cfg_file) if cfg_file.is_file() else md2()
-    weights = next((directory / f for f in WEIGHT_FILES if (directory / f).is_file()), None)
-    if weights is not None and cfg.text.group_size is None:
+    if cfg.text.group_size is None:
         packed = [s for k, s in read_header(weights).items() if k.endswith("weight.packed")]
         if packed:  # int4 checkpoint: the group size is the packed row width (D11)
             g = int(packed[0][1])
@@ -51,7 +50,7 @@ def load_dir(
         raise ModelNotFoundError(f"{directory} has no {' or '.join(WEIGHT_FILES)}")
     if not (directory / "tokenizer.json").is_file():
         raise ModelNotFoundError(f"{directory} has no tokenizer.json")
-    cfg = model_config_for(directory)
+    cfg = model_config_for(directory, weights_file)
     tokenizer = Tokenizer.from_file(directory / "tokenizer.json", cfg.tokenizer)
     dev = pick_device(device)
     with torch.device("meta"):
@@ -161,11 +160,9 @@ def local_models() -> list[dict[str, str]]:
     ]
     try:
         from huggingface_hub import scan_cache_dir
-    except ImportError:
-        return out
-    try:
+
         repos = scan_cache_dir().repos
-    except Exception:  # no cache directory yet
+    except Exception:  # huggingface_hub not installed, or no cache directory yet
         return out
     for repo in sorted(repos, key=lambda r: r.repo_id):
         if repo.repo_type == "model" and "moondream" in repo.repo_id.lower():

@@ -87,10 +87,8 @@ def resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
     h, w = img.shape[:2]
     if RESIZE_BACKEND == "pyvips":
         vimg = pyvips.Image.new_from_memory(np.ascontiguousarray(img).data, w, h, 3, "uchar")
-        out = np.ndarray(
-            buffer=vimg.resize(width / w, vscale=height / h).write_to_memory(), dtype=np.uint8, shape=(height, width, 3)
-        )
-        return out
+        out = vimg.resize(width / w, vscale=height / h).write_to_memory()
+        return np.ndarray(buffer=out, dtype=np.uint8, shape=(height, width, 3))
     return np.asarray(Image.fromarray(img).resize((width, height), Image.LANCZOS))
 
 

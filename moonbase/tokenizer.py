@@ -45,17 +45,13 @@ class Tokenizer:
         return self._tok.to_str()
 
 
+# scripts written without spaces: CJK ideographs (with extensions and compatibility forms), kana, hangul
+CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
+CJK_RANGES += ((0x3040, 0x30FF), (0xAC00, 0xD7AF))
+
+
 def _is_cjk(ch: str) -> bool:
-    c = ord(ch)
-    return (
-        0x4E00 <= c <= 0x9FFF
-        or 0x3400 <= c <= 0x4DBF
-        or 0x20000 <= c <= 0x2A6DF
-        or 0xF900 <= c <= 0xFAFF
-        or 0x2F800 <= c <= 0x2FA1F
-        or 0x3040 <= c <= 0x30FF
-        or 0xAC00 <= c <= 0xD7AF
-    )
+    return any(lo <= ord(ch) <= hi for lo, hi in CJK_RANGES)
 
 
 class TextStream:

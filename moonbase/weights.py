@@ -29,8 +29,7 @@ NAME_TABLE: list[tuple[str, str, _T | None]] = [
     (r"^vision_encoder\.encoder\.model\.visual\.patch_embed\.linear\.", "vision.patch_emb.", None),
     (r"^vision_encoder\.encoder\.model\.visual\.pos_embed$", "vision.pos_emb", None),
     (r"^vision_encoder\.encoder\.model\.visual\.norm\.", "vision.post_ln.", None),
-    (r"^vision_encoder\.encoder\.model\.visual\.blocks\.(\d+)\.norm1\.", r"vision.blocks.\1.ln1.", None),
-    (r"^vision_encoder\.encoder\.model\.visual\.blocks\.(\d+)\.norm2\.", r"vision.blocks.\1.ln2.", None),
+    (r"^vision_encoder\.encoder\.model\.visual\.blocks\.(\d+)\.norm([12])\.", r"vision.blocks.\1.ln\2.", None),
     (r"^vision_encoder\.encoder\.model\.visual\.blocks\.(\d+)\.(attn|mlp)\.", r"vision.blocks.\1.\2.", None),
     (r"^vision_encoder\.projection\.mlp\.", "vision.proj_mlp.", None),
     (r"^text_model\.transformer\.embd\.wte\.weight$", "text.wte", None),
@@ -165,10 +164,8 @@ def _tensor_reader(path: Path) -> Callable[[str], torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
-        handle = safe_open(str(path), framework="pt")
-        return handle.get_tensor
-    state = _load_pt(path)
-    return state.__getitem__
+        return safe_open(str(path), framework="pt").get_tensor
+    return _load_pt(path).__getitem__
 
 
 def load_weights(model: nn.Module, path: str | Path, device: torch.device | str, dtype: torch.dtype) -> nn.Module:

@@ -20,7 +20,7 @@ def plural(kind: str) -> str:
 def _region(s: Shape) -> str:
     row = "top" if s.cy < 1 / 3 else "bottom" if s.cy > 2 / 3 else "middle"
     col = "left" if s.cx < 1 / 3 else "right" if s.cx > 2 / 3 else "center"
-    return "center" if (row, col) == ("middle", "center") else f"{row} {col}" if row != "middle" else f"middle {col}"
+    return "center" if (row, col) == ("middle", "center") else f"{row} {col}"
 
 
 def article(word: str) -> str:
@@ -153,11 +153,8 @@ def scene_example(
     tasks = [_count_question(scene, rng, phrase_mix)]
     if rng.random() < 0.5:
         tasks.insert(0, Task("caption", length, caps[length], kind="caption"))
-    question = None
-    for make in rng.sample([_extreme, _attribute, _exists], 3):
-        question = make(scene, rng)
-        if question is not None:
-            break
+    makers = rng.sample([_extreme, _attribute, _exists], 3)
+    question = next((q for q in (make(scene, rng) for make in makers) if q is not None), None)  # the first that has one
     if question is not None:
         tasks.append(question)
     for skill in ("detect", "point") * (locate_tasks // 2) + ("detect",) * (locate_tasks % 2):

@@ -62,21 +62,11 @@ class Parity:
         m, r, g, i = self.m, self.report, f"image{rec['index']}", rec["index"]
         cfg = m.cfg.vision
         tiling = tiling_for(rec["height"], rec["width"], cfg)
-        r.exact(
-            g,
-            "tiling, n_crops, canvas, grid",
-            [
-                list(tiling),
-                1 + tiling[0] * tiling[1],
-                [tiling[0] * cfg.window_px + 2 * cfg.margin_px, tiling[1] * cfg.window_px + 2 * cfg.margin_px],
-                [
-                    tiling[0] * (cfg.grid - 2 * cfg.overlap_margin) + 2 * cfg.overlap_margin,
-                    tiling[1] * (cfg.grid - 2 * cfg.overlap_margin) + 2 * cfg.overlap_margin,
-                    cfg.enc_dim,
-                ],
-            ],
-            [rec["tiling"], rec["n_crops"], rec["resized_canvas_hw"], rec["reconstructed_grid_shape"]],
-        )
+        canvas = [t * cfg.window_px + 2 * cfg.margin_px for t in tiling]
+        grid = [t * (cfg.grid - 2 * cfg.overlap_margin) + 2 * cfg.overlap_margin for t in tiling] + [cfg.enc_dim]
+        got = [list(tiling), 1 + tiling[0] * tiling[1], canvas, grid]
+        want = [rec["tiling"], rec["n_crops"], rec["resized_canvas_hw"], rec["reconstructed_grid_shape"]]
+        r.exact(g, "tiling, n_crops, canvas, grid", got, want)
         ref_px = np.stack([np.asarray(Image.open(self.dir / f).convert("RGB")) for f in rec["crop_files"]])
         own = overlap_crops(load_image(self.dir / rec["file"]), cfg)
         diff = int(np.abs(own.pixels.astype(int) - ref_px.astype(int)).max()) if own.pixels.shape == ref_px.shape else -1
@@ -278,14 +268,8 @@ class Parity:
                 img = self.dir / self.meta["images"][img]["file"]
             result = self.vl.run(dataclasses.replace(req, image=img))
             informational = near_tie or (source == "image file" and img is not None and img_mod.RESIZE_BACKEND != "pyvips")
-            r.exact(
-                g,
-                f"result ({source})",
-                same_result(result, case["result"]),
-                True,
-                informational,
-                "" if same_result(result, case["result"]) else f"got {short_json(result)}",
-            )
+            same = same_result(result, case["result"])
+            r.exact(g, f"result ({source})", same, True, informational, "" if same else f"got {short_json(result)}")
 
 
 def main(directory: str, as_json: bool = False) -> int:

@@ -1,15 +1,6 @@
-"""`moonbase finetune ...`: SFT and RL from a JSONL file, export to PEFT, import from PEFT, list.
-
-moonbase finetune sft data.jsonl --name captchas --rank 16 --steps 500
-moonbase finetune rl data.jsonl --reward mymodule:score --rollouts 8 --steps 100
-moonbase finetune export 01J...@500 --peft out/adapter
-moonbase finetune import out/adapter --name imported
-
-Training runs in this process through the same service the HTTP tuning API uses, into the same registry
-(`--store`, default ~/.cache/moonbase/finetunes; `serve --finetunes` serves it). Before and after
-training the held-out split is evaluated greedily (query: exact match; detect: (F1 + mean IoU) / 2; point:
-F1 of points in boxes; or the --reward function); the final checkpoint is saved and its model string
-printed.
+"""`moonbase finetune sft | rl | export | import | list`: LoRA fine-tuning from JSONL, in this process, through the
+service and into the store (`--store`) that the HTTP tuning API uses; PEFT export and import. Usage and the
+held-out evaluation: docs/finetuning.md ("Command line").
 """
 
 from __future__ import annotations

@@ -112,7 +112,8 @@ def make_batch(examples: list[Example], tokenizer: Tokenizer, cfg: ModelConfig, 
         if ex.regions:  # scenes with every object known: dense labels for the image tokens
             b.patch_labels[i] = 0
             for kind, color, box in ex.regions:
-                b.patch_labels[i, box_tokens(box, cfg.vision.grid, 0.5)] = torch.tensor([kind + 1, color + 1])
+                cells = torch.from_numpy(_box_cells(box, cfg.vision.grid, 0.5).copy())  # the cached array is read-only
+                b.patch_labels[i, cells] = torch.tensor([kind + 1, color + 1])
     return b
 
 
@@ -127,60 +128,47 @@ def pack_rows(images: list, rows: list[list[tuple[int, Segment]]], cfg: ModelCon
     nan = float("nan")
     # columns are filled as numpy arrays and converted once: per-segment tensors made batch rendering the
     # training loop's biggest CPU cost after the model itself
-    ids = np.zeros((r, t_max), dtype=np.int64)
-    pos = np.full((r, t_max), prefix, dtype=np.int64)  # padding: any valid position; its outputs are never read
-    seg_ids = np.full((r, t_max), -1, dtype=np.int64)
-    coord_in = np.full((r, t_max), nan, dtype=np.float32)
-    size_in = np.full((r, t_max, 2), nan, dtype=np.float32)
-    token_label = np.full((r, t_max), IGNORE, dtype=np.int64)
-    coord_label = np.full((r, t_max), IGNORE, dtype=np.int64)
-    size_label = np.full((r, t_max, 2), IGNORE, dtype=np.int64)
-    skill_ids = np.full((r, t_max), -1, dtype=np.int64)
-    attend = np.zeros((r, t_max, cfg.vision.n_patches), dtype=bool)
+    col = {
+        "ids": np.zeros((r, t_max), dtype=np.int64),
+        "pos": np.full((r, t_max), prefix, dtype=np.int64),  # padding: any valid position; its outputs are never read
+        "seg": np.full((r, t_max), -1, dtype=np.int64),
+        "coord_in": np.full((r, t_max), nan, dtype=np.float32),
+        "size_in": np.full((r, t_max, 2), nan, dtype=np.float32),
+        "token_label": np.full((r, t_max), IGNORE, dtype=np.int64),
+        "coord_label": np.full((r, t_max), IGNORE, dtype=np.int64),
+        "size_label": np.full((r, t_max, 2), IGNORE, dtype=np.int64),
+        "skill": np.full((r, t_max), -1, dtype=np.int64),
+        "attend": np.zeros((r, t_max, cfg.vision.n_patches), dtype=bool),
+    }
     for i, segs in enumerate(rows):
-        ids[i, 0] = cfg.tokenizer.bos_id
-        pos[i, :prefix] = np.arange(prefix)
-        seg_ids[i, :prefix] = 0
+        col["ids"][i, 0] = cfg.tokenizer.bos_id
+        col["pos"][i, :prefix] = np.arange(prefix)
+        col["seg"][i, :prefix] = 0
         at = prefix
         for k, (skill, s) in enumerate(segs, start=1):
             n = len(s)
             sl = slice(at, at + n)
-            ids[i, sl] = s.ids
-            pos[i, sl] = np.arange(prefix, prefix + n)
-            seg_ids[i, sl] = k
-            coord_in[i, sl] = [nan if c is None else c for c in s.coord_in]
-            size_in[i, sl] = [(nan, nan) if z is None else z for z in s.size_in]
-            token_label[i, sl] = s.token_label
-            coord_label[i, sl] = s.coord_label
-            size_label[i, sl] = s.size_label
-            skill_ids[i, sl] = skill
+            for name in ("ids", "token_label", "coord_label", "size_label"):
+                col[name][i, sl] = getattr(s, name)
+            col["pos"][i, sl] = np.arange(prefix, prefix + n)
+            col["seg"][i, sl] = k
+            col["skill"][i, sl] = skill
+            col["coord_in"][i, sl] = [nan if c is None else c for c in s.coord_in]
+            col["size_in"][i, sl] = [(nan, nan) if z is None else z for z in s.size_in]
             for j, boxes in enumerate(s.attend):
                 for box in boxes:
-                    attend[i, at + j] |= _box_cells(box, grid, ATTEND_OVERLAP)
+                    col["attend"][i, at + j] |= _box_cells(box, grid, ATTEND_OVERLAP)
             at += n
     return Batch(
         crops=[overlap_crops(image, cfg.vision) for image in images],
-        ids=torch.from_numpy(ids),
-        pos=torch.from_numpy(pos),
-        seg=torch.from_numpy(seg_ids),
-        coord_in=torch.from_numpy(coord_in),
-        size_in=torch.from_numpy(size_in),
-        token_label=torch.from_numpy(token_label),
-        coord_label=torch.from_numpy(coord_label),
-        size_label=torch.from_numpy(size_label),
-        skill=torch.from_numpy(skill_ids),
-        attend=torch.from_numpy(attend),
         patch_labels=torch.full((r, cfg.vision.n_patches, 2), IGNORE, dtype=torch.long),
+        **{name: torch.from_numpy(array) for name, array in col.items()},
     )
-
-
-def box_tokens(box: Box, grid: int, min_overlap: float = ATTEND_OVERLAP) -> torch.Tensor:
-    """(grid*grid,) image tokens whose cell is covered at least `min_overlap` by the box (always the centre's)."""
-    return torch.from_numpy(_box_cells(box, grid, min_overlap).copy())
 
 
 @functools.lru_cache(maxsize=4096)  # a scene's boxes recur at every position of every task about them
 def _box_cells(box: Box, grid: int, min_overlap: float) -> np.ndarray:
+    """(grid*grid,) image tokens whose cell is covered at least `min_overlap` by the box (always the centre's)."""
     edges = np.arange(grid + 1, dtype=np.float32) / grid
     lo, hi = edges[:-1], edges[1:]
     x0, y0, x1, y1 = (np.float32(v) for v in box)

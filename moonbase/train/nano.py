@@ -12,7 +12,6 @@ import json
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
+from ..atomic import atomic_path
 from ..config import Defaults, ModelConfig, RegionConfig, TextConfig, VisionConfig
 from ..data.mix import synthetic_example
 from ..data.text import WORDS
@@ -28,8 +28,8 @@ from ..hub import save_dir, tiny_config
 from ..model.init import init_weights
 from ..model.moondream import Moondream, build_model
 from ..tokenizer import SPECIAL_TOKENS, TASK_TOKENS, Tokenizer, byte_level_tokenizer, task_token_templates
+from .args import TrainArgs
 from .batch import make_batch
-from .checkpoint import load_checkpoint, save_checkpoint
 from .feed import prefetch
 from .losses import image_probe, losses, vision_losses
 
@@ -84,50 +84,6 @@ def nano_config(tok: HFTokenizer) -> ModelConfig:
     ).validate()
 
 
-@dataclass(frozen=True)
-class TrainArgs:
-    out: str = "runs/nano"
-    steps: int = 2600
-    batch_images: int = 16
-    lr: float = 1e-3
-    warmup: int = 100
-    weight_decay: float = 0.05
-    label_sigma: tuple[float, float] = (8.0, 1.5)  # soft bin labels, annealed linearly from first to second
-    attn_weight: float = 1.0  # grounding attention supervision
-    # a linear probe on the image tokens predicts the kind and colour under each one (training only); 0 turns it
-    # off. A stronger probe buys qa at the cost of detect; at 0.3 nothing is lost (MODEL_CARD: "The image-token probe")
-    probe_weight: float = 0.3
-    # vision pre-training: this many steps of `vision_batch` scenes train only the vision side, through the probe,
-    # before the `steps` of the full model (see `vision_losses`; MODEL_CARD: "Vision pre-training")
-    vision_steps: int = 800
-    # the probe also reads each token's own grid row and column, so that the vision phase does not wash position
-    # out of the tokens (without it detect fell; MODEL_CARD: "Vision pre-training")
-    probe_position: bool = True
-    vision_batch: int = 32
-    vision_lr: float = 2e-3
-    locate_tasks: int = 8  # detect/point tasks per shape scene; more did not help (MODEL_CARD: "Ablations")
-    # extra questions per shape scene (scenes._drills): an extremes question and a count over a kind or colour of
-    # the scene's own shapes, which one question per scene asks too rarely (MODEL_CARD: "Drill questions")
-    drills: int = 2
-    # how detect/point/count phrases are drawn (order of scenes.PHRASE_MIX): more colour-only and kind-only phrases
-    # than the eval stream, which finding a shape by colour alone needed (MODEL_CARD: "Colour-only phrases")
-    phrase_mix: tuple[float, ...] = (0.30, 0.30, 0.25, 0.15)
-    # main steps only: scenes hold at most 3 shapes at first, one more every `curriculum * steps / 6` steps, so 8 from
-    # 5/6 of this fraction on (main step 867 of 2600 at 0.4, a third of the way); 0: up to 8 from the start
-    curriculum: float = 0.4
-    seed: int = 0
-    checkpoint_every: int = 200
-    max_minutes: float | None = 59.0  # stop (and save) here: the budget is an hour on a 2-core CPU; 0 or None: no cap
-    device: str | None = None
-    resume: bool = False
-    model: str = "nano"  # "tiny": the few-layer test config with a byte-level tokenizer (for tests and smoke runs)
-    workers: int = 0  # processes rendering data; 0 = one background thread (right for a 2-core CPU)
-
-    def __post_init__(self) -> None:
-        if len(self.phrase_mix) != 4 or min(self.phrase_mix) < 0 or sum(self.phrase_mix) <= 0:
-            raise ValueError(f"phrase_mix needs 4 non-negative weights with a positive sum, got {self.phrase_mix}")
-
-
 def render_step(step: int, a: TrainArgs, tokenizer: Tokenizer, cfg: ModelConfig):
     """The batch of training step `step`: a pure function of the step, so resumed runs see the same data.
     Vision pre-training steps come first: shape scenes only, their tasks unused."""
@@ -139,18 +95,8 @@ def render_step(step: int, a: TrainArgs, tokenizer: Tokenizer, cfg: ModelConfig)
         return make_batch([dataclasses.replace(ex, tasks=()) for ex in scenes], tokenizer, cfg)
     step -= a.vision_steps
     cap = 8 if a.curriculum <= 0 else min(8, 3 + int(6 * step / (a.curriculum * a.steps)))
-    examples = [
-        synthetic_example(
-            "train",
-            a.seed,
-            step * a.batch_images + i,
-            max_objects=cap,
-            locate_tasks=a.locate_tasks,
-            phrase_mix=a.phrase_mix,
-            drills=a.drills,
-        )
-        for i in range(a.batch_images)
-    ]
+    recipe = dict(max_objects=cap, locate_tasks=a.locate_tasks, phrase_mix=a.phrase_mix, drills=a.drills)
+    examples = [synthetic_example("train", a.seed, step * a.batch_images + i, **recipe) for i in range(a.batch_images)]
     return make_batch(examples, tokenizer, cfg)
 
 
@@ -183,7 +129,7 @@ def _train(a: TrainArgs) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(a.seed)
     ckpt_path = out / "checkpoint.pt"
-    state = load_checkpoint(ckpt_path) if a.resume and ckpt_path.is_file() else None
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=True) if a.resume and ckpt_path.is_file() else None
     if state is not None:
         hf_tok = HFTokenizer.from_str(state["tokenizer"])
         cfg = ModelConfig.from_dict(state["config"])
@@ -205,11 +151,9 @@ def _train(a: TrainArgs) -> Path:
     weights = weights.to(device)
     m = Moondream(cfg, weights, Tokenizer(hf_tok, cfg.tokenizer), name="nano")
     weights.requires_grad_(True)
-    probe = (
-        image_probe(cfg.text.dim, cfg.vision.grid if a.probe_position else 0).to(device)
-        if a.probe_weight > 0 or a.vision_steps > 0
-        else None
-    )
+    probe = None
+    if a.probe_weight > 0 or a.vision_steps > 0:
+        probe = image_probe(cfg.text.dim, cfg.vision.grid if a.probe_position else 0).to(device)
     if probe is not None and state is not None and "probe" in state:
         probe.load_state_dict(state["probe"])
     decay = [p for n, p in weights.named_parameters() if p.dim() >= 2 and "wte" not in n and "pos_emb" not in n]
@@ -262,7 +206,12 @@ def _train(a: TrainArgs) -> Path:
         bar.update(1)
         done = step == total or (bool(a.max_minutes) and elapsed > 60 * a.max_minutes)
         if step % a.checkpoint_every == 0 or done:
-            save_checkpoint(ckpt_path, weights, opt, step, cfg, hf_tok, dataclasses.asdict(a), elapsed, probe)
+            ckpt = {"model": weights.state_dict(), "optimizer": opt.state_dict(), "step": step, "config": cfg.to_dict()}
+            ckpt |= {"tokenizer": hf_tok.to_str(), "args": dataclasses.asdict(a), "elapsed": elapsed}
+            if probe is not None:  # a training-only head, but needed to resume exactly
+                ckpt["probe"] = probe.state_dict()
+            with atomic_path(ckpt_path) as tmp:
+                torch.save(ckpt, tmp)
             log.flush()
         if done:
             break
