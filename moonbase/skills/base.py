@@ -139,7 +139,7 @@ class SkillRequest:
 
     def __post_init__(self) -> None:
         if isinstance(self.skill, str):
-            from . import get
+            from . import get  # the registry imports this module
 
             object.__setattr__(self, "skill", get(self.skill))
         if isinstance(self.settings, dict):
@@ -148,11 +148,8 @@ class SkillRequest:
     @classmethod
     def of(cls, skill: Skill | str, image: Any, arg: str, **kw: Any) -> SkillRequest:
         """A request from the skill's main argument (caption length, question or object)."""
-        if isinstance(skill, str):
-            from . import get
-
-            skill = get(skill)
-        return cls(skill, image, **{skill.arg: arg}, **kw)
+        req = cls(skill, image)
+        return cls(req.skill, image, **{req.skill.arg: arg}, **kw)
 
     @property
     def settings_dict(self) -> dict[str, Any]:
