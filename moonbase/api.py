@@ -91,13 +91,13 @@ class VL:
         """Any skill request, rendered as the official client returns it. With `stream`, a text skill's text
         field is an iterator of pieces; `stats`, if given, is filled with token counts and timings."""
         skill, tok = req.skill, self.model.tokenizer
+        timeout = self.timeout if timeout is None else timeout
         handle = self.submit(self.prepare(req))
         if not (stream and skill.text_key):
             result = self.wait([handle], timeout)[0]
             _record(stats, result)
             return skill.render(result.output, tok, self.clip)
         head = skill.render(self.wait([handle], timeout)[0].output, tok, self.clip) if req.reasoning else {}
-        timeout = self.timeout if timeout is None else timeout
         deadline = None if timeout is None else time.perf_counter() + timeout
         return head | {skill.text_key: _stream(handle, TextStream(tok), stats, deadline)}
 

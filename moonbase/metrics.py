@@ -15,9 +15,6 @@ from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
-from scipy.sparse import csr_array
-from scipy.sparse.csgraph import maximum_bipartite_matching
 
 Box = tuple[float, float, float, float]
 Point = tuple[float, float]
@@ -64,6 +61,9 @@ def match_boxes(pred: list[Box], true: list[Box], threshold: float = 0.5) -> int
 
 def match_points(points: list[tuple[float, float]], true: list[Box]) -> int:
     """True positives of a one-to-one matching of points to the boxes that contain them (maximum matching)."""
+    from scipy.sparse import csr_array  # imported when used: scipy costs every import of the skills otherwise
+    from scipy.sparse.csgraph import maximum_bipartite_matching
+
     if not points or not true:
         return 0
     inside = [[b[0] <= x <= b[2] and b[1] <= y <= b[3] for b in true] for x, y in points]
@@ -106,6 +106,8 @@ def parse_count(answer: str) -> int | None:
 
 def assignment(weights: list[list[float]]) -> list[tuple[int, int]]:
     """Maximum-weight one-to-one matching of rows to columns."""
+    from scipy.optimize import linear_sum_assignment  # 0.4 s to import: only rewards need it
+
     if not weights or not weights[0]:
         return []
     rows, cols = linear_sum_assignment(np.asarray(weights), maximize=True)

@@ -4,6 +4,7 @@ token ids with region values, and the `Skill` base class each skill module fills
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -156,7 +157,7 @@ class SkillRequest:
         return dict(self.settings)
 
 
-class Skill:
+class Skill(ABC):
     """One skill: it checks its arguments, builds its prompt, creates its engine program and renders what
     the program produced; for fine-tuning it parses targets, turns a target or a rollout into the moves that
     teach it, validates rollouts sent back, and scores outputs against ground truth."""
@@ -180,14 +181,14 @@ class Skill:
         if req.reasoning and not self.can_reason:
             raise SettingsError(f"{self.name} does not reason; only query takes reasoning")
 
-    def prompt(self, req: SkillRequest, tokenizer: Tokenizer) -> Prompt:
-        raise NotImplementedError
+    @abstractmethod
+    def prompt(self, req: SkillRequest, tokenizer: Tokenizer) -> Prompt: ...
 
-    def program(self, req: SkillRequest, s: Settings, tok: TokenizerConfig) -> Callable[[], Program]:
-        raise NotImplementedError
+    @abstractmethod
+    def program(self, req: SkillRequest, s: Settings, tok: TokenizerConfig) -> Callable[[], Program]: ...
 
-    def render(self, out: Output, tokenizer: Tokenizer, clip: bool = True) -> dict[str, Any]:
-        raise NotImplementedError
+    @abstractmethod
+    def render(self, out: Output, tokenizer: Tokenizer, clip: bool = True) -> dict[str, Any]: ...
 
     # --- fine-tuning --------------------------------------------------------------------------------
 
@@ -204,6 +205,7 @@ class Skill:
 
     def check_rollout(self, r: Rollout, where: str) -> None:
         """A rollout sent back by a client must be one this skill can produce."""
+        raise TuningError(f"{self.name} is not tunable")
 
     def reward(self, output: dict[str, Any], truth: Target) -> float:
         raise TuningError(f"{self.name} has no ground-truth reward")

@@ -5,6 +5,7 @@ centre ± size / 2 and may leave the image, D16) are what `render(..., clip=Fals
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from functools import partial
 from typing import Any
 
@@ -24,8 +25,9 @@ class Locate(Skill):
     greedy = True
     with_size: bool
 
+    @abstractmethod
     def template(self, tok: TokenizerConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        raise NotImplementedError
+        """The prompt's prefix and suffix ids."""
 
     def prompt(self, req: SkillRequest, tokenizer: Tokenizer) -> Prompt:
         tok = tokenizer.cfg

@@ -6,6 +6,7 @@ function (`train/batch.py`), and each skill says once how its outputs are decode
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -82,7 +83,7 @@ def text_moves(ids: Sequence[int], mask: tuple[int, ...], stop: int | None, abou
     if stop is not None:
         moves.append(Move(Head.LM, stop, None, mask if ids else ()))
     if moves and about:
-        moves[0] = Move(moves[0].head, moves[0].label, moves[0].feed, moves[0].mask, about=about)
+        moves[0] = dataclasses.replace(moves[0], about=about)
     return moves
 
 

@@ -59,9 +59,8 @@ def transcript(prompt: skills.Prompt, moves: list[Move], tok: TokenizerConfig) -
     """A prompt and the moves after it as one segment: each move's label is read at the current last input,
     then its feed is appended. Inputs after the last label are never read, and are dropped."""
     seg = Segment()
-    coords, sizes = iter(prompt.coords), iter(prompt.sizes)
-    for t in prompt.ids:
-        seg.add(t, next(coords) if t == tok.coord_id else None, next(sizes) if t == tok.size_id else None)
+    for t, f in zip(prompt.ids, prompt.feeds(tok), strict=True):  # region inputs keep their placeholder id
+        seg.add(t, f.coord, f.size)
     last = len(seg) - 1
     for move in moves:
         at = len(seg) - 1
