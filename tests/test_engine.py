@@ -36,7 +36,7 @@ def test_every_skill_alone_matches_the_single_request_path(tiny, images):
 def test_mixed_concurrent_batch_matches(tiny, images):
     engine = check_batch(tiny, images, EngineConfig(max_batch=32, kv_memory_mb=8))
     assert engine.cache.hits > 0  # several questions per image: the prefix was reused
-    assert engine.pool.n_free == engine.pool.n_blocks - sum(len(e.blocks) for e in engine.cache.entries.values())
+    assert engine.pool.n_free == engine.pool.n_blocks - sum(map(len, engine.cache.entries.values()))
 
 
 def test_gqa_batch_matches(tiny_gqa, images):
@@ -67,7 +67,7 @@ def test_cancel_frees_the_sequence(tiny, images):
     handle.cancel()
     engine.step()
     assert handle.done and not engine.scheduler.running
-    assert engine.pool.n_free == engine.pool.n_blocks - sum(len(e.blocks) for e in engine.cache.entries.values())
+    assert engine.pool.n_free == engine.pool.n_blocks - sum(map(len, engine.cache.entries.values()))
 
 
 def test_background_engine_serves_threads(tiny, images):

@@ -33,7 +33,7 @@ def test_admission_shares_one_new_prefix_and_respects_the_batch(tiny):
         sched.add(_seq(i, tiny.cfg.tokenizer, image="a" if i < 4 else "b"))
     plan = sched.schedule()
     assert [s.id for s in plan.prefills] == [0, 1, 2] and len(plan.prefixes) == 1
-    prefix = cache.get(("a", None)).blocks
+    prefix = cache.get(("a", None))
     assert all(pool.refs[b] == 4 for b in prefix)  # the cache and three sequences
     assert cache.hits == 2 and len(sched.waiting) == 2
 

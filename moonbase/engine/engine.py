@@ -64,20 +64,17 @@ class EngineConfig:
         return 2 * t.n_layers * t.n_kv_heads * t.hd * torch.finfo(m.dtype).bits // 8 * self.block_size
 
     def n_blocks(self, m: Moondream) -> int:
+        """kv_memory_mb, or automatically enough for every sequence of a full batch at the longest context and
+        as many cached image prefixes again, capped at 40% of free GPU memory or 15% of the machine's RAM."""
         per_block = self.block_bytes(m)
-        budget = self.kv_memory_mb * 2**20 if self.kv_memory_mb is not None else _auto_kv_bytes(m, per_block, self)
-        return max(1, int(budget) // per_block)
-
-
-def _auto_kv_bytes(m: Moondream, per_block: int, cfg: EngineConfig) -> int:
-    """Enough for every sequence of a full batch at the longest context and as many cached image
-    prefixes again, capped at 40% of free GPU memory or 15% of the machine's RAM."""
-    wanted = per_block // cfg.block_size * 2 * cfg.max_batch * m.cfg.text.max_context
-    if m.device.type == "cuda":
-        cap = 0.4 * torch.cuda.mem_get_info(m.device)[0]
-    else:
-        cap = 0.15 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return int(min(wanted, cap))
+        if self.kv_memory_mb is not None:
+            return max(1, int(self.kv_memory_mb * 2**20) // per_block)
+        wanted = per_block // self.block_size * 2 * self.max_batch * m.cfg.text.max_context
+        if m.device.type == "cuda":
+            cap = 0.4 * torch.cuda.mem_get_info(m.device)[0]
+        else:
+            cap = 0.15 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return max(1, int(min(wanted, cap)) // per_block)
 
 
 class Engine:
@@ -86,13 +83,10 @@ class Engine:
         self.pool = KVPool(m.cfg.text, cfg.n_blocks(m), cfg.block_size, m.device, m.dtype)
         budget = None if cfg.prefix_cache_mb is None else int(cfg.prefix_cache_mb * 2**20) // cfg.block_bytes(m)
         self.cache = PrefixCache(self.pool, budget)
-        sched_cfg = SchedulerConfig(cfg.max_batch, cfg.max_step_tokens)
-        self.scheduler = Scheduler(sched_cfg, self.pool, self.cache, m.cfg.prefix_len)
-        decode_w = None
-        if cfg.int8_decode:
-            if m.device.type != "cpu":
-                raise ValueError("int8_decode is a CPU option; on CUDA the engine runs bf16")
-            decode_w = int8_text(m.w.text)
+        self.scheduler = Scheduler(SchedulerConfig(cfg.max_batch, cfg.max_step_tokens), self.pool, self.cache, m.cfg.prefix_len)
+        if cfg.int8_decode and m.device.type != "cpu":
+            raise ValueError("int8_decode is a CPU option; on CUDA the engine runs bf16")
+        decode_w = int8_text(m.w.text) if cfg.int8_decode else None
         graphs = ForwardGraphs(m, self.pool, cfg.max_batch) if cfg.cuda_graphs and m.device.type == "cuda" else None
         self.runner = Runner(m, self.pool, decode_w, graphs)
         self.adapters = AdapterStore(m.cfg.text, m.device, m.dtype)
@@ -107,8 +101,6 @@ class Engine:
         self.pipeline = cfg.pipeline if cfg.pipeline is not None else m.device.type == "cuda"
         self._inflight: HeadOut | None = None  # the heads of the last pipelined step, not yet committed
         self.steps = 0
-
-    # --- public -------------------------------------------------------------------------------------
 
     def submit(self, req: Request) -> Handle:
         if self._closed:
@@ -159,6 +151,44 @@ class Engine:
                 self._complete(seq, time.perf_counter())
             return True
 
+    @property
+    def stats(self) -> dict[str, Any]:
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "kv_blocks_free": self.pool.n_free,
+            "kv_blocks": self.pool.n_blocks,
+            "kv_blocks_cached": sum(map(len, self.cache.entries.values())),
+            "prefix_cache_entries": len(self.cache.entries),
+            "prefix_cache_hits": self.cache.hits,
+            "prefix_cache_evictions": self.cache.evictions,
+            "preemptions": self.scheduler.preemptions,
+            "in_flight": len(self._handles),
+            "steps": self.steps,
+            "config": self.effective_config,
+        }
+
+    @property
+    def effective_config(self) -> dict[str, Any]:
+        """The knobs as they took effect (automatic choices resolved)."""
+        mb, cache = self.cfg.block_bytes(self.m) / 2**20, self.cache.budget_blocks
+        return dataclasses.asdict(self.cfg) | {
+            "kv_memory_mb": round(self.pool.n_blocks * mb, 3),
+            "prefix_cache_mb": None if cache is None else round(cache * mb, 3),
+            "pipeline": self.pipeline,
+            "cuda_graphs": self.runner.graphs is not None,
+        }
+
+    def wake(self) -> None:
+        """Start or wake the background thread (a request arrived or was cancelled)."""
+        if not self.background:
+            return
+        with self._thread_lock:  # threads submitting at once must not start one loop each
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="moonbase-engine", daemon=True)
+                self._thread.start()
+        self._wakeup.set()
+
     def _pipelined(self, plan) -> None:
         """Launch the decode forward of this step, then commit the previous step's heads while the device
         works; a row that finished in that commit rode along, a row whose program chose another input than
@@ -186,85 +216,36 @@ class Engine:
         return redo
 
     def _drain_inbox(self) -> None:
-        while True:
-            try:
-                seq, handle = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+        while not self._inbox.empty():  # only the step lock's holder takes from it
+            seq, handle = self._inbox.get_nowait()
             self._handles[seq.id] = handle
             self.scheduler.add(seq)
 
     def _settle(self, rows: list[Sequence]) -> None:
+        """Hand each stepped row's new tokens to its handle, and its result once its program is done."""
         now = time.perf_counter()
         for seq in rows:
-            self._after_step(seq, now)
-
-    @property
-    def stats(self) -> dict[str, Any]:
-        return {
-            "running": len(self.scheduler.running),
-            "waiting": len(self.scheduler.waiting),
-            "kv_blocks_free": self.pool.n_free,
-            "kv_blocks": self.pool.n_blocks,
-            "kv_blocks_cached": sum(len(e.blocks) for e in self.cache.entries.values()),
-            "prefix_cache_entries": len(self.cache.entries),
-            "prefix_cache_hits": self.cache.hits,
-            "prefix_cache_evictions": self.cache.evictions,
-            "preemptions": self.scheduler.preemptions,
-            "in_flight": len(self._handles),
-            "steps": self.steps,
-            "config": self.effective_config,
-        }
-
-    @property
-    def effective_config(self) -> dict[str, Any]:
-        """The knobs as they took effect (automatic choices resolved)."""
-        mb, cache = self.cfg.block_bytes(self.m) / 2**20, self.cache.budget_blocks
-        return dataclasses.asdict(self.cfg) | {
-            "kv_memory_mb": round(self.pool.n_blocks * mb, 3),
-            "prefix_cache_mb": None if cache is None else round(cache * mb, 3),
-            "pipeline": self.pipeline,
-            "cuda_graphs": self.runner.graphs is not None,
-        }
-
-    # --- internals ----------------------------------------------------------------------------------
-
-    def _after_step(self, seq: Sequence, now: float) -> None:
-        program = seq.program
-        if seq.status is not Status.RUNNING:
-            return
-        if seq.stats.first_token is None:
-            seq.stats.first_token = now
-        seq.stats.output_tokens += 1  # every step ends in one decision: a token, a stop, a coordinate or a size
-        handle = self._handles[seq.id]
-        for token in program.new_tokens:
-            handle.emit(token)
-        program.new_tokens = []
-        if seq.error is not None or program.done:
-            self.scheduler.finish(seq)
-            self._complete(seq, now)
-            return
-        seq.pending = [program.feed]
+            if seq.status is not Status.RUNNING:
+                continue
+            if seq.stats.first_token is None:
+                seq.stats.first_token = now
+            seq.stats.output_tokens += 1  # every step ends in one decision: a token, a stop, a coordinate or a size
+            handle = self._handles[seq.id]
+            for token in seq.program.new_tokens:
+                handle.emit(token)
+            seq.program.new_tokens = []
+            if seq.error is not None or seq.program.done:
+                self.scheduler.finish(seq)
+                self._complete(seq, now)
+            else:
+                seq.pending = [seq.program.feed]
 
     def _complete(self, seq: Sequence, now: float) -> None:
         seq.stats.finished = now
         handle = self._handles.pop(seq.id)
         if seq.cancelled and seq.error is None:
             seq.error = CancelledError("request cancelled")
-        if seq.error is not None:
-            handle.finish(None, seq.error)
-        else:
-            handle.finish(Result(seq.program.output(), seq.stats.as_dict(), seq.record))
-
-    def wake(self) -> None:
-        """Start or wake the background thread (a request arrived or was cancelled)."""
-        if not self.background:
-            return
-        with self._thread_lock:  # threads submitting at once must not start one loop each
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name="moonbase-engine", daemon=True)
-                self._thread.start()
-        self._wakeup.set()
+        handle.finish(Result(seq.program.output(), seq.stats.as_dict(), seq.record) if seq.error is None else None, seq.error)
 
     def _loop(self) -> None:
         while not self._closed:

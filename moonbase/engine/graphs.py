@@ -74,18 +74,17 @@ class ForwardGraphs:
         inputs = next((x for x in self.inputs if x >= t), None)
         if self.failed or rows is None or inputs is None or rows * inputs > MAX_TOKENS:
             return None
-        keys = min(-(-s // CONTEXT_STEP) * CONTEXT_STEP, self.m.cfg.text.max_context)
-        graph = self.graphs.get((rows, inputs, keys))
-        if graph is None:
+        key = (rows, inputs, min(-(-s // CONTEXT_STEP) * CONTEXT_STEP, self.m.cfg.text.max_context))
+        if key not in self.graphs:
             try:
                 with torch.no_grad():
-                    graph = self.graphs[(rows, inputs, keys)] = Graph(self, rows, inputs, keys)
+                    self.graphs[key] = Graph(self, *key)
             except Exception:  # serve eagerly rather than fail requests; the log says why
-                log.exception("capturing a CUDA graph for %s failed; text forwards run eagerly from now on", (rows, inputs, keys))
+                log.exception("capturing a CUDA graph for %s failed; text forwards run eagerly from now on", key)
                 self.failed = True
                 torch.cuda.synchronize(self.m.device)
                 return None
-        return graph
+        return self.graphs[key]
 
     def forward(self, x: torch.Tensor, meta: torch.Tensor, b: int, t: int, s: int) -> torch.Tensor:
         m = self.m

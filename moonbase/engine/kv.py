@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Hashable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -66,65 +65,51 @@ class KVPool:
         return (table[:, None] * self.block_size + self._offsets).ravel()[:stop]
 
 
-@dataclass
-class PrefixEntry:
-    """An image prefix (BOS + image tokens) prefilled into blocks that any sequence may share."""
-
-    blocks: list[int]
-    length: int
-
-
 class PrefixCache:
-    """Image prefixes by key (content hash, adapter), least recently used first. The cache holds one
-    reference to each entry's blocks; a sequence reading an entry holds another. With `budget_blocks`,
-    idle entries beyond that many blocks are dropped (`trim`); otherwise they stay until the pool needs room."""
+    """Image prefixes (BOS + image tokens) prefilled into blocks that any sequence may share: each entry's
+    blocks by key (content hash, adapter), least recently used first. The cache holds one reference to an
+    entry's blocks; a sequence reading it holds another. With `budget_blocks`, idle entries beyond that many
+    blocks are dropped (`trim`); otherwise they stay until the pool needs room."""
 
     def __init__(self, pool: KVPool, budget_blocks: int | None = None):
         self.pool, self.budget_blocks = pool, budget_blocks
-        self.entries: OrderedDict[Hashable, PrefixEntry] = OrderedDict()
+        self.entries: OrderedDict[Hashable, list[int]] = OrderedDict()
         self.hits = self.evictions = 0
 
-    def get(self, key: Hashable) -> PrefixEntry | None:
-        entry = self.entries.get(key)
-        if entry is not None:
+    def get(self, key: Hashable) -> list[int] | None:
+        if key in self.entries:
             self.entries.move_to_end(key)
-        return entry
+        return self.entries.get(key)
 
     def attach(self, key: Hashable) -> list[int]:
         """A sequence starts reading a cached prefix: one more reference to its blocks."""
-        entry = self.entries[key]
-        self.pool.retain(entry.blocks)
-        return entry.blocks
+        self.pool.retain(self.entries[key])
+        return self.entries[key]
 
-    def put(self, key: Hashable, entry: PrefixEntry) -> None:
-        old = self.entries.pop(key, None)
-        if old is not None:
-            self.pool.release(old.blocks)
-        self.entries[key] = entry
+    def put(self, key: Hashable, blocks: list[int]) -> None:
+        self.pool.release(self.entries.pop(key, []))
+        self.entries[key] = blocks
 
-    def evict_for(self, n_blocks: int) -> bool:
-        """Drop unused entries, oldest first, until `n_blocks` are free; False if that is impossible."""
+    def evict_for(self, n_blocks: int) -> None:
+        """Drop unused entries, oldest first, until `n_blocks` are free (or none is left unused)."""
         self._evict(lambda: self.pool.n_free >= n_blocks)
-        return self.pool.n_free >= n_blocks
 
     def trim(self) -> None:
         """Keep idle entries within the budget."""
         if self.budget_blocks is not None:
-            self._evict(lambda: sum(len(e.blocks) for e in self.entries.values()) <= self.budget_blocks)
+            self._evict(lambda: sum(map(len, self.entries.values())) <= self.budget_blocks)
 
     def _evict(self, enough) -> None:
         for key in list(self.entries):
             if enough():
                 break
-            entry = self.entries[key]
-            if all(self.pool.refs[b] == 1 for b in entry.blocks):  # nobody but the cache reads it
-                del self.entries[key]
-                self.pool.release(entry.blocks)
+            if all(self.pool.refs[b] == 1 for b in self.entries[key]):  # nobody but the cache reads it
+                self.pool.release(self.entries.pop(key))
                 self.evictions += 1
 
     def clear(self) -> None:
-        for entry in self.entries.values():
-            self.pool.release(entry.blocks)
+        for blocks in self.entries.values():
+            self.pool.release(blocks)
         self.entries.clear()
 
 
@@ -140,9 +125,8 @@ class PagedBatch:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pk, pv = self.pool.k[layer], self.pool.v[layer]
-        n_kv, hd = pk.shape[1], pk.shape[2]
-        pk[self.write] = k.transpose(1, 2).reshape(-1, n_kv, hd)
-        pv[self.write] = v.transpose(1, 2).reshape(-1, n_kv, hd)
+        pk[self.write] = k.transpose(1, 2).reshape(-1, *pk.shape[1:])
+        pv[self.write] = v.transpose(1, 2).reshape(-1, *pv.shape[1:])
         if self.read is None:
             return k, v
         return pk[self.read].transpose(1, 2), pv[self.read].transpose(1, 2)

@@ -27,9 +27,8 @@ class Row(NamedTuple):
 def sequence_rows(pool: KVPool, rows: list[Sequence], lengths: list[int]) -> list[Row]:
     out = []
     for seq, n in zip(rows, lengths, strict=True):
-        slots = pool.slots(seq.blocks, seq.length + n - seq.prefix_len)
-        if seq.prefix_len:
-            slots = np.concatenate([pool.slots(seq.prefix_blocks, seq.prefix_len), slots])
+        own = pool.slots(seq.blocks, seq.length + n - seq.prefix_len)
+        slots = np.concatenate([pool.slots(seq.prefix_blocks, seq.prefix_len), own]) if seq.prefix_len else own
         out.append(Row(slots, seq.length, n, seq.prefix_len))
     return out
 
@@ -44,8 +43,7 @@ def pack(pool: KVPool, rows: list[Row], b: int, t: int, s: int) -> np.ndarray:
     write = np.full((b, t), pool.scratch_slot, dtype=np.int64)
     read = np.full((b, s), pool.zero_slot, dtype=np.int64)
     q_pos = np.zeros((b, t), dtype=np.int64)
-    prefix = np.zeros(b, dtype=np.int64)
-    n_q = np.zeros(b, dtype=np.int64)
+    prefix, n_q = np.zeros((2, b), dtype=np.int64)
     for i, row in enumerate(rows):
         end = row.start + row.n
         read[i, :end] = row.slots

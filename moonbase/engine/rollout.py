@@ -23,9 +23,8 @@ import torch
 
 from ..model import region
 from ..model.moondream import Moondream
-from ..model.sampler import sample
 from ..skills.program import Head
-from .sequence import Sequence
+from .sequence import Sequence, sample_rows
 
 
 def _samples_regions(seq: Sequence) -> bool:
@@ -57,13 +56,11 @@ class RolloutHeads:
                 logits[j, keep] = kept
 
     def tokens(self, lm: list[int], logits: torch.Tensor, drawn: torch.Tensor) -> None:
-        temps = torch.tensor([_temperature(self.rows[i].temperature) for i in lm], device=logits.device)
-        logp = torch.log_softmax(logits / temps[:, None], -1).gather(-1, drawn[:, None]).squeeze(-1)
-        self.token_logp[lm] = logp
+        self.token_logp[lm] = _logp(logits, drawn, [self.rows[i].temperature for i in lm])
 
     def coords(self, idx: list[int], hidden: torch.Tensor) -> torch.Tensor:
         """Coordinates (len(idx),) for rows `idx`: sampled for rollout rows, argmax otherwise."""
-        bins, logp = self._draw(idx, hidden, lambda h, w: region.coord_logits(h, w))
+        bins, logp = self._draw(idx, hidden, region.coord_logits)
         self.coord_bins[idx], self.coord_logp[idx] = bins, logp
         return region.coord_from_bin(bins, self.m.cfg.region)
 
@@ -81,18 +78,10 @@ class RolloutHeads:
         for w, members in _by_region_weights(rows, self.m):  # one decoder call per distinct region head
             at = torch.tensor([k * per_row + r for k in members for r in range(per_row)], device=hidden.device)
             logits = head(hidden[idx][members], w).float()
-            hot = [rows[k] for k in members for _ in range(per_row)]
-            temps = [s.temperature if _samples_regions(s) else 0.0 for s in hot]
-            drawn = sample(
-                logits,
-                torch.tensor(temps, device=logits.device),
-                torch.tensor([s.top_p if _samples_regions(s) else 1.0 for s in hot], device=logits.device),
-                [s.rng for s in hot],
-                any_hot=any(t > 0 for t in temps),
-            )
-            t = torch.tensor([_temperature(x) for x in temps], device=logits.device)
-            bins[at] = drawn
-            logp[at] = torch.log_softmax(logits / t[:, None], -1).gather(-1, drawn[:, None]).squeeze(-1)
+            each = [rows[k] for k in members for _ in range(per_row)]
+            temps = [s.temperature if _samples_regions(s) else 0.0 for s in each]
+            drawn = sample_rows(logits, each, temps)
+            bins[at], logp[at] = drawn, _logp(logits, drawn, temps)
         return bins, logp
 
     def commit(self, i: int, seq: Sequence, head: Head, then: Head | None) -> None:
@@ -116,21 +105,18 @@ class RolloutHeads:
             rec.logprobs.append(v["size_logp"][i])
 
 
-def _temperature(t: float) -> float:
-    return t if t > 0 else 1.0
+def _logp(logits: torch.Tensor, drawn: torch.Tensor, temps: list[float]) -> torch.Tensor:
+    """log_softmax(logits / T) of the drawn ids; T = 1 for a greedy row."""
+    t = torch.tensor([x if x > 0 else 1.0 for x in temps], device=logits.device)
+    return torch.log_softmax(logits / t[:, None], -1).gather(-1, drawn[:, None]).squeeze(-1)
 
 
 def _by_region_weights(rows: list[Sequence], m: Moondream) -> list[tuple[torch.nn.Module, list[int]]]:
-    groups: list[tuple[torch.nn.Module, list[int]]] = []
+    groups: dict[int, tuple[torch.nn.Module, list[int]]] = {}
     for k, s in enumerate(rows):
         w = s.req.adapter.region if s.req.adapter is not None and s.req.adapter.region is not None else m.w.region
-        for gw, members in groups:
-            if gw is w:
-                members.append(k)
-                break
-        else:
-            groups.append((w, [k]))
-    return groups
+        groups.setdefault(id(w), (w, []))[1].append(k)
+    return list(groups.values())
 
 
 def rollout_heads(m: Moondream, rows: list[Sequence]) -> RolloutHeads | None:

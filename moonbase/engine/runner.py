@@ -14,38 +14,32 @@ import torch
 from ..model import text
 from ..model.lora import Adapter, LoraBatch
 from ..model.moondream import Moondream
-from ..model.sampler import sample
 from ..model.text import EncodedImage
 from ..skills.program import CoordMode, Feed, Head
 from . import layout
-from .graphs import ForwardGraphs, Graph
+from .graphs import ForwardGraphs
 from .kv import KVPool, PagedBatch
 from .rollout import RolloutHeads, embed_images, rollout_heads
 from .scheduler import NewPrefix, StepPlan
-from .sequence import Sequence
+from .sequence import Sequence, Status, sample_rows
 
 
 class Runner:
-    """`decode_weights`: the text weights single-token rows run with (e.g. int8 on a CPU); prompts, replays
+    """`decode_w`: the text weights single-token rows run with (e.g. int8 on a CPU); prompts, replays
     and image prefixes always use the model's own."""
 
-    def __init__(
-        self, m: Moondream, pool: KVPool, decode_weights: torch.nn.Module | None = None, graphs: ForwardGraphs | None = None
-    ):
+    def __init__(self, m: Moondream, pool: KVPool, decode_w: torch.nn.Module | None = None, graphs: ForwardGraphs | None = None):
         self.m, self.pool, self.graphs = m, pool, graphs
-        self.decode_w = decode_weights if decode_weights is not None else m.w.text
+        self.decode_w = decode_w if decode_w is not None else m.w.text
 
     @torch.no_grad()
     def run(self, plan: StepPlan) -> None:
         """A blocking step: every forward, its heads and their commit."""
         if plan.prefixes:
             self.build_prefixes(plan.prefixes)
-        for rows, w in self.groups(plan):
-            self.commit(self.heads(rows, self.forward(rows, w), w))
-
-    def groups(self, plan: StepPlan) -> list[tuple[list[Sequence], torch.nn.Module]]:
-        """Prompts and single inputs run as separate forwards: no decode row is padded to a prompt."""
-        return [(rows, w) for rows, w in ((plan.prefills, self.m.w.text), (plan.decodes, self.decode_w)) if rows]
+        for rows, w in ((plan.prefills, self.m.w.text), (plan.decodes, self.decode_w)):
+            if rows:  # prompts and single inputs run as separate forwards: no decode row is padded to a prompt
+                self.commit(self.heads(rows, self.forward(rows, w), w))
 
     # --- image prefixes -----------------------------------------------------------------------------
 
@@ -65,19 +59,21 @@ class Runner:
         x = torch.stack([torch.cat([bos[None], e]) for e in embeddings])
         lora = _lora([p.adapter for p in fresh], m.device)
         rows = layout.prefix_rows(pool, [p.blocks for p in fresh], n)
-        graph = self._graph(len(rows), n, n, m.w.text, lora)
-        if graph is not None:
-            graph.replay(x, layout.pack(pool, rows, graph.b, graph.t, graph.s))
+        if self._replay(x, rows, n, m.w.text, lora) is not None:
             return
         slots = torch.from_numpy(np.stack([r.slots for r in rows])).to(m.device)
         pos = torch.arange(n, device=m.device)
         text.decoder(x, m.w.text, m.cfg.text, m.rope, pos, None, PagedBatch(pool, slots, None), lora=lora, kv_only=True)
 
-    def _graph(self, b: int, t: int, s: int, w: torch.nn.Module, lora: LoraBatch | None) -> Graph | None:
-        """A captured graph for this forward: CUDA, the base weights, no adapter, within the buckets."""
+    def _replay(
+        self, x: torch.Tensor, rows: list[layout.Row], s: int, w: torch.nn.Module, lora: LoraBatch | None
+    ) -> torch.Tensor | None:
+        """The forward of x (B, t, D) over `s` keys through a captured graph: (B' >= B, t' >= t, D), valid until
+        the next replay; None when no graph applies (not CUDA, other weights, an adapter, beyond the buckets)."""
         if self.graphs is None or lora is not None or w is not self.m.w.text:
             return None
-        return self.graphs.find(b, t, s)
+        graph = self.graphs.find(len(rows), x.shape[1], s)
+        return None if graph is None else graph.replay(x, layout.pack(self.pool, rows, graph.b, graph.t, graph.s))
 
     # --- text ---------------------------------------------------------------------------------------
 
@@ -89,10 +85,8 @@ class Runner:
         x = self._inputs(rows, lengths, t)
         lora = _lora([seq.req.adapter for seq in rows], dev)
         placed = layout.sequence_rows(self.pool, rows, lengths)
-        graph = self._graph(b, t, s, w, lora)
-        if graph is not None:
-            h = graph.replay(x, layout.pack(self.pool, placed, graph.b, graph.t, graph.s))[:b]
-        else:
+        h = self._replay(x, placed, s, w, lora)  # rows past b are padding
+        if h is None:
             meta = torch.from_numpy(layout.pack(self.pool, placed, b, t, s)).to(dev)
             masked = t > 1 or any(seq.length + 1 != s for seq in rows)
             write, read, q_pos, mask = layout.unpack(meta, b, t, s, masked)
@@ -100,19 +94,16 @@ class Runner:
         for seq, n in zip(rows, lengths, strict=True):
             seq.length += n
         if t == 1:
-            return h[:, 0]
+            return h[:b, 0]
         return h[torch.arange(b, device=dev), torch.tensor(lengths, device=dev) - 1]
 
     def _inputs(self, rows: list[Sequence], lengths: list[int], t: int) -> torch.Tensor:
         """(B, t, D) input embeddings: the heads' next embedding where a row has one, else its pending feeds."""
         m = self.m
         if t == 1:
-            missing = [i for i, seq in enumerate(rows) if seq.next_emb is None]
-            fed = self._embed([rows[i].pending[0] for i in missing]) if missing else None
-            embs = [seq.next_emb for seq in rows]
-            for j, i in enumerate(missing):
-                embs[i] = fed[j]
-            return torch.stack(embs)[:, None]
+            missing = [seq.pending[0] for seq in rows if seq.next_emb is None]
+            fed = iter(self._embed(missing) if missing else [])
+            return torch.stack([seq.next_emb if seq.next_emb is not None else next(fed) for seq in rows])[:, None]
         x = torch.zeros(len(rows), t, m.cfg.text.dim, device=m.device, dtype=m.dtype)
         for i, (seq, n) in enumerate(zip(rows, lengths, strict=True)):
             x[i, :n] = seq.next_emb[None] if seq.next_emb is not None else self._embed(seq.pending)
@@ -121,15 +112,10 @@ class Runner:
     def _embed(self, feeds: list[Feed]) -> torch.Tensor:
         m = self.m
         x = torch.empty(len(feeds), m.cfg.text.dim, device=m.device, dtype=m.dtype)
-        tokens = [i for i, f in enumerate(feeds) if f.token is not None]
-        coords = [i for i, f in enumerate(feeds) if f.coord is not None]
-        sizes = [i for i, f in enumerate(feeds) if f.size is not None]
-        if tokens:
-            x[tokens] = m.embed_ids([feeds[i].token for i in tokens])
-        if coords:
-            x[coords] = m.encode_coords([feeds[i].coord for i in coords])
-        if sizes:
-            x[sizes] = m.encode_sizes([feeds[i].size for i in sizes])
+        for kind, encode in (("token", m.embed_ids), ("coord", m.encode_coords), ("size", m.encode_sizes)):
+            at = [i for i, f in enumerate(feeds) if getattr(f, kind) is not None]
+            if at:
+                x[at] = encode([getattr(feeds[i], kind) for i in at])
         return x
 
     def heads(self, rows: list[Sequence], hidden: torch.Tensor, w: torch.nn.Module) -> HeadOut:
@@ -137,11 +123,10 @@ class Runner:
         for LM rows; coordinates for coordinate rows and for LM rows that may go on with one (detect/point
         "another object" → x, a coord token in a reasoning trace); sizes; and the embedding each row will
         be fed next if it goes on. The programs see the values only in `commit`."""
-        m, dev = self.m, self.m.device
-        b = len(rows)
+        m, dev, b = self.m, self.m.device, len(rows)
         heads = [s.program.head() for s in rows]
         lm = [i for i, h in enumerate(heads) if h is Head.LM]
-        follow = [rows[i].program.coord_mode() for i in range(b)]
+        follow = [s.program.coord_mode() for s in rows]
         coord_rows = [i for i in range(b) if heads[i] is Head.COORD or (heads[i] is Head.LM and follow[i] is not CoordMode.NEVER)]
         size_rows = [i for i, h in enumerate(heads) if h is Head.SIZE]
         tokens = torch.zeros(b, dtype=torch.long, device=dev)
@@ -149,30 +134,20 @@ class Runner:
         if lm:
             logits = text.lm_logits(hidden[_index(lm, b)], w).float()
             for j, i in enumerate(lm):
-                masked = rows[i].program.mask()
-                if masked:
+                if masked := rows[i].program.mask():
                     logits[j, list(masked)] = float("-inf")
             if extra is not None:
                 extra.restrict(lm, logits)
-            temps = [rows[i].temperature for i in lm]
-            hot = any(t > 0 for t in temps)
-            on = dev if hot else "cpu"  # all greedy: the sampler only takes the argmax
-            tokens[_index(lm, b)] = sample(
-                logits,
-                torch.tensor(temps, device=on),
-                torch.tensor([rows[i].top_p for i in lm], device=on),
-                [rows[i].rng for i in lm],
-                any_hot=hot,
-            )
+            tokens[_index(lm, b)] = sample_rows(logits, [rows[i] for i in lm], [rows[i].temperature for i in lm])
             if extra is not None:
                 extra.tokens(lm, logits, tokens[lm])
         next_emb = m.w.text.wte[tokens]
         coords = torch.zeros(b, device=dev, dtype=m.dtype)
+        use = torch.zeros(b, dtype=torch.bool, device=dev)  # rows fed their coordinate next, not their token
         if coord_rows:
             picked = _index(coord_rows, b)
             decoded = extra.coords(coord_rows, hidden) if extra is not None else m.decode_coord(hidden[picked])
             coords[picked] = decoded.to(m.dtype)
-            use = torch.zeros(b, dtype=torch.bool, device=dev)
             use[[i for i in coord_rows if heads[i] is Head.COORD or follow[i] is CoordMode.ALWAYS]] = True
             on_token = [i for i in coord_rows if follow[i] is CoordMode.ON_COORD_TOKEN]
             if on_token:
@@ -187,19 +162,19 @@ class Runner:
         rooms = [m.cfg.text.max_context - s.length for s in rows]
         for i, seq in enumerate(rows):  # what a pipelined step feeds before the programs have decided
             seq.next_emb = next_emb[i]
-        values = torch.cat([tokens.double(), coords.double(), sizes.double().ravel()])  # one copy to the host
-        return HeadOut(rows, heads, follow, rooms, values, next_emb, extra)
+        values = torch.cat([tokens.double(), coords.double(), sizes.double().ravel(), use.double()])  # one copy to the host
+        return HeadOut(rows, heads, rooms, values, next_emb, extra)
 
     def commit(self, out: HeadOut) -> list[Sequence]:
         """Hand the head values to the programs (this is where the host waits for the device). Returns the
         sequences whose program chose an input other than the one `heads` embedded (a reasoning trace cut
         by max_tokens goes on with the answer token): they are fed from their `pending` input instead."""
         b, values = len(out.rows), out.values.tolist()
-        tokens, coords = [int(t) for t in values[:b]], values[b : 2 * b]
-        sizes = list(zip(values[2 * b :: 2], values[2 * b + 1 :: 2], strict=True))
-        coord_id, mispredicted = self.m.cfg.tokenizer.coord_id, []
+        tokens, coords, use = [int(t) for t in values[:b]], values[b : 2 * b], values[4 * b :]
+        sizes = list(zip(values[2 * b : 4 * b : 2], values[2 * b + 1 : 4 * b : 2], strict=True))
+        mispredicted = []
         for i, seq in enumerate(out.rows):
-            if seq.finished or seq.cancelled:
+            if seq.status is Status.FINISHED or seq.cancelled:
                 continue  # it rode along in a step launched before it finished
             program, head = seq.program, out.heads[i]
             then = None
@@ -219,11 +194,7 @@ class Runner:
             seq.history.append(program.feed)
             if head is Head.SIZE:
                 embedded = Feed(size=sizes[i])
-            elif (
-                head is Head.COORD
-                or out.follow[i] is CoordMode.ALWAYS
-                or (out.follow[i] is CoordMode.ON_COORD_TOKEN and tokens[i] == coord_id)
-            ):
+            elif use[i]:
                 embedded = Feed(coord=coords[i])
             else:
                 embedded = Feed(token=tokens[i])
@@ -239,9 +210,8 @@ class HeadOut:
 
     rows: list[Sequence]
     heads: list[Head]
-    follow: list[CoordMode]  # each row's coordinate mode when the heads ran
     rooms: list[int]  # context left when the heads ran (a later forward may already have grown it)
-    values: torch.Tensor  # float64: B token ids, B coordinates, B (w, h) sizes
+    values: torch.Tensor  # float64: B token ids, B coordinates, B (w, h) sizes, B flags "fed the coordinate"
     next_emb: torch.Tensor
     extra: RolloutHeads | None = None  # rollout log-probabilities and bins (engine/rollout.py)
 
@@ -253,11 +223,8 @@ def _index(rows: list[int], b: int) -> list[int] | slice:
 
 def _lora(adapters: list[Adapter | None], device: torch.device) -> LoraBatch | None:
     """Rows' adapters (None = base model) as one LoraBatch; None when no row has one."""
-    distinct: list[Adapter] = []
-    for a in adapters:
-        if a is not None and all(a is not d for d in distinct):
-            distinct.append(a)
+    distinct = {id(a): a for a in adapters if a is not None}  # in order of first use
     if not distinct:
         return None
-    index = [0 if a is None else 1 + next(j for j, d in enumerate(distinct) if d is a) for a in adapters]
-    return LoraBatch(distinct, index, device)
+    slot = {key: j for j, key in enumerate(distinct, 1)}
+    return LoraBatch(list(distinct.values()), [0 if a is None else slot[id(a)] for a in adapters], device)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import CapacityError
-from .kv import KVPool, PrefixCache, PrefixEntry
+from .kv import KVPool, PrefixCache
 from .sequence import Sequence, Status
 
 
@@ -49,8 +49,7 @@ class StepPlan:
 
 class Scheduler:
     def __init__(self, cfg: SchedulerConfig, pool: KVPool, cache: PrefixCache, prefix_len: int):
-        self.cfg, self.pool, self.cache = cfg, pool, cache
-        self.prefix_len = prefix_len
+        self.cfg, self.pool, self.cache, self.prefix_len = cfg, pool, cache, prefix_len
         self.preemptions = 0
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -93,12 +92,9 @@ class Scheduler:
     def finish(self, seq: Sequence) -> None:
         self._free(seq)
         seq.status = Status.FINISHED
-        if seq in self.running:
-            self.running.remove(seq)
-        if seq in self.waiting:
-            self.waiting.remove(seq)
-
-    # --- internals ----------------------------------------------------------------------------------
+        for queue in (self.running, self.waiting):
+            if seq in queue:
+                queue.remove(seq)
 
     def _free(self, seq: Sequence) -> None:
         self.pool.release(seq.blocks + seq.prefix_blocks)
@@ -109,8 +105,7 @@ class Scheduler:
         `protect`) the newest other running sequences preempted."""
         if n > self.pool.n_blocks:
             return None
-        if self.pool.n_free < n:
-            self.cache.evict_for(n)
+        self.cache.evict_for(n)
         while self.pool.n_free < n and protect is not None:
             victims = [s for s in self.running if s is not protect]
             if not victims:
@@ -130,15 +125,12 @@ class Scheduler:
 
     def _grow(self, seq: Sequence, new_tokens: int, preempt: bool = True) -> bool:
         """Own blocks enough for `new_tokens` more positions; False if the sequence had to wait."""
-        own_needed = self.pool.blocks_for(seq.length + new_tokens - seq.prefix_len)
-        extra = own_needed - len(seq.blocks)
+        extra = self.pool.blocks_for(seq.length + new_tokens - seq.prefix_len) - len(seq.blocks)
         if extra <= 0:
             return True
         got = self._take(extra, protect=seq if seq.status is Status.RUNNING and preempt else None)
-        if got is None:
-            return False
-        seq.blocks += got
-        return True
+        seq.blocks += got or []
+        return got is not None
 
     def _admit(self, plan: StepPlan) -> None:
         budget = self.cfg.max_step_tokens
@@ -149,19 +141,17 @@ class Scheduler:
             cost = len(seq.pending) + (self.prefix_len if needs_image else 0)
             if cost > budget and (plan.prefills or plan.prefixes):
                 break  # the next step takes it
-            prefix_blocks: list[int] = []
             if needs_image:
                 got = self._take(self.pool.blocks_for(self.prefix_len))
                 if got is None:
                     break
                 plan.prefixes.append(NewPrefix(key, seq.req.image, got, seq.req.adapter))
-                self.cache.put(key, PrefixEntry(got, self.prefix_len))
-            if key is not None:
-                prefix_blocks = self.cache.attach(key)
+                self.cache.put(key, got)
+            if key is not None:  # a waiting sequence owns no blocks and has no positions yet
+                seq.prefix_blocks = self.cache.attach(key)
+                seq.prefix_len = seq.length = self.prefix_len
                 self.cache.hits += not needs_image
                 seq.stats.image_tokens, seq.stats.image_cached = self.prefix_len, not needs_image
-            seq.prefix_blocks = prefix_blocks
-            seq.prefix_len = seq.length = self.prefix_len if key is not None else 0
             if not self._grow(seq, len(seq.pending)):
                 self._free(seq)
                 break

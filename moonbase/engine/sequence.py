@@ -10,6 +10,7 @@ from enum import Enum
 import torch
 
 from ..config import TokenizerConfig
+from ..model.sampler import sample
 from ..skills import Request
 from ..skills.program import Feed
 
@@ -37,15 +38,14 @@ class Stats:
     finished: float | None = None
 
     def as_dict(self) -> dict[str, float | int | None]:
-        ttft = None if self.first_token is None else (self.first_token - self.submitted) * 1000
-        total = None if self.finished is None else (self.finished - self.submitted) * 1000
+        ms = lambda t: None if t is None else (t - self.submitted) * 1000  # noqa: E731
         return {
             "input_tokens": self.input_tokens,
             "image_tokens": self.image_tokens,
             "image_cached": self.image_cached,
             "output_tokens": self.output_tokens,
-            "ttft_ms": ttft,
-            "total_ms": total,
+            "ttft_ms": ms(self.first_token),
+            "total_ms": ms(self.finished),
         }
 
 
@@ -77,6 +77,10 @@ class Sequence:
         self.error: Exception | None = None
         self.cancelled = False
 
-    @property
-    def finished(self) -> bool:
-        return self.status is Status.FINISHED
+
+def sample_rows(logits: torch.Tensor, rows: list[Sequence], temps: list[float]) -> torch.Tensor:
+    """`sample` with each row's top-p and generator at `temps`; all greedy: only the argmax, nothing sent to the device."""
+    hot = any(t > 0 for t in temps)
+    on = logits.device if hot else "cpu"
+    top_p = torch.tensor([s.top_p for s in rows], device=on)
+    return sample(logits, torch.tensor(temps, device=on), top_p, [s.rng for s in rows], any_hot=hot)
