@@ -6,7 +6,6 @@ held-out evaluation: docs/finetuning.md ("Command line").
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -30,11 +29,8 @@ def add_parser(sub, model_args) -> None:
         q.add_argument("--train-region", action="store_true", help="also train the region decoders (detect/point)")
         q.add_argument("--train-vision", action="store_true", help="also train the vision encoder")
         q.add_argument("--seed", type=int, default=0)
-        q.add_argument("--store", default=DEFAULT_STORE)
         if mode == "rl":
-            q.add_argument(
-                "--reward", default=None, help="module:function scoring fn(row, output) -> float (default: ground truth)"
-            )
+            q.add_argument("--reward", help="module:function scoring fn(row, output) -> float (default: ground truth)")
             q.add_argument("--rollouts", type=int, default=8, help="rollouts per example")
             q.add_argument("--temperature", type=float, default=1.0)
             q.add_argument("--kl", type=float, default=0.0, help="KL-to-base coefficient")
@@ -43,17 +39,16 @@ def add_parser(sub, model_args) -> None:
     q = fsub.add_parser("export", help="write a checkpoint as a PEFT adapter directory")
     q.add_argument("checkpoint", help="FINETUNE_ID@STEP (or FINETUNE_ID for its latest checkpoint)")
     q.add_argument("--peft", required=True, metavar="DIR")
-    q.add_argument("--store", default=DEFAULT_STORE)
     q.set_defaults(fn=cmd_export)
     q = fsub.add_parser("import", help="import a PEFT LoRA adapter as a finetune (checkpoint at step 0)")
     q.add_argument("directory")
     q.add_argument("--name", required=True)
-    q.add_argument("--store", default=DEFAULT_STORE)
     model_args(q)
     q.set_defaults(fn=cmd_import)
     q = fsub.add_parser("list", help="finetunes and their checkpoints")
-    q.add_argument("--store", default=DEFAULT_STORE)
     q.set_defaults(fn=cmd_list)
+    for q in fsub.choices.values():  # every finetune command works on a store
+        q.add_argument("--store", default=DEFAULT_STORE)
 
 
 def _service(a: argparse.Namespace):
@@ -73,9 +68,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     examples = load_jsonl(a.data)
     reward = load_reward(a.reward) if getattr(a, "reward", None) else None
     options = {"targets": a.targets.split(","), "train_region": a.train_region, "train_vision": a.train_vision}
-    cfg = RunConfig(a.mode, a.rank, a.steps, a.batch, a.lr, a.held_out, options=tuple(options.items()), seed=a.seed)
-    if a.mode == "rl":
-        cfg = dataclasses.replace(cfg, rollouts=a.rollouts, temperature=a.temperature, kl_coef=a.kl)
+    rl = {"rollouts": a.rollouts, "temperature": a.temperature, "kl_coef": a.kl} if a.mode == "rl" else {}
+    cfg = RunConfig(a.mode, a.rank, a.steps, a.batch, a.lr, a.held_out, options=tuple(options.items()), seed=a.seed, **rl)
     print(json.dumps(fine_tune(_service(a), a.name or Path(a.data).stem, examples, cfg, reward)))
     return 0
 

@@ -38,15 +38,11 @@ class LabeledRequest:
     where: str  # file:line, or <iterable>:index
 
 
-def _skill(row: dict[str, Any]) -> str | None:
-    return row.get("skill") or next((SKILL_OF_KEY[k] for k in SKILL_OF_KEY if k in row), None)
-
-
 def parse_row(row: Any, base_dir: Path | None, where: str) -> LabeledRequest:
     try:
         if not isinstance(row, dict):
             raise TuningError(f"a row must be a JSON object, got {type(row).__name__}")
-        skill = _skill(row)
+        skill = row.get("skill") or next((s for k, s in SKILL_OF_KEY.items() if k in row), None)
         if skill is None:
             raise TuningError("cannot tell the skill: give question+answer, object+boxes, object+points, or skill")
         image = row.get("image")

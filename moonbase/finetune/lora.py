@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -49,23 +49,12 @@ class LoraConfig:
         return self
 
     def to_dict(self) -> dict:
-        return {
-            "rank": self.rank,
-            "alpha": self.alpha,
-            "targets": list(self.targets),
-            "train_region": self.train_region,
-            "train_vision": self.train_vision,
-        }
+        return asdict(self) | {"targets": list(self.targets)}
 
     @classmethod
     def from_dict(cls, d: dict) -> LoraConfig:
-        return cls(
-            d["rank"],
-            d.get("alpha"),
-            tuple(d.get("targets", TARGETS)),
-            d.get("train_region", False),
-            d.get("train_vision", False),
-        )
+        known = {k: v for k, v in d.items() if k in ("alpha", "train_region", "train_vision")}  # missing ones: the defaults
+        return cls(d["rank"], targets=tuple(d.get("targets", TARGETS)), **known)
 
 
 class TrainableLora(nn.Module):
@@ -87,14 +76,10 @@ class TrainableLora(nn.Module):
 
     def adapter(self, name: str, detach: bool = False) -> Adapter:
         """The adapter these parameters define (scale folded into B). With `detach`, a frozen copy."""
-        s = self.cfg.scale
-        layers = []
+        s, layers = self.cfg.scale, []
         for i in range(self.n_layers):
-            layer = {}
-            for t in self.cfg.targets:
-                a, b = self.a[f"{i}_{t}"], self.b[f"{i}_{t}"] * s
-                layer[t] = (a.detach().clone(), b.detach().clone()) if detach else (a, b)
-            layers.append(layer)
+            layer = {t: (self.a[f"{i}_{t}"], self.b[f"{i}_{t}"] * s) for t in self.cfg.targets}
+            layers.append({t: (a.detach().clone(), b.detach().clone()) for t, (a, b) in layer.items()} if detach else layer)
         return Adapter(name, tuple(layers))
 
     def variant_state(self) -> dict[str, torch.Tensor]:
@@ -142,13 +127,11 @@ def export_peft(variant: dict[str, torch.Tensor], cfg: LoraConfig, directory: Pa
     }
     with atomic_path(directory / "adapter_model.safetensors") as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
-    with atomic_path(directory / "adapter_config.json") as tmp:
-        tmp.write_text(json.dumps(config, indent=2))
-    note = "proj adapts the attention input (Moondream variant convention), not proj's own input.\n"
-    with atomic_path(directory / "README.md") as tmp:
-        tmp.write_text(
-            f"# LoRA adapter for {base_model}\n\nExported by moonbase. Targets: {', '.join(sorted(cfg.targets))}.\n" + note
-        )
+    readme = f"# LoRA adapter for {base_model}\n\nExported by moonbase. Targets: {', '.join(sorted(cfg.targets))}.\n"
+    readme += "proj adapts the attention input (Moondream variant convention), not proj's own input.\n"
+    for file, text in (("adapter_config.json", json.dumps(config, indent=2)), ("README.md", readme)):
+        with atomic_path(directory / file) as tmp:
+            tmp.write_text(text)
     return directory
 
 

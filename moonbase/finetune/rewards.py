@@ -9,12 +9,11 @@ from typing import Any
 
 from ..errors import TuningError
 
-RewardFn = Callable[[dict[str, Any], dict[str, Any]], float]
+RewardFn = Callable[[dict[str, Any], dict[str, Any]], float]  # (row, output) -> reward; callers clip it to [0, 1]
 
 
 def load_reward(spec: str) -> RewardFn:
-    """`module:function` -> the function, called as fn(example, output) with the data row (a dict) and the
-    rollout's output; it returns a float (clipped to [0, 1] by the caller)."""
+    """`module:function` -> the function, called as fn(row, output) with the data row and the rollout's output."""
     module, _, name = spec.partition(":")
     if not module or not name:
         raise TuningError(f"--reward must look like module:function, got {spec!r}")

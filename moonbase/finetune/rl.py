@@ -4,7 +4,6 @@ A rollout is replayed by teacher forcing: the prompt, then exactly the sampled t
 and size bins fed back (its skill's `replay` moves), through the current policy in one forward; each
 action's log-probability is read at the position before it, under the distribution it was sampled from
 (temperature, the same logit masks as sampling, the two-way go-on / stop choice of detect and point).
-Rollouts of one request share one packed row behind one image prefix.
 
 Loss per action: -min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A) with rho = exp(logp - logp_old)
 and A = (r - mean_group r) / (std_group r + eps) (population std); averaged over the actions of a group
@@ -65,21 +64,17 @@ class RLBatch:
     rewards: list[list[float]]
 
 
-def advantages(rewards: list[float], eps: float) -> list[float]:
-    r = torch.tensor(rewards, dtype=torch.float64)
-    return ((r - r.mean()) / (r.std(unbiased=False) + eps)).tolist()
-
-
 def rl_batch(groups: list[RLGroup], m: Moondream, cfg: RLConfig, max_pixels: int) -> RLBatch:
     """Every group's rollouts packed behind its image prefix (more rows of the same image when they do not
     fit the context), and one entry per action: where it is read, what it is, its old log-probability, its
     group, rollout and advantage."""
     images, rows = [], []
-    col: dict[str, list] = {k: [] for k in ("row", "pos", "action", "temperature", "old", "group", "rollout", "advantage")}
+    col: dict[str, list] = {k: [] for k in ("row", "pos", "actions", "temperature", "logp_old", "group", "rollout", "advantage")}
     n_rollouts, prefix = 0, m.cfg.prefix_len
     for gi, g in enumerate(groups):
         image = group_image(g.request, max_pixels)
-        adv = advantages(list(g.rewards), cfg.std_eps)
+        rewards = torch.tensor(g.rewards, dtype=torch.float64)
+        adv = ((rewards - rewards.mean()) / (rewards.std(unbiased=False) + cfg.std_eps)).tolist()  # the group's advantages
         row: list[tuple[int, Segment]] = []
         used = prefix
         for ri, r in enumerate(g.rollouts):
@@ -102,19 +97,9 @@ def rl_batch(groups: list[RLGroup], m: Moondream, cfg: RLConfig, max_pixels: int
         batch = pack_rows(images, rows, m.cfg)
     except ValueError as e:
         raise TuningError(f"a rollout is too long: {e}") from e
-    long, flt = torch.long, torch.float32
-    return RLBatch(
-        batch,
-        torch.tensor(col["row"], dtype=long),
-        torch.tensor(col["pos"], dtype=long),
-        col["action"],
-        torch.tensor(col["temperature"], dtype=flt),
-        torch.tensor(col["old"], dtype=flt),
-        torch.tensor(col["group"], dtype=long),
-        torch.tensor(col["rollout"], dtype=long),
-        torch.tensor(col["advantage"], dtype=flt),
-        [list(g.rewards) for g in groups],
-    )
+    floats = ("temperature", "logp_old", "advantage")
+    tensors = {k: torch.tensor(v, dtype=torch.float32 if k in floats else torch.long) for k, v in col.items() if k != "actions"}
+    return RLBatch(batch, actions=col["actions"], rewards=[list(g.rewards) for g in groups], **tensors)
 
 
 def action_logprobs(policy: Moondream, rb: RLBatch, adapter: Adapter | None) -> torch.Tensor:
@@ -153,8 +138,7 @@ def action_logprobs(policy: Moondream, rb: RLBatch, adapter: Adapter | None) -> 
             logits = lm_logits(hid, policy.w.text).float()
             mask = torch.zeros_like(logits, dtype=torch.bool)
             for j, a in enumerate(acts):
-                if a.mask:
-                    mask[j, list(a.mask)] = True
+                mask[j, list(a.mask)] = True  # nothing for an empty mask
             logits = logits.masked_fill(mask, float("-inf"))
             labels = [a.label for a in acts]
         index = torch.tensor(labels, device=policy.device)[:, None]
@@ -184,11 +168,10 @@ def grpo_loss(
         per_action = per_action + cfg.kl_coef * kl
     groups = torch.unique(group)
     loss = torch.stack([per_action[group == g].mean() for g in groups]).mean() if len(groups) else logp.sum() * 0
-    stats = {
+    return loss, {
         "clip_fraction": float((clipped < unclipped).float().mean()) if len(logp) else 0.0,
         "kl": float(kl.mean()) if kl is not None else float((old - logp.detach()).mean()) if len(logp) else 0.0,
     }
-    return loss, stats
 
 
 def rl_loss(
@@ -201,13 +184,11 @@ def rl_loss(
         with torch.no_grad():
             ref = action_logprobs(reference, rb, None)
     loss, stats = grpo_loss(logp, rb.logp_old, rb.advantage, rb.group, cfg, ref)
-    flat = [r for rs in rb.rewards for r in rs]
-    rewards = torch.tensor(flat, dtype=torch.float64)
-    zero_std = sum(1 for rs in rb.rewards if len(set(rs)) <= 1)
+    rewards = torch.tensor([r for rs in rb.rewards for r in rs], dtype=torch.float64)
     stats |= {
         "reward_mean": float(rewards.mean()),
         "reward_std": float(rewards.std(unbiased=False)),
-        "frac_reward_zero_std": zero_std / len(rb.rewards),
+        "frac_reward_zero_std": sum(len(set(rs)) <= 1 for rs in rb.rewards) / len(rb.rewards),
         "rl_loss": float(loss.detach()),
         "actions": len(rb.actions),
     }

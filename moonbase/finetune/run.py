@@ -1,15 +1,6 @@
 """Training loops over examples, for Python callers and the CLI: SFT, or RL with rewards from a Python
 callable or from ground truth; greedy evaluation of a held-out split before and after; the final
-checkpoint saved (and served as `<base>/<finetune_id>@<step>`).
-
-    import moonbase
-    from moonbase.finetune import FinetuneStore, TuningService, from_iterable
-    from moonbase.finetune.run import RunConfig, fine_tune
-
-    vl = moonbase.vl()
-    svc = TuningService(vl, FinetuneStore("~/.cache/moonbase/finetunes"), vl.model.name)
-    examples = from_iterable([{"image": img, "object": "ball", "points": [[0.4, 0.6]]}, ...])
-    fine_tune(svc, "balls", examples, RunConfig(mode="rl", steps=50), reward=lambda row, out: ...)
+checkpoint saved (and served as `<base>/<finetune_id>@<step>`). Example: docs/finetuning.md, "From Python".
 """
 
 from __future__ import annotations
@@ -17,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -26,11 +16,10 @@ from tqdm import tqdm
 
 from ..image import load_image
 from .data import LabeledRequest, split
+from .rewards import RewardFn
 from .rollouts import sample_rollouts
 from .service import TuningService
 from .types import RLGroup, SFTGroup, parse_rollout
-
-Reward = Callable[[dict[str, Any], dict[str, Any]], float]  # (row, output) -> reward, clipped to [0, 1]
 
 
 @dataclass(frozen=True)
@@ -49,12 +38,13 @@ class RunConfig:
     progress: bool = True
 
 
-def _clip(x: Any) -> float:
-    return min(1.0, max(0.0, float(x)))
+def _score(ex: LabeledRequest, output: dict[str, Any], reward: RewardFn | None) -> float:
+    """The user's reward clipped to [0, 1], else the skill's own against the example's target."""
+    return min(1.0, max(0.0, float(reward(ex.row, output)))) if reward else ex.request.skill.reward(output, ex.target)
 
 
 def evaluate(
-    svc: TuningService, examples: list[LabeledRequest], variant: str | None, reward: Reward | None = None, max_tokens: int = 64
+    svc: TuningService, examples: list[LabeledRequest], variant: str | None, reward: RewardFn | None = None, max_tokens: int = 64
 ) -> float:
     """Mean greedy score over `examples` (several at once, so the engine batches them)."""
     vl = svc.vl
@@ -63,7 +53,7 @@ def evaluate(
     def score(ex: LabeledRequest) -> float:
         r = ex.request
         out = vl.run(dataclasses.replace(r, image=load_image(r.image, vl.limits.max_pixels), settings=settings))
-        return _clip(reward(ex.row, out)) if reward else r.skill.reward(out, ex.target)
+        return _score(ex, out, reward)
 
     if not examples:
         return float("nan")
@@ -71,11 +61,7 @@ def evaluate(
         return sum(pool.map(score, examples)) / len(examples)
 
 
-def sft_step(svc: TuningService, fid: str, batch: list[LabeledRequest], cfg: RunConfig) -> dict[str, Any]:
-    return svc.train_groups(fid, [SFTGroup(ex.request, ex.target) for ex in batch], cfg.lr)
-
-
-def rl_step(svc: TuningService, fid: str, batch: list[LabeledRequest], cfg: RunConfig, reward: Reward | None) -> dict[str, Any]:
+def rl_step(svc: TuningService, fid: str, batch: list[LabeledRequest], cfg: RunConfig, reward: RewardFn | None) -> dict[str, Any]:
     """Rollouts of every example of the batch at once (they meet in the engine's batch), scored, one step."""
     step, live = svc.session(fid).policy
     m = svc.vl.model
@@ -84,8 +70,8 @@ def rl_step(svc: TuningService, fid: str, batch: list[LabeledRequest], cfg: RunC
         settings = dict(ex.request.settings) | {"temperature": cfg.temperature}
         req = dataclasses.replace(ex.request, settings=tuple(sorted(settings.items())))
         rollouts = sample_rollouts(svc.vl, req, cfg.rollouts, live, step)
-        scores = [_clip(reward(ex.row, r["output"])) if reward else req.skill.reward(r["output"], ex.target) for r in rollouts]
-        return RLGroup(ex.request, tuple(parse_rollout(req.skill, r, m.cfg) for r in rollouts), tuple(scores))
+        scores = tuple(_score(ex, r["output"], reward) for r in rollouts)
+        return RLGroup(ex.request, tuple(parse_rollout(req.skill, r, m.cfg) for r in rollouts), scores)
 
     with ThreadPoolExecutor(len(batch)) as pool:
         groups = list(pool.map(group, batch))
@@ -94,11 +80,11 @@ def rl_step(svc: TuningService, fid: str, batch: list[LabeledRequest], cfg: RunC
 
 
 def fine_tune(
-    svc: TuningService, name: str, examples: list[LabeledRequest], cfg: RunConfig, reward: Reward | None = None
+    svc: TuningService, name: str, examples: list[LabeledRequest], cfg: RunConfig, reward: RewardFn | None = None
 ) -> dict[str, Any]:
     """Create (or resume, by name) a finetune, train it on `examples` minus a held-out split, evaluate the
     split before and after, save the final checkpoint. Returns a summary with the model string."""
-    train, held = split(examples, cfg.held_out if cfg.held_out < 1 else int(cfg.held_out), cfg.seed)
+    train, held = split(examples, cfg.held_out, cfg.seed)
     fid = svc.create(name, cfg.rank, dict(cfg.options))["finetune_id"]
     start = svc.session(fid).trainer.step
     if start:  # resuming: evaluate the adapter as it is now
@@ -114,7 +100,10 @@ def fine_tune(
     bar = tqdm(range(steps), desc=f"finetune {cfg.mode}", unit="step", dynamic_ncols=True, disable=not cfg.progress)
     for s in bar:
         batch = [train[(s * cfg.batch + i) % len(train)] for i in range(cfg.batch)]
-        out = sft_step(svc, fid, batch, cfg) if cfg.mode == "sft" else rl_step(svc, fid, batch, cfg, reward)
+        if cfg.mode == "sft":
+            out = svc.train_groups(fid, [SFTGroup(ex.request, ex.target) for ex in batch], cfg.lr)
+        else:
+            out = rl_step(svc, fid, batch, cfg, reward)
         bar.set_postfix({k: f"{out[k]:.4f}" for k in ("sft_loss", "reward_mean", "grad_norm") if out.get(k) is not None})
     seconds = time.perf_counter() - t0
     step = svc.session(fid).trainer.step

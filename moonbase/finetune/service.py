@@ -1,18 +1,15 @@
 """The tuning service: finetunes, rollouts, train steps, metrics and checkpoints over one served model. The
 HTTP layer (`server/tuning.py`) and the CLI call it; it holds every piece of state.
 
-Train steps of one finetune run one at a time. Identical steps sent one after another are all applied
-(a small dataset repeats its batch every epoch). Exactly-once delivery is opt-in: a step carrying an
-idempotency key is applied once, and a repeat of the key gets the stored response (the key and the
-response are saved in the same atomic write as the trained state, so a crash cannot separate them; the
-last `KEPT_KEYS` keys are kept). A duplicate arriving while its twin is still running (same key, or the
-same body when there is no key) waits for the twin and gets its result. What remains: a retry of a step
-without a key that arrives after the first copy finished is applied again (see docs/finetuning.md).
+Train steps of one finetune run one at a time; identical steps sent one after another are all applied (a small
+dataset repeats its batch every epoch). A step with an idempotency key is applied once: the last `KEPT_KEYS` keys
+and their responses are saved in the same atomic write as the trained state. A duplicate arriving while its twin
+runs (same key, or the same body without one) gets the twin's result. The window left: docs/finetuning.md.
 
 Several processes may serve one finetune directory. Every change to a finetune holds its `FinetuneStore.lock`
 (an OS file lock: it excludes other threads too), and a cached session is used only while state.pt is still
-the file it was loaded from or saved as: when another process has replaced it, the session (trainer state
-and idempotency keys together) is loaded again, so no step is lost and a key is applied once.
+the file it was loaded from or saved as; otherwise the session (trainer state and keys together) is loaded
+again, so no step is lost and a key is applied once.
 """
 
 from __future__ import annotations
@@ -23,7 +20,6 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import replace
 from typing import Any, BinaryIO
 
 from ..api import VL
@@ -69,9 +65,8 @@ class TuningService:
         timeout: float | None = None,  # seconds per rollouts request (default: the VL's)
     ):
         self.vl, self.store, self.base_name, self.step_cfg, self.limits = vl, store, base_name, step_cfg, limits
-        self.timeout = timeout
+        self.timeout, self.cached_sessions = timeout, cached_sessions
         self.image_of = image_of or (lambda v: load_image(v, vl.limits.max_pixels))
-        self.cached_sessions = cached_sessions
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._lock = threading.Lock()
         self._inflight: dict[tuple[str, str], Future] = {}
@@ -86,8 +81,8 @@ class TuningService:
             raise TuningError(f"rank must be one of {', '.join(map(str, RANKS))}, got {rank!r}")
         o = options or {}
         try:
-            cfg = LoraConfig(rank, o.get("alpha"), tuple(o.get("targets") or TARGETS), bool(o.get("train_region")))
-            cfg = replace(cfg, train_vision=bool(o.get("train_vision"))).validate()
+            flags = {k: bool(o.get(k)) for k in ("train_region", "train_vision")}
+            cfg = LoraConfig(rank, o.get("alpha"), tuple(o.get("targets") or TARGETS), **flags).validate()
         except (TypeError, ValueError) as e:
             raise TuningError(str(e)) from e
         info, created = self.store.create(name, rank, self.base_name, cfg.to_dict())
@@ -99,12 +94,11 @@ class TuningService:
         return info.public()
 
     def get(self, fid: str) -> dict[str, Any]:
-        return self.store.get(fid).public() | {"step": self._step(fid)}
+        return self.store.get(fid).public() | {"step": self.session(fid).trainer.step}
 
     def list(self, limit: int = 50, cursor: str | None = None) -> dict[str, Any]:
         items = [f for f in self.store.list() if cursor is None or f.finetune_id > cursor]
-        page = items[:limit]
-        more = len(items) > limit
+        page, more = items[:limit], len(items) > limit
         return {"finetunes": [f.public() for f in page], "next_cursor": page[-1].finetune_id if more else None, "has_more": more}
 
     def delete(self, fid: str) -> None:
@@ -151,9 +145,6 @@ class TuningService:
             while len(self._sessions) > self.cached_sessions:
                 self._sessions.popitem(last=False)
         return session
-
-    def _step(self, fid: str) -> int:
-        return self.session(fid).trainer.step
 
     # --- rollouts and train steps -------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from ..image import load_image
 from ..model.lora import Adapter
 from ..model.moondream import Moondream
 from ..skills import SkillRequest
-from ..train.batch import SKILLS, Batch, pack_rows, transcript
+from ..train.batch import SKILLS, pack_rows, transcript
 from ..train.losses import losses
 from .types import SFTGroup
 
@@ -25,18 +25,15 @@ def group_image(req: SkillRequest, max_pixels: int) -> np.ndarray:
     return load_image(req.image, max_pixels)
 
 
-def sft_batch(groups: list[SFTGroup], m: Moondream, max_pixels: int) -> Batch:
-    """One packed row per group (its image prefix, then its target segment)."""
+def sft_loss(policy: Moondream, groups: list[SFTGroup], adapter: Adapter, max_pixels: int) -> torch.Tensor:
+    """Mean over every labelled output of the SFT groups (token CE + coordinate-bin CE + size-bin CE), packed one
+    row per group: its image prefix, then its target segment."""
     rows = []
     for g in groups:
-        prompt, moves = g.request.skill.teach(g.request, g.target, m.tokenizer, m.cfg)
-        rows.append([(SKILLS.index(g.request.skill.name), transcript(prompt, moves, m.cfg.tokenizer))])
+        prompt, moves = g.request.skill.teach(g.request, g.target, policy.tokenizer, policy.cfg)
+        rows.append([(SKILLS.index(g.request.skill.name), transcript(prompt, moves, policy.cfg.tokenizer))])
     try:
-        return pack_rows([group_image(g.request, max_pixels) for g in groups], rows, m.cfg)
+        batch = pack_rows([group_image(g.request, max_pixels) for g in groups], rows, policy.cfg)
     except ValueError as e:
         raise TuningError(f"an SFT target is too long: {e}") from e
-
-
-def sft_loss(policy: Moondream, groups: list[SFTGroup], adapter: Adapter, max_pixels: int) -> torch.Tensor:
-    """Mean over every labelled output of the SFT groups: token CE + coordinate-bin CE + size-bin CE."""
-    return losses(policy, sft_batch(groups, policy, max_pixels), adapter=adapter)["loss"]
+    return losses(policy, batch, adapter=adapter)["loss"]

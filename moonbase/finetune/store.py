@@ -14,10 +14,8 @@ directory: `moonbase/atomic.py`), so a crash at any moment leaves each file eith
 
 Deleting keeps meta.json as a tombstone (a repeated DELETE is still 200) and removes the rest.
 
-Several processes may share one ROOT (server replicas, the CLI next to a server). Every read-modify-write
-of a finetune runs under its `lock` (the service holds it around reload-if-replaced, train, save_state);
-a process caching a loaded state asks `state_is` whether state.pt is still the file it loaded (see
-service.py).
+Several processes may share one ROOT (server replicas, the CLI next to a server): every read-modify-write of a
+finetune runs under its `lock`, and a process caching a loaded state asks `state_is` (see service.py).
 """
 
 from __future__ import annotations
@@ -53,9 +51,7 @@ def new_ulid(now_ms: int | None = None) -> str:
     """26 characters of Crockford base32: 48 bits of milliseconds, then 80 random bits (sortable by time)."""
     value = ((now_ms if now_ms is not None else int(time.time() * 1000)) << 80) | secrets.randbits(80)
     with _ulid_lock:
-        if value <= _last_ulid[0]:
-            value = _last_ulid[0] + 1
-        _last_ulid[0] = value
+        value = _last_ulid[0] = max(value, _last_ulid[0] + 1)
     return "".join(_CROCKFORD[(value >> (5 * i)) & 31] for i in reversed(range(26)))
 
 
@@ -81,13 +77,7 @@ class FinetuneInfo:
     deleted: bool = False
 
     def public(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("finetune_id", "name", "rank", "created_at_ms", "updated_at_ms")} | {
-            "base_model": self.base_model
-        }
-
-
-def checkpoint_id(finetune_id: str, step: int) -> str:
-    return f"{finetune_id}@{step}"
+        return {k: getattr(self, k) for k in ("finetune_id", "name", "rank", "created_at_ms", "updated_at_ms", "base_model")}
 
 
 class FinetuneStore:
@@ -130,27 +120,20 @@ class FinetuneStore:
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(value, indent=1))
 
-    def _read(self, fid: str) -> FinetuneInfo:
+    def get(self, fid: str, deleted_ok: bool = False) -> FinetuneInfo:
         path = self._dir(fid) / "meta.json"
         if not path.is_file():
             raise FinetuneNotFoundError(f"no finetune {fid!r}")
-        return FinetuneInfo(**json.loads(path.read_text()))
-
-    def get(self, fid: str, deleted_ok: bool = False) -> FinetuneInfo:
-        info = self._read(fid)
+        info = FinetuneInfo(**json.loads(path.read_text()))
         if info.deleted and not deleted_ok:
             raise FinetuneNotFoundError(f"finetune {fid!r} was deleted")
         return info
 
     def list(self) -> list[FinetuneInfo]:
         """Live finetunes, oldest first (ULIDs sort by creation time)."""
-        out = []
-        for d in sorted(self.root.iterdir()):
-            if (d / "meta.json").is_file():
-                info = FinetuneInfo(**json.loads((d / "meta.json").read_text()))
-                if not info.deleted:
-                    out.append(info)
-        return out
+        metas = [d / "meta.json" for d in sorted(self.root.iterdir())]
+        infos = [FinetuneInfo(**json.loads(p.read_text())) for p in metas if p.is_file()]
+        return [info for info in infos if not info.deleted]
 
     def create(self, name: str, rank: int, base_model: str, lora: dict[str, Any]) -> tuple[FinetuneInfo, bool]:
         """(info, created). The same name and rank returns the existing finetune; another rank is a conflict."""
@@ -167,18 +150,13 @@ class FinetuneStore:
             self._write_json(d / "meta.json", asdict(info))
             return info, True
 
-    def touch(self, info: FinetuneInfo) -> None:
-        info.updated_at_ms = now_ms()
-        self._write_json(self._dir(info.finetune_id) / "meta.json", asdict(info))
-
     def delete(self, fid: str) -> None:
         """Tombstone the finetune (meta.json stays, `deleted`), then remove its state and checkpoints."""
         with self.lock(), self.lock(fid):  # a step training in another process finishes first, or sees the tombstone
-            info = self.get(fid, deleted_ok=True)
+            info, d = self.get(fid, deleted_ok=True), self._dir(fid)
             if not info.deleted:
-                info.deleted = True
-                self.touch(info)
-            d = self._dir(fid)
+                info.deleted, info.updated_at_ms = True, now_ms()
+                self._write_json(d / "meta.json", asdict(info))
             shutil.rmtree(d / "checkpoints", ignore_errors=True)
             for name in ("state.pt", "metrics.json"):
                 (d / name).unlink(missing_ok=True)
@@ -233,7 +211,7 @@ class FinetuneStore:
                 _point("checkpoint:tensors-written")
             _point("checkpoint:between-files")
             t = now_ms()
-            record = {"checkpoint_id": checkpoint_id(fid, step), "finetune_id": fid, "step": step, "expires_at_ms": None}
+            record = {"checkpoint_id": f"{fid}@{step}", "finetune_id": fid, "step": step, "expires_at_ms": None}
             record |= {"created_at_ms": t, "updated_at_ms": t}
             self._write_json(existing, record)
             return record
@@ -241,12 +219,8 @@ class FinetuneStore:
     def checkpoints(self, fid: str) -> list[dict[str, Any]]:
         """Saved checkpoints, by step."""
         self.get(fid)
-        out = []
-        for path in sorted((self._dir(fid) / "checkpoints").glob("*.json")):
-            record = json.loads(path.read_text())
-            if not record.get("deleted") and path.with_suffix(".pt").is_file():
-                out.append(record)
-        return out
+        saved = [p for p in sorted((self._dir(fid) / "checkpoints").glob("*.json")) if p.with_suffix(".pt").is_file()]
+        return [r for r in (json.loads(p.read_text()) for p in saved) if not r.get("deleted")]
 
     def checkpoint_path(self, fid: str, step: int) -> Path:
         self.get(fid)

@@ -1,11 +1,10 @@
 """One fine-tune's trainable state and its train step: RL and SFT groups mixed in one optimizer step.
 
-The policy is the base model with a trainable LoRA on the text decoder and, when asked for, trainable
-copies of the region decoders and the vision encoder (the base model itself is never modified, so the
-base keeps answering as before and serves as the KL reference). Of the region module only the decoders
-train: values are fed back through the base model's region encoders at inference. Step loss = mean RL group loss +
-sft_weight * SFT loss; AdamW (betas 0.9 / 0.95, no weight decay) over the trainable tensors, learning rate
-from the request, gradient norm clipped at 1.0; `step` counts applied steps.
+The policy is the base model with a trainable LoRA on the text decoder and, when asked for, trainable copies
+of the region decoders (not the encoders: inference feeds values back through the base's) and the vision
+encoder. The base is never modified: it keeps answering as before and is the KL reference. Step loss = mean RL
+group loss + sft_weight * SFT loss; AdamW (betas 0.9 / 0.95, no weight decay) over the trainable tensors, the
+request's learning rate, gradient norm clipped at 1.0; `step` counts applied steps.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 
 from ..image import DEFAULT_MAX_PIXELS
-from ..model.lora import Adapter
+from ..model.lora import Adapter, adapter_from_state_dict
 from ..model.moondream import Moondream
 from .lora import LoraConfig, TrainableLora
 from .rl import RLConfig, rl_loss
@@ -34,6 +33,10 @@ class StepConfig:
     grad_clip: float = 1.0
     betas: tuple[float, float] = (0.9, 0.95)
     max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
 
 class Trainer:
@@ -58,8 +61,7 @@ class Trainer:
     def adapter(self, name: str, frozen: bool = True) -> Adapter:
         """The current policy as an adapter: a frozen copy (for the engine) or the live parameters (training)."""
         a = self.lora.adapter(name, detach=frozen)
-        dtype = self.base.dtype
-        layers = tuple({t: (x.to(dtype), y.to(dtype)) for t, (x, y) in layer.items()} for layer in a.layers)
+        layers = tuple({t: (x.to(self.base.dtype), y.to(self.base.dtype)) for t, (x, y) in layer.items()} for layer in a.layers)
         own = {k: copy.deepcopy(v).requires_grad_(False) if frozen else v for k, v in self.own.items()}
         return Adapter(name, layers, own.get("region"), own.get("vision"))
 
@@ -68,14 +70,7 @@ class Trainer:
         had equal rewards and there was no SFT group), and then `step` does not move."""
         sft = [g for g in groups if isinstance(g, SFTGroup)]
         rl = [g for g in groups if isinstance(g, RLGroup)]
-        out: dict[str, Any] = {
-            "kl": None,
-            "router_kl": None,
-            "grad_norm": None,
-            "sft_loss": None,
-            "reward_mean": None,
-            "reward_std": None,
-        }
+        out: dict[str, Any] = dict.fromkeys(("kl", "router_kl", "grad_norm", "sft_loss", "reward_mean", "reward_std"))
         self.opt.zero_grad(set_to_none=True)
         adapter = self.adapter("train", frozen=False)
         total = None
@@ -86,8 +81,7 @@ class Trainer:
         informative = bool(sft)
         if rl:
             loss, stats = rl_loss(self.policy, rl, adapter, cfg.rl, cfg.max_pixels, self.base)
-            out |= {k: stats[k] for k in ("kl", "reward_mean", "reward_std")}
-            out |= {k: stats[k] for k in ("rl_loss", "clip_fraction", "frac_reward_zero_std")}
+            out |= {k: stats[k] for k in ("kl", "reward_mean", "reward_std", "rl_loss", "clip_fraction", "frac_reward_zero_std")}
             informative |= stats["frac_reward_zero_std"] < 1 or cfg.rl.kl_coef > 0
             total = loss if total is None else total + loss
         if total is None or not informative or not total.requires_grad:
@@ -107,8 +101,8 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "lora": {k: v.detach().cpu() for k, v in self.lora.state_dict().items()},
-            "own": {k: {n: t.detach().cpu() for n, t in m.state_dict().items()} for k, m in self.own.items()},
+            "lora": _cpu_state(self.lora),
+            "own": {k: _cpu_state(m) for k, m in self.own.items()},
             "optimizer": self.opt.state_dict(),
             "step": self.step,
         }
@@ -124,15 +118,11 @@ class Trainer:
         """What a checkpoint holds: the adapter in the Moondream variant layout (scale folded into B) under
         `lora_state_dict`, plus the trained region / vision weights when there are any."""
         out: dict[str, Any] = {"lora_state_dict": self.lora.variant_state(), "lora_config": self.cfg.to_dict(), "step": self.step}
-        for k, m in self.own.items():
-            out[f"{k}_state_dict"] = {n: t.detach().cpu() for n, t in m.state_dict().items()}
-        return out
+        return out | {f"{k}_state_dict": _cpu_state(m) for k, m in self.own.items()}
 
 
 def adapter_from_checkpoint(name: str, state: dict[str, Any], base: Moondream) -> Adapter:
     """A checkpoint (see `Trainer.checkpoint`) as a servable adapter."""
-    from ..model.lora import adapter_from_state_dict
-
     adapter = adapter_from_state_dict(name, state["lora_state_dict"], base.cfg.text)
     own = {}
     for k in ("region", "vision"):

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import ModelConfig
+from ..config import ModelConfig, RegionConfig
 from ..errors import SettingsError, TuningError
 from ..model import region
 from ..skills import REGISTRY, Skill, SkillRequest, parse_request
@@ -49,15 +49,16 @@ def parse_target(req: SkillRequest, d: Any, where: str = "target") -> Target:
     return req.skill.parse_target(obj(d, where), where)
 
 
-def _bin(v: Any, n: int, where: str, to_bin: Callable[[float], int]) -> int:
-    """A bin index (int), or a value in [0, 1] (float) converted the way training labels are."""
+def _bin(v: Any, where: str, rc: RegionConfig, size: bool = False) -> int:
+    """A coordinate (or size) bin index (int), or a value in [0, 1] (float) converted the way training labels are."""
+    n = rc.size_bins if size else rc.coord_bins
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise TuningError(f"{where} must be a bin index or a value in [0, 1], got {v!r}")
     if isinstance(v, int):
         if not 0 <= v < n:
             raise TuningError(f"{where}: bin {v} out of range 0..{n - 1}")
         return v
-    return to_bin(number(v, where, 0, 1))
+    return (region.size_to_bin if size else region.coord_to_bin)(number(v, where, 0, 1), rc)
 
 
 def parse_rollout(skill: Skill, d: Any, cfg: ModelConfig, where: str = "rollout") -> Rollout:
@@ -72,23 +73,17 @@ def parse_rollout(skill: Skill, d: Any, cfg: ModelConfig, where: str = "rollout"
             raise TuningError(f"{where}.{key} must hold token ids in 0..{vocab - 1}")
         return tuple(out)
 
-    rc = cfg.region
-    coords = tuple(
-        _bin(v, rc.coord_bins, f"{where}.coords[{k}]", lambda x: region.coord_to_bin(x, rc))
-        for k, v in enumerate(items(d, "coords", where))
-    )
+    coords = tuple(_bin(v, f"{where}.coords[{k}]", cfg.region) for k, v in enumerate(items(d, "coords", where)))
     sizes = []
     for k, s in enumerate(items(d, "sizes", where)):
         if isinstance(s, dict):
             s = [s.get("w", s.get("width")), s.get("h", s.get("height"))]
         if not isinstance(s, list) or len(s) != 2:
             raise TuningError(f"{where}.sizes[{k}] must be [w, h]")
-        sizes.append(tuple(_bin(v, rc.size_bins, f"{where}.sizes[{k}]", lambda x: region.size_to_bin(x, rc)) for v in s))
+        sizes.append(tuple(_bin(v, f"{where}.sizes[{k}]", cfg.region, size=True) for v in s))
     logprobs = d.get("logprobs")
     if logprobs is not None:
-        if not isinstance(logprobs, list):
-            raise TuningError(f"{where}.logprobs must be a list")
-        logprobs = tuple(number(x, f"{where}.logprobs", None, 0) for x in logprobs)
+        logprobs = tuple(number(x, f"{where}.logprobs", None, 0) for x in items(d, "logprobs", where))
     finish = d.get("finish_reason") or "stop"
     if not isinstance(finish, str):
         raise TuningError(f"{where}.finish_reason must be a string")
