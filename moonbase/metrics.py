@@ -22,9 +22,7 @@ POINT_RADIUS = 0.05
 
 
 def iou(a: Box, b: Box) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))  # overlap w * h
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return inter / union if union > 0 else 0.0
 
@@ -48,15 +46,13 @@ class Counts:
 
 def match_boxes(pred: list[Box], true: list[Box], threshold: float = 0.5) -> int:
     """True positives of a one-to-one matching: pairs taken greedily by descending IoU, each >= threshold."""
-    pairs = sorted(((iou(p, t), i, j) for i, p in enumerate(pred) for j, t in enumerate(true)), reverse=True)
-    used_p, used_t, tp = set(), set(), 0
-    for score, i, j in pairs:
+    used_p, used_t = set(), set()
+    for score, i, j in sorted(((iou(p, t), i, j) for i, p in enumerate(pred) for j, t in enumerate(true)), reverse=True):
         if score < threshold:
             break
         if i not in used_p and j not in used_t:
             used_p.add(i), used_t.add(j)
-            tp += 1
-    return tp
+    return len(used_p)
 
 
 def match_points(points: list[tuple[float, float]], true: list[Box]) -> int:
@@ -72,8 +68,7 @@ def match_points(points: list[tuple[float, float]], true: list[Box]) -> int:
 
 
 def normalize_text(s: str) -> str:
-    s = s.lower().translate(str.maketrans("", "", string.punctuation))
-    return " ".join(s.split())
+    return " ".join(s.lower().translate(str.maketrans("", "", string.punctuation)).split())
 
 
 def exact_match(pred: str, true: str) -> bool:
@@ -82,26 +77,17 @@ def exact_match(pred: str, true: str) -> bool:
 
 def token_f1(pred: str, true: str) -> float:
     p, t = normalize_text(pred).split(), normalize_text(true).split()
-    if not p and not t:
-        return 1.0
     common = sum((Counter(p) & Counter(t)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(p), common / len(t)
-    return 2 * precision * recall / (precision + recall)
+    return 2 * common / (len(p) + len(t)) if p or t else 1.0  # 2PR / (P + R) with P = common / |p|, R = common / |t|
+
+
+_NUMBERS = {w: n for n, w in enumerate("zero one two three four five six seven eight nine ten".split())} | {"no": 0}
 
 
 def parse_count(answer: str) -> int | None:
-    m = re.search(r"\d+", answer)
-    if m:
+    if m := re.search(r"\d+", answer):
         return int(m.group())
-    words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
-    for w in normalize_text(answer).split():
-        if w in words:
-            return words.index(w)
-        if w == "no":
-            return 0
-    return None
+    return next((_NUMBERS[w] for w in normalize_text(answer).split() if w in _NUMBERS), None)
 
 
 def assignment(weights: list[list[float]]) -> list[tuple[int, int]]:
@@ -115,12 +101,9 @@ def assignment(weights: list[list[float]]) -> list[tuple[int, int]]:
 
 
 def detect_reward(pred: list[Box], true: list[Box]) -> float:
-    if not pred and not true:
-        return 1.0
     if not pred or not true:
-        return 0.0
-    tp = match_boxes(pred, true, 0.5)
-    f1 = 2 * tp / (len(pred) + len(true))
+        return float(not pred and not true)  # both empty: right
+    f1 = 2 * match_boxes(pred, true, 0.5) / (len(pred) + len(true))
     ious = [[iou(p, t) for t in true] for p in pred]
     mean_iou = sum(ious[i][j] for i, j in assignment(ious)) / max(len(pred), len(true))
     return (f1 + mean_iou) / 2
@@ -128,8 +111,6 @@ def detect_reward(pred: list[Box], true: list[Box]) -> float:
 
 def point_reward(points: list[Point], boxes: list[Box], true_points: list[Point] = (), radius: float = POINT_RADIUS) -> float:
     targets = list(boxes) or [(x - radius, y - radius, x + radius, y + radius) for x, y in true_points]
-    if not points and not targets:
-        return 1.0
     if not points or not targets:
-        return 0.0
+        return float(not points and not targets)
     return 2 * match_points(points, targets) / (len(points) + len(targets))

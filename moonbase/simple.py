@@ -26,9 +26,7 @@ class SingleSequence:
     def __init__(self, m: Moondream, image: EncodedImage | None, settings: Settings, adapter: Adapter | None = None):
         self.m, self.settings, self.adapter = m, settings, adapter
         self.cache: KVCache = m.new_cache(image)
-        self.rng = None
-        if settings.seed is not None:
-            self.rng = torch.Generator(device=m.device).manual_seed(settings.seed)
+        self.rng = None if settings.seed is None else torch.Generator(device=m.device).manual_seed(settings.seed)
         self.hidden: torch.Tensor | None = None
         self.logits: torch.Tensor | None = None
 
@@ -40,9 +38,7 @@ class SingleSequence:
         self.feed(self.m.embed_prompt(prompt.ids, prompt.coords, prompt.sizes))
 
     def sample(self, logits: torch.Tensor) -> int:
-        s = self.settings
-        t = torch.tensor([s.temperature], device=logits.device)
-        p = torch.tensor([s.top_p], device=logits.device)
+        t, p = torch.tensor([[self.settings.temperature], [self.settings.top_p]], device=logits.device)
         return int(sample(logits[None], t, p, [self.rng])[0])
 
     @property
@@ -51,42 +47,38 @@ class SingleSequence:
 
 
 @torch.no_grad()
-def generate_text(
-    seq: SingleSequence, decode_mask: tuple[int, ...], stop: tuple[int, ...], decode_coords: bool = False
-) -> TextRun:
+def generate_text(seq: SingleSequence, mask: tuple[int, ...], stop: tuple[int, ...], decode_coords: bool = False) -> TextRun:
     """Sample from the current logits until a stop id, max_tokens or the context end. The first token comes
-    from the prefill logits unmasked; later steps mask `decode_mask`. With `decode_coords`, a coord token
+    from the prefill logits unmasked; later steps mask the ids in `mask`. With `decode_coords`, a coord token
     is followed by the coordinate decoded from the hidden state that produced it, fed as its embedding."""
     m, run = seq.m, TextRun()
-    coord_id = m.cfg.tokenizer.coord_id
-    logits = seq.logits
-    while True:
+    while run.stop_reason is None:
+        logits = seq.logits.clone()
+        if run.ids:
+            logits[list(mask)] = float("-inf")
         token = seq.sample(logits)
         if token in stop:
             run.stop_reason = StopReason.STOP
-            return run
+            break
         run.ids.append(token)
         if len(run.ids) >= seq.settings.max_tokens:
             run.stop_reason = StopReason.MAX_TOKENS
-            return run
-        if seq.room <= 0:
+        elif seq.room <= 0:
             run.stop_reason = StopReason.CONTEXT
-            return run
-        if decode_coords and token == coord_id:
+        elif decode_coords and token == m.cfg.tokenizer.coord_id:
             value = m.decode_coord(seq.hidden[None])
             run.coords[len(run.ids) - 1] = float(value[0])
             seq.feed(m.encode_coords(value))
         else:
             seq.feed(m.embed_ids([token]))
-        logits = seq.logits.clone()
-        logits[list(decode_mask)] = float("-inf")
+    return run
 
 
 @torch.no_grad()
-def generate_objects(seq: SingleSequence, with_size: bool, max_objects: int) -> Output:
+def generate_objects(seq: SingleSequence, with_size: bool) -> Output:
     """Greedy region loop: x, then y, then (boxes) size, each fed back as an embedding; another object
-    follows while the argmax over the full vocabulary is not eos."""
-    m, eos = seq.m, seq.m.cfg.tokenizer.eos_id
+    follows while the argmax over the full vocabulary is not eos, up to max_objects."""
+    m, eos, max_objects = seq.m, seq.m.cfg.tokenizer.eos_id, seq.settings.max_objects
     out: list[RegionObject] = []
     steps = 3 if with_size else 2
     while len(out) < max_objects and int(seq.logits.argmax()) != eos and seq.room >= steps:
@@ -104,17 +96,13 @@ def generate_objects(seq: SingleSequence, with_size: bool, max_objects: int) -> 
     return Output(stop, objects=out)
 
 
-# --- skills ----------------------------------------------------------------------------------------------
-
-
 @torch.no_grad()
 def run(m: Moondream, image: EncodedImage | None, req: SkillRequest, adapter: Adapter | None = None) -> Output:
     """One request from start to end: prefill the skill's prompt after the image prefix (or BOS alone),
     then the skill's reference loop."""
-    s = resolve_settings(req.settings_dict, m.cfg.defaults)
+    seq = SingleSequence(m, image, resolve_settings(req.settings_dict, m.cfg.defaults), adapter)
     if req.spatial_refs and image is None:
         raise SettingsError("spatial_refs need an image")
-    seq = SingleSequence(m, image, s, adapter)
     prompt = req.skill.prompt(req, m.tokenizer)
     if image is None:  # text only: BOS then the prompt, causal from position 0
         prompt = Prompt((m.cfg.tokenizer.bos_id,)) + prompt
@@ -124,16 +112,10 @@ def run(m: Moondream, image: EncodedImage | None, req: SkillRequest, adapter: Ad
     return _REFERENCE[req.skill.name](seq, req)
 
 
-def _caption(seq: SingleSequence, req: SkillRequest) -> Output:
-    tok = seq.m.cfg.tokenizer
-    text = generate_text(seq, (tok.answer_id,), (tok.eos_id,))
-    return Output(text.stop_reason, text=text)
-
-
-def _query(seq: SingleSequence, req: SkillRequest) -> Output:
-    """With reasoning, the trace first (stopped by the answer token, which is then prefilled)."""
+def _text(seq: SingleSequence, reasoning: bool) -> Output:
+    """Caption and query: with reasoning, the trace first (stopped by the answer token, which is then prefilled)."""
     tok, trace = seq.m.cfg.tokenizer, None
-    if req.reasoning:
+    if reasoning:
         trace = generate_text(seq, (tok.eos_id, tok.size_id), (tok.answer_id,), decode_coords=True)
         if seq.room <= 1:
             raise SettingsError("the reasoning trace filled the context; lower max_tokens")
@@ -143,8 +125,8 @@ def _query(seq: SingleSequence, req: SkillRequest) -> Output:
 
 
 _REFERENCE = {  # detect (boxes) and point are greedy whatever the settings, like the reference
-    "caption": _caption,
-    "query": _query,
-    "detect": lambda seq, req: generate_objects(seq, True, seq.settings.max_objects),
-    "point": lambda seq, req: generate_objects(seq, False, seq.settings.max_objects),
+    "caption": lambda seq, req: _text(seq, False),
+    "query": lambda seq, req: _text(seq, req.reasoning),
+    "detect": lambda seq, req: generate_objects(seq, True),
+    "point": lambda seq, req: generate_objects(seq, False),
 }

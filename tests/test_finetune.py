@@ -27,7 +27,7 @@ from moonbase.model.lora import LoraBatch, adapter_from_state_dict
 from moonbase.model.text import decoder
 from moonbase.skills import SkillRequest, get
 from moonbase.skills.program import TextRun
-from moonbase.skills.query import reasoning_chunks, reasoning_output, trace_tokens
+from moonbase.skills.query import reasoning_output, trace_tokens
 from moonbase.skills.training import Rollout, Target
 from moonbase.train.batch import transcript
 
@@ -183,7 +183,7 @@ def test_reasoning_targets_round_trip_through_the_inference_parser(tiny, image):
         run.ids.append(t)
         if coord is not None:
             run.coords[i] = coord
-    out = reasoning_output(reasoning_chunks(run, tiny.cfg.tokenizer), tiny.tokenizer)
+    out = reasoning_output(run, tiny.tokenizer)
     assert out == {"text": "I see a star and a circle.", "grounding": [{"start_idx": 8, "end_idx": 14, "points": [[0.25, 0.5]]}]}
     seg = transcript(*request.skill.teach(request, target, tiny.tokenizer, tiny.cfg), tiny.cfg.tokenizer)
     labels = [t for t in seg.token_label if t != -100]

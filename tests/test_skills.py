@@ -4,7 +4,7 @@ from moonbase.config import Defaults
 from moonbase.errors import SettingsError
 from moonbase.skills import REGISTRY, Prompt, SkillRequest, get, parse_request, resolve_settings, spatial_prompt
 from moonbase.skills.locate import box
-from moonbase.skills.program import RegionObject
+from moonbase.skills.program import RegionObject, TextRun
 from moonbase.skills.query import reasoning_output
 
 
@@ -71,9 +71,11 @@ def test_settings_defaults_and_validation():
 
 
 def test_reasoning_output_offsets(tiny):
-    tok = tiny.tokenizer
-    chunks = [(tok.encode(" I see"), []), ([7] + tok.encode(" a cat"), [0.25, 0.5]), ([9] + tok.encode(" here"), [])]
-    out = reasoning_output(chunks, tok)
+    tok, cfg = tiny.tokenizer, tiny.cfg.tokenizer
+    see, cat = tok.encode(" I see"), tok.encode(" a cat")
+    ids = [*see, cfg.start_ground_points_id, *cat, cfg.coord_id, cfg.coord_id, cfg.end_ground_id, *tok.encode(" here")]
+    at = len(see) + 1 + len(cat)  # the coord tokens
+    out = reasoning_output(TextRun(ids, {at: 0.25, at + 1: 0.5}), tok)
     assert out["text"] == " I see a cat here"
     assert out["grounding"] == [{"start_idx": 6, "end_idx": 12, "points": [[0.25, 0.5]]}]
     assert out["text"][6:12] == " a cat"

@@ -25,7 +25,7 @@ def test_every_skill_gives_the_single_request_answers_in_client_shapes(vl, image
     plain loops of `moonbase.simple` give on the same inputs."""
     from moonbase import simple
     from moonbase.skills import SkillRequest
-    from moonbase.skills.query import reasoning_chunks, reasoning_output
+    from moonbase.skills.query import reasoning_output
 
     m, enc = vl.model, vl.encode_image(image)
 
@@ -43,7 +43,7 @@ def test_every_skill_gives_the_single_request_answers_in_client_shapes(vl, image
     text_only = reference("query", None, question="Hello?").text.ids
     assert vl.query(None, "Hello?", settings=GREEDY) == {"answer": text(text_only)}
     out = reference("query", question="Where?", reasoning=True)
-    reasoning = reasoning_output(reasoning_chunks(out.trace, m.cfg.tokenizer), m.tokenizer)
+    reasoning = reasoning_output(out.trace, m.tokenizer)
     answer = text(out.text.ids)
     assert out.trace.ids
     assert vl.query(image, "Where?", reasoning=True, settings=GREEDY) == {"reasoning": reasoning, "answer": answer}

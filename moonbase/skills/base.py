@@ -50,77 +50,60 @@ class Settings:
     variant: str | None = None
 
 
-def _number(settings: dict[str, Any], key: str, default: float) -> float:
-    v = settings.get(key, default)
+def _setting(s: dict[str, Any], key: str, default: Any, valid: Callable[[Any], bool], what: str) -> Any:
+    """`s[key]` if `valid` (never a bool), else a `SettingsError`; missing or None gives `default`."""
+    v = s.get(key)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise SettingsError(f"{key} must be a finite number, got {v!r}")
-    return float(v)
-
-
-def _count(settings: dict[str, Any], key: str, default: int) -> int:
-    v = settings.get(key, default)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise SettingsError(f"{key} must be a positive integer, got {v!r}")
+    if isinstance(v, bool) or not valid(v):
+        raise SettingsError(f"{key} must be {what}, got {v!r}")
     return v
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _positive(v: Any) -> bool:
+    return isinstance(v, int) and v > 0
 
 
 def resolve_settings(settings: dict[str, Any] | None, defaults: Defaults) -> Settings:
     """Validate user settings (every key optional) and fill in the model's defaults."""
     s = dict(settings or {})
-    unknown = set(s) - set(SETTING_KEYS)
-    if unknown:
+    if unknown := set(s) - set(SETTING_KEYS):
         raise SettingsError(f"unknown settings {sorted(unknown)}; allowed: {', '.join(SETTING_KEYS)}")
-    temperature = _number(s, "temperature", defaults.temperature)
+    temperature = float(_setting(s, "temperature", defaults.temperature, _finite, "a finite number"))
     if temperature < 0:
         raise SettingsError(f"temperature must be >= 0, got {temperature}")
-    top_p = _number(s, "top_p", defaults.top_p)
+    top_p = float(_setting(s, "top_p", defaults.top_p, _finite, "a finite number"))
     if not 0 < top_p <= 1:
         raise SettingsError(f"top_p must be in (0, 1], got {top_p}")
-    seed = s.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise SettingsError(f"seed must be an integer, got {seed!r}")
-    variant = s.get("variant")
-    if variant is not None and not isinstance(variant, str):
-        raise SettingsError(f"variant must be a string, got {variant!r}")
-    return Settings(
-        temperature,
-        top_p,
-        _count(s, "max_tokens", defaults.max_tokens),
-        _count(s, "max_objects", defaults.max_objects),
-        seed,
-        variant or None,
-    )
+    max_tokens = _setting(s, "max_tokens", defaults.max_tokens, _positive, "a positive integer")
+    max_objects = _setting(s, "max_objects", defaults.max_objects, _positive, "a positive integer")
+    seed = _setting(s, "seed", None, lambda v: isinstance(v, int), "an integer")
+    variant = _setting(s, "variant", None, lambda v: isinstance(v, str), "a string")
+    return Settings(temperature, top_p, max_tokens, max_objects, seed, variant or None)
 
 
 def spatial_prompt(refs: Any, tok: TokenizerConfig) -> Prompt:
     """[x, y] points -> two coord tokens; [x_min, y_min, x_max, y_max] boxes -> centre coords + one size token."""
-    if refs is None:
-        return Prompt(())
-    if not isinstance(refs, (list, tuple)):
+    if refs is not None and not isinstance(refs, (list, tuple)):
         raise SettingsError("spatial_refs must be a list of [x, y] points or [x_min, y_min, x_max, y_max] boxes")
-    ids: list[int] = []
-    coords: list[float] = []
-    sizes: list[tuple[float, float]] = []
-    for ref in refs:
+    prompt = Prompt(())
+    for ref in refs or ():
         if not isinstance(ref, (list, tuple)) or len(ref) not in (2, 4):
             raise SettingsError(f"each spatial ref must have 2 or 4 numbers, got {ref!r}")
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= 1 for v in ref):
+        if not all(not isinstance(v, bool) and _finite(v) and 0 <= v <= 1 for v in ref):
             raise SettingsError(f"spatial ref values must be finite numbers in [0, 1], got {ref!r}")
         if len(ref) == 2:
-            ids += [tok.coord_id, tok.coord_id]
-            coords += [float(ref[0]), float(ref[1])]
-        else:
-            x1, y1, x2, y2 = (float(v) for v in ref)
-            if x1 > x2 or y1 > y2:
-                raise SettingsError(f"box spatial ref needs x_min <= x_max and y_min <= y_max, got {ref!r}")
-            ids += [tok.coord_id, tok.coord_id, tok.size_id]
-            coords += [(x1 + x2) / 2, (y1 + y2) / 2]
-            sizes.append((x2 - x1, y2 - y1))
-    return Prompt(tuple(ids), tuple(coords), tuple(sizes))
+            prompt += Prompt((tok.coord_id, tok.coord_id), (float(ref[0]), float(ref[1])))
+            continue
+        x1, y1, x2, y2 = (float(v) for v in ref)
+        if x1 > x2 or y1 > y2:
+            raise SettingsError(f"box spatial ref needs x_min <= x_max and y_min <= y_max, got {ref!r}")
+        prompt += Prompt((tok.coord_id, tok.coord_id, tok.size_id), ((x1 + x2) / 2, (y1 + y2) / 2), ((x2 - x1, y2 - y1),))
+    return prompt
 
 
 @dataclass(frozen=True)

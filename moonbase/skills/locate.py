@@ -42,7 +42,7 @@ class Locate(Skill):
 
     def replay(self, req: SkillRequest, r: Rollout, tokenizer: Tokenizer, cfg: ModelConfig) -> tuple[Prompt, list[Move]]:
         sizes = r.sizes if self.with_size else None
-        return self.prompt(req, tokenizer), region_moves(r.coords, sizes, r.finish_reason == "stop", cfg.tokenizer, cfg.region)
+        return self.prompt(req, tokenizer), region_moves(r.coords, sizes, r.finish_reason == "stop", cfg)
 
     def check_rollout(self, r: Rollout, where: str) -> None:
         if len(r.coords) % 2 or len(r.sizes) != (len(r.coords) // 2 if self.with_size else 0):
@@ -52,11 +52,10 @@ class Locate(Skill):
     def _moves(self, boxes: tuple[Box, ...], cfg: ModelConfig) -> list[Move]:
         """Objects in the canonical order (left to right by centre, then top to bottom): the order nano was
         trained with and the order a teacher-forced list needs to be unambiguous."""
-        rc, coords, sizes = cfg.region, [], []
-        for b in boxes:
-            coords += [region.coord_to_bin((b[0] + b[2]) / 2, rc), region.coord_to_bin((b[1] + b[3]) / 2, rc)]
-            sizes.append((region.size_to_bin(b[2] - b[0], rc), region.size_to_bin(b[3] - b[1], rc)))
-        return region_moves(coords, sizes if self.with_size else None, True, cfg.tokenizer, rc, about=boxes)
+        rc = cfg.region
+        coords = [region.coord_to_bin(v, rc) for b in boxes for v in ((b[0] + b[2]) / 2, (b[1] + b[3]) / 2)]
+        sizes = [(region.size_to_bin(b[2] - b[0], rc), region.size_to_bin(b[3] - b[1], rc)) for b in boxes]
+        return region_moves(coords, sizes if self.with_size else None, True, cfg, about=boxes)
 
 
 class Detect(Locate):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..config import TokenizerConfig
 
@@ -103,9 +103,12 @@ class TextProgram:
         self.tok, self.decode_mask, self.stop, self.max_tokens = tok, tuple(decode_mask), tuple(stop), max_tokens
         self.decode_coords = decode_coords
         self.run = TextRun()
-        self.done = False
         self.feed: Feed | None = None
         self.new_tokens: list[int] = []
+
+    @property
+    def done(self) -> bool:
+        return self.run.stop_reason is not None
 
     def head(self) -> Head:
         return Head.LM
@@ -119,14 +122,14 @@ class TextProgram:
     def on_token(self, token: int, room: int) -> Head | None:
         self.feed, self.new_tokens = None, []
         if token in self.stop:
-            self._finish(StopReason.STOP)
+            self.run.stop_reason = StopReason.STOP
             return None
         self.run.ids.append(token)
         self.new_tokens = [token]
         if len(self.run.ids) >= self.max_tokens:
-            self._finish(StopReason.MAX_TOKENS)
+            self.run.stop_reason = StopReason.MAX_TOKENS
         elif room <= 0:
-            self._finish(StopReason.CONTEXT)
+            self.run.stop_reason = StopReason.CONTEXT
         elif self.decode_coords and token == self.tok.coord_id:
             return Head.COORD
         else:
@@ -137,9 +140,6 @@ class TextProgram:
         self.run.coords[len(self.run.ids) - 1] = float(value)  # type: ignore[arg-type]
         self.feed = Feed(coord=float(value))  # type: ignore[arg-type]
 
-    def _finish(self, reason: StopReason) -> None:
-        self.run.stop_reason, self.done = reason, True
-
     def output(self) -> Output:
         assert self.run.stop_reason is not None
         return Output(self.run.stop_reason, text=self.run)
@@ -149,16 +149,15 @@ class RegionProgram:
     """Objects, greedy unless sampled for a rollout: decide "another object" (the sampled token is not
     eos), then x, y and (boxes) a size, each fed back."""
 
-    samples_regions = True
+    samples_regions, limited = True, False
 
     def __init__(self, tok: TokenizerConfig, with_size: bool, max_objects: int):
         self.tok, self.with_size, self.max_objects = tok, with_size, max_objects
         self.decisions = (tok.coord_id, tok.eos_id)
         self.objects: list[RegionObject] = []
         self.stop_reason: StopReason | None = None
-        self.limited = False
         self.state = Head.LM  # the head that reads the next hidden state: decide, then x and y, then the size
-        self.partial: list[float] = []
+        self.partial: list[Any] = []  # the object being read: x, y and (boxes) its size
         self.done = False
         self.feed: Feed | None = None
         self.new_tokens: list[int] = []
@@ -186,18 +185,14 @@ class RegionProgram:
         return None
 
     def on_region(self, value: float | tuple[float, float]) -> None:
-        if isinstance(value, tuple):  # the size closes a box
-            self.objects.append(RegionObject(self.partial[0], self.partial[1], value))
-            self.feed, self.state = Feed(size=value), Head.LM
-            return
+        self.feed = Feed(size=value) if isinstance(value, tuple) else Feed(coord=value)
         self.partial = [value] if self.state is Head.LM else [*self.partial, value]
-        self.feed = Feed(coord=value)
         if len(self.partial) == 1:
             self.state = Head.COORD
-        elif self.with_size:
+        elif len(self.partial) == 2 and self.with_size:
             self.state = Head.SIZE
-        else:
-            self.objects.append(RegionObject(self.partial[0], self.partial[1]))
+        else:  # the object is complete
+            self.objects.append(RegionObject(*self.partial))
             self.state = Head.LM
 
     def output(self) -> Output:

@@ -35,7 +35,6 @@ class QueryProgram:
         self.answer = TextProgram(tok, (tok.answer_id,), (tok.eos_id,), max_tokens)
         self.trace = TextProgram(tok, (tok.eos_id, tok.size_id), (tok.answer_id,), max_tokens, decode_coords=True)
         self.phase = self.trace if reasoning else self.answer
-        self.reasoning = reasoning
         self.feed: Feed | None = None
         self.new_tokens: list[int] = []
 
@@ -68,7 +67,7 @@ class QueryProgram:
 
     def output(self) -> Output:
         out = self.answer.output()
-        out.trace = self.trace.run if self.reasoning else None
+        out.trace = self.trace.run if self.trace.done else None  # the trace ran (reasoning)
         return out
 
 
@@ -83,26 +82,17 @@ class Query(Skill):
         tok = tokenizer.cfg
         if not isinstance(req.question, str) or not req.question:
             raise SettingsError("question must be a non-empty string")
-        body = (
-            Prompt(tok.query_prefix)
-            + spatial_prompt(req.spatial_refs, tok)
-            + Prompt(tuple(tokenizer.encode(req.question)) + tok.query_suffix)
-        )
-        if req.reasoning:
-            return body + Prompt((tok.thinking_id,))
-        return body + Prompt(tok.query_suffix) if tok.repeat_query_suffix else body
+        text = tuple(tokenizer.encode(req.question)) + tok.query_suffix
+        end = (tok.thinking_id,) if req.reasoning else tok.query_suffix if tok.repeat_query_suffix else ()
+        return Prompt(tok.query_prefix) + spatial_prompt(req.spatial_refs, tok) + Prompt(text + end)
 
     def program(self, req: SkillRequest, s: Settings, tok: TokenizerConfig):
         return partial(QueryProgram, tok, s.max_tokens, req.reasoning)
 
     def render(self, out: Output, tokenizer: Tokenizer, clip: bool = True) -> dict[str, Any]:
         assert out.text is not None
-        result: dict[str, Any] = {}
-        if out.trace is not None:
-            result["reasoning"] = reasoning_output(reasoning_chunks(out.trace, tokenizer.cfg), tokenizer)
-        return result | {"answer": tokenizer.decode(out.text.ids)}
-
-    # --- fine-tuning --------------------------------------------------------------------------------
+        reasoning = {} if out.trace is None else {"reasoning": reasoning_output(out.trace, tokenizer)}
+        return reasoning | {"answer": tokenizer.decode(out.text.ids)}
 
     def parse_target(self, d: dict[str, Any], where: str) -> Target:
         answer = d.get("answer")
@@ -147,18 +137,17 @@ class Query(Skill):
     def replay(self, req: SkillRequest, r: Rollout, tokenizer: Tokenizer, cfg: ModelConfig) -> tuple[Prompt, list[Move]]:
         tok = cfg.tokenizer
         moves: list[Move] = []
-        bins = iter(r.coords)
-        if req.reasoning:
-            trace = []
-            for j, t in enumerate(r.thinking_tokens):
-                fed = j < len(r.thinking_tokens) - 1 or r.has_answer_separator  # a cut trace's last token is not
-                b = next(bins, None) if t == tok.coord_id and fed else None
-                if t == tok.coord_id and fed and b is None:
-                    raise TuningError("rollout: the trace has more coord tokens than coords")
-                trace.append((t, b))
-            moves = _trace_moves(trace, r.has_answer_separator, cfg)
-        if next(bins, None) is not None:
+        # the trace's tokens that were fed back: all but the last of a trace a limit cut
+        fed = len(r.thinking_tokens) - (0 if r.has_answer_separator else 1) if req.reasoning else 0
+        coord_tokens = r.thinking_tokens[:fed].count(tok.coord_id)
+        if coord_tokens > len(r.coords):
+            raise TuningError("rollout: the trace has more coord tokens than coords")
+        if coord_tokens < len(r.coords):
             raise TuningError("rollout: more coords than coord tokens in the trace")
+        if req.reasoning:
+            bins = iter(r.coords)
+            trace = [(t, next(bins) if t == tok.coord_id and j < fed else None) for j, t in enumerate(r.thinking_tokens)]
+            moves = _trace_moves(trace, r.has_answer_separator, cfg)
         stop = tok.eos_id if r.finish_reason == "stop" else None
         return self.prompt(req, tokenizer), moves + text_moves(r.answer_tokens, (tok.answer_id,), stop)
 
@@ -181,8 +170,7 @@ def trace_tokens(target: Target, tokenizer: Tokenizer) -> list[tuple[int, float 
     for g in target.grounding:
         out += [(t, None) for t in encode(text[at : g.start])] if g.start > at else []
         out += [(tok.start_ground_points_id, None)] + [(t, None) for t in encode(text[g.start : g.end])]
-        for x, y in g.points:
-            out += [(tok.coord_id, x), (tok.coord_id, y)]
+        out += [(tok.coord_id, v) for point in g.points for v in point]
         out.append((tok.end_ground_id, None))
         at = g.end
     return out + ([(t, None) for t in encode(text[at:])] if at < len(text) else [])
@@ -206,8 +194,10 @@ def _trace_moves(trace: list[tuple[int, int | None]], separator: bool, cfg: Mode
     return moves
 
 
-def reasoning_chunks(run: TextRun, tok: TokenizerConfig) -> list[tuple[list[int], list[float]]]:
-    """Split a reasoning trace into (ids, coordinates) chunks; grounding ids open a new chunk."""
+def reasoning_output(run: TextRun, tokenizer: Tokenizer) -> dict[str, Any]:
+    """A reasoning trace -> {"text", "grounding"}: grounding ids open a new chunk, chunks are decoded separately,
+    and a chunk with at least one (x, y) pair is a grounding span (its character offsets and points)."""
+    tok = tokenizer.cfg
     chunks: list[tuple[list[int], list[float]]] = [([], [])]
     for i, t in enumerate(run.ids):
         if t in (tok.start_ground_points_id, tok.end_ground_id):
@@ -215,12 +205,6 @@ def reasoning_chunks(run: TextRun, tok: TokenizerConfig) -> list[tuple[list[int]
         chunks[-1][0].append(t)
         if i in run.coords:
             chunks[-1][1].append(run.coords[i])
-    return chunks
-
-
-def reasoning_output(chunks: list[tuple[list[int], list[float]]], tokenizer: Tokenizer) -> dict[str, Any]:
-    """Reasoning chunks (ids, coordinates) -> {"text", "grounding"}; chunks are decoded separately and
-    grounding spans are character offsets of chunks that carry at least one (x, y) pair."""
     text, grounding = "", []
     for ids, coords in chunks:
         piece = tokenizer.decode(ids)

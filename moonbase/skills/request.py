@@ -39,9 +39,8 @@ class Request:
     @property
     def prefix_key(self) -> Hashable | None:
         """Cached image prefixes depend on the adapter too (it changes the text layers that prefill them)."""
-        if self.image_key is None:
-            return None
-        return (self.image_key, None if self.adapter is None else self.adapter.name)
+        adapter = None if self.adapter is None else self.adapter.name
+        return None if self.image_key is None else (self.image_key, adapter)
 
 
 @dataclass(frozen=True)
@@ -82,8 +81,7 @@ def prepare(
     room = m.cfg.text.max_context - (0 if source is None else m.cfg.prefix_len)
     if len(prompt.ids) >= room:
         raise SettingsError(f"prompt of {len(prompt.ids)} tokens does not fit the context ({room} left)")
-    greedy = skill.greedy and not rollout
-    sampling = (0.0, 1.0, None) if greedy else (s.temperature, s.top_p, s.seed)
+    sampling = (0.0, 1.0, None) if skill.greedy and not rollout else (s.temperature, s.top_p, s.seed)
     return Request(prompt, skill.program(req, s, tok), *sampling, source, key, adapter, rollout)
 
 
@@ -97,8 +95,7 @@ def _image(m: Moondream, image: Any, variant: str | None, limits: ImageLimits) -
         raise SettingsError(f"encoded image has {image.length} positions; this model's prefix has {m.cfg.prefix_len}")
     if image.variant != variant:
         raise SettingsError(f"image was encoded with variant {image.variant!r}; this request uses {variant!r}")
-    key = image.key or "kv:" + hashlib.blake2b(image.kv[0][0].float().cpu().numpy().tobytes(), digest_size=16).hexdigest()
-    return image, key
+    return image, image.key or "kv:" + hashlib.blake2b(image.kv[0][0].float().cpu().numpy().tobytes(), digest_size=16).hexdigest()
 
 
 def parse_request(d: Any, image_of: Callable[[Any], Any], skill: str | None = None, where: str = "request") -> SkillRequest:

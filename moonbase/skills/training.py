@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..config import RegionConfig, TokenizerConfig
+from ..config import ModelConfig, RegionConfig
 from ..data.tasks import Box
 from ..errors import TuningError
 from ..model import region
@@ -88,21 +88,16 @@ def text_moves(ids: Sequence[int], mask: tuple[int, ...], stop: int | None, abou
 
 
 def region_moves(
-    coords: Sequence[int],
-    sizes: Sequence[tuple[int, int]] | None,
-    stopped: bool,
-    tok: TokenizerConfig,
-    rc: RegionConfig,
-    about: Sequence[Box] = (),
+    coords: Sequence[int], sizes: Sequence[tuple[int, int]] | None, stopped: bool, cfg: ModelConfig, about: Sequence[Box] = ()
 ) -> list[Move]:
     """Objects as decisions: go on (the coord token), x and y from the same and the next hidden state,
     then (boxes) the size; `stopped`: the model chose to stop after the last one (eos)."""
+    tok, rc = cfg.tokenizer, cfg.region
     decide, moves = (tok.coord_id, tok.eos_id), []
     for k in range(len(coords) // 2):
         near = (about[k],) if about else ()
         moves.append(Move(Head.LM, tok.coord_id, None, decisions=decide, about=near))
-        for b in coords[2 * k : 2 * k + 2]:
-            moves.append(Move(Head.COORD, b, Feed(coord=coord_value(b, rc)), about=near))
+        moves += [Move(Head.COORD, b, Feed(coord=coord_value(b, rc)), about=near) for b in coords[2 * k : 2 * k + 2]]
         if sizes is not None:
             moves.append(Move(Head.SIZE, sizes[k], Feed(size=size_value(sizes[k], rc)), about=near))
     if stopped:
