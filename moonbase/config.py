@@ -170,15 +170,12 @@ class TokenizerConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TokenizerConfig:
         d = dict(d)
-        t = d.pop("templates", None)
-        if t is not None:
+        if (t := d.pop("templates", None)) is not None:
             d["caption"] = t["caption"]
             for task in PREFIX_SUFFIX_TEMPLATES:
                 d[f"{task}_prefix"], d[f"{task}_suffix"] = t[task]["prefix"], t[task]["suffix"]
-        for task in PREFIX_SUFFIX_TEMPLATES:
-            for part in ("prefix", "suffix"):
-                if f"{task}_{part}" in d:
-                    d[f"{task}_{part}"] = _ids(d[f"{task}_{part}"])
+        for key in d.keys() & {f"{task}_{part}" for task in PREFIX_SUFFIX_TEMPLATES for part in ("prefix", "suffix")}:
+            d[key] = _ids(d[key])
         if "caption" in d:
             d["caption"] = {n: _ids(x) for n, x in d["caption"].items()}
         return _build(cls, d, "tokenizer")
@@ -241,8 +238,7 @@ class ModelConfig:
             raise ConfigError(
                 f"projection dim {self.vision.proj_out_dim} and region dim {self.region.dim} must equal text dim {self.text.dim}"
             )
-        top = max(self.tokenizer.all_ids())
-        if top >= self.text.vocab_size:
+        if (top := max(self.tokenizer.all_ids())) >= self.text.vocab_size:
             raise ConfigError(f"template id {top} does not fit vocab_size {self.text.vocab_size}")
         if self.prefix_len >= self.text.max_context:
             raise ConfigError(f"image prefix ({self.prefix_len}) does not fit max_context {self.text.max_context}")
@@ -250,8 +246,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        unknown = set(d) - set(SECTIONS)
-        if unknown:
+        if unknown := set(d) - set(SECTIONS):
             raise ConfigError(f"unknown config sections: {sorted(unknown)}")
         sections = {}
         for name, kind in SECTIONS.items():

@@ -7,9 +7,8 @@ means "Moondream 2 defaults").
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import logging
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,8 +21,6 @@ from .model.moondream import Moondream, build_model
 from .tokenizer import TASK_TOKENS, Tokenizer, byte_level_tokenizer, task_token_templates
 from .weights import load_weights, read_header
 
-log = logging.getLogger(__name__)
-
 WEIGHT_FILES = ("model.safetensors", "model.pt")
 ASSETS = Path(__file__).parent / "assets"
 
@@ -35,9 +32,7 @@ def model_config_for(directory: Path, weights: Path) -> ModelConfig:
         packed = [s for k, s in read_header(weights).items() if k.endswith("weight.packed")]
         if packed:  # int4 checkpoint: the group size is the packed row width (D11)
             g = int(packed[0][1])
-            cfg = dataclasses.replace(
-                cfg, text=dataclasses.replace(cfg.text, group_size=g), region=dataclasses.replace(cfg.region, group_size=g)
-            )
+            cfg = replace(cfg, text=replace(cfg.text, group_size=g), region=replace(cfg.region, group_size=g))
     return cfg
 
 
@@ -113,9 +108,7 @@ def tiny_random(
 def nano(device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> Moondream:
     """The embedded default: a small model of the Moondream architecture trained by this project on synthetic
     data (see moonbase/assets/nano/MODEL_CARD.md)."""
-    m = load_dir(ASSETS / "nano", device, dtype)
-    m.name = "nano"
-    return m
+    return load_dir(ASSETS / "nano", device, dtype)  # named after its directory
 
 
 BUILTIN = {"nano": nano, "tiny-random": tiny_random}
@@ -183,8 +176,7 @@ def save_dir(m: Moondream, directory: str | Path) -> Path:
     state = {"model." + k: v.detach().contiguous().cpu() for k, v in m.w.state_dict().items()}
     with atomic_path(directory / "model.safetensors") as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
-    with atomic_path(directory / "config.json") as tmp:
-        tmp.write_text(json.dumps(m.cfg.to_dict(), indent=2))
-    with atomic_path(directory / "tokenizer.json") as tmp:
-        tmp.write_text(m.tokenizer.to_str())
+    for name, text in (("config.json", json.dumps(m.cfg.to_dict(), indent=2)), ("tokenizer.json", m.tokenizer.to_str())):
+        with atomic_path(directory / name) as tmp:
+            tmp.write_text(text)
     return directory

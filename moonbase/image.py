@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
-import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +19,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import VisionConfig
 from .errors import ImageError
-
-log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 64_000_000  # refuse anything larger (decompression bombs); configurable per call
 

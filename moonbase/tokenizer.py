@@ -50,10 +50,6 @@ CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0xF900, 0
 CJK_RANGES += ((0x3040, 0x30FF), (0xAC00, 0xD7AF))
 
 
-def _is_cjk(ch: str) -> bool:
-    return any(lo <= ord(ch) <= hi for lo, hi in CJK_RANGES)
-
-
 class TextStream:
     """Incremental detokenizer: text is released only up to the last space (or at a newline or CJK character),
     so a multi-byte character split across tokens is never emitted half-decoded. The concatenation of all
@@ -65,10 +61,8 @@ class TextStream:
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
         text = self.tokenizer.decode(self.ids)
-        if text.endswith("\n") or (text and _is_cjk(text[-1])):
-            end = len(text)
-        else:
-            end = text.rfind(" ")
+        cjk = bool(text) and any(lo <= ord(text[-1]) <= hi for lo, hi in CJK_RANGES)
+        end = len(text) if cjk or text.endswith("\n") else text.rfind(" ")
         if end <= self.emitted:
             return ""
         piece, self.emitted = text[self.emitted : end], end
@@ -104,12 +98,7 @@ def byte_level_tokenizer(extra_special: list[str] = ()) -> HFTokenizer:
     `extra_special`. Enough to run every code path of a model without a trained vocabulary."""
     from tokenizers import decoders, models, pre_tokenizers
 
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
-    for ch in sorted(alphabet):
-        vocab[ch] = len(vocab)
-    for t in extra_special:
-        vocab[t] = len(vocab)
+    vocab = {t: i for i, t in enumerate([*SPECIAL_TOKENS, *sorted(pre_tokenizers.ByteLevel.alphabet()), *extra_special])}
     tok = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

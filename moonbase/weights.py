@@ -93,9 +93,7 @@ def plan_sources(header: dict[str, tuple[int, ...]]) -> tuple[dict[str, Source],
         if set(parts) != set(INT4_PARTS):
             problems.append(f"incomplete int4 weight {name}: has {sorted(parts)}, needs {list(INT4_PARTS)}")
             continue
-        packed, scale = header[parts["packed"]], header[parts["scale"]]
-        group = packed[1]
-        n = scale[0] * group  # out * in; the model supplies the 2-D shape
+        n = header[parts["scale"]][0] * header[parts["packed"]][1]  # groups x group size = out * in (the model has the 2-D shape)
         sources[name] = Source(tuple(parts[p] for p in INT4_PARTS), (n,))
     return sources, problems
 
@@ -112,15 +110,8 @@ def check_sources(
         src, want = sources[name], tuple(expected[name])
         if src.int4:
             packed, scale, zero = (tuple(header[k]) for k in src.keys)
-            out_in = want[0] * want[1] if len(want) == 2 else -1
-            g = packed[1]
-            ok = (
-                len(want) == 2
-                and out_in % (2 * g) == 0
-                and packed == (out_in // (2 * g), g)
-                and scale == zero == (out_in // g, 1)
-            )
-            if not ok:
+            out_in, g = (want[0] * want[1] if len(want) == 2 else -1), packed[1]
+            if not (len(packed) == 2 and 2 * g * packed[0] == out_in and scale == zero == (out_in // g, 1)):
                 misshaped.append(f"{name}: int4 packed {packed}, scale {scale}, zero_point {zero} cannot form {want}")
         elif src.shape != want:
             misshaped.append(f"{name}: checkpoint {src.shape} vs model {want}")
@@ -185,9 +176,7 @@ def load_weights(model: nn.Module, path: str | Path, device: torch.device | str,
         if src.int4:
             t = dequantize_int4(*(get(k) for k in src.keys), expected[name])
         else:
-            t = get(src.keys[0])
-            if src.transform is not None:
-                t = src.transform(t)
+            t = get(src.keys[0]) if src.transform is None else src.transform(get(src.keys[0]))
         state[name] = t.to(device=device, dtype=dtype)
     model.load_state_dict(state, strict=True, assign=True)
     return model

@@ -33,8 +33,7 @@ def synthetic_example(
     `drills` how many extra extremes and count questions it adds (training only)."""
     s = example_seed(split, seed, index)
     if source is None:
-        names = list(SOURCES)
-        source = random.Random(s).choices(names, weights=[SOURCES[n][1] for n in names])[0]
+        source = random.Random(s).choices(list(SOURCES), weights=[weight for _, weight in SOURCES.values()])[0]
     if source == "shapes":
         return scene_example(s, max_objects, locate_tasks, phrase_mix, drills)
     return SOURCES[source][0](s)

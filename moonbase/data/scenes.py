@@ -13,10 +13,6 @@ from .tasks import Example, Task, canonical
 NUMBERS = ["no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
-def plural(kind: str) -> str:
-    return kind + "s"
-
-
 def _region(s: Shape) -> str:
     row = "top" if s.cy < 1 / 3 else "bottom" if s.cy > 2 / 3 else "middle"
     col = "left" if s.cx < 1 / 3 else "right" if s.cx > 2 / 3 else "center"
@@ -77,7 +73,7 @@ def matches(s: Shape, phrase: str) -> bool:
 def _count_question(scene: Scene, rng: random.Random, mix: tuple[float, ...], present: float = 0.0) -> Task:
     phrase, hits = _phrases(scene, rng, mix, present)
     words = phrase.split()
-    noun = " ".join(words[:-1] + [plural(words[-1])])
+    noun = " ".join(words[:-1] + [words[-1] + "s"])  # plural
     return Task("query", f"How many {noun} are there?", str(len(hits)), kind="count", grounding=tuple(s.box for s in hits))
 
 
@@ -113,10 +109,8 @@ def _attribute(scene: Scene, rng: random.Random) -> Task | None:
 
 
 def _exists(scene: Scene, rng: random.Random) -> Task:
-    if rng.random() < 0.5 and scene.shapes:
-        label = rng.choice(scene.shapes).label
-    else:
-        label = f"{rng.choice(list(COLORS))} {rng.choice(SHAPES)}"
+    in_scene = rng.random() < 0.5 and scene.shapes
+    label = rng.choice(scene.shapes).label if in_scene else f"{rng.choice(list(COLORS))} {rng.choice(SHAPES)}"
     hits = tuple(s.box for s in scene.shapes if s.label == label)
     return Task("query", f"Is there {article(label)} {label}?", "yes" if hits else "no", kind="qa", grounding=hits)
 
@@ -129,15 +123,9 @@ DRILL_COUNT_MIX = (0.0, 0.5, 0.5, 0.0)
 def _drills(scene: Scene, rng: random.Random, n: int) -> list[Task]:
     """`n` extra questions of the kinds a single question per scene teaches too rarely: which shape is the most
     extreme (a clear answer exists in about half the scenes) and counts of more than one, alternately."""
-    tasks: list[Task] = []
-    for i in range(n):
-        if i % 2 == 0:
-            question = next((q for q in (_extreme(scene, rng) for _ in range(3)) if q is not None), None)
-        else:
-            question = _count_question(scene, rng, DRILL_COUNT_MIX, present=1.0)
-        if question is not None:
-            tasks.append(question)
-    return tasks
+    extreme = lambda: next((q for q in (_extreme(scene, rng) for _ in range(3)) if q is not None), None)  # noqa: E731
+    questions = [extreme() if i % 2 == 0 else _count_question(scene, rng, DRILL_COUNT_MIX, present=1.0) for i in range(n)]
+    return [q for q in questions if q is not None]
 
 
 def scene_example(
@@ -161,6 +149,5 @@ def scene_example(
         phrase, hits = _phrases(scene, rng, phrase_mix)
         tasks.append(Task(skill, phrase, boxes=canonical([s.box for s in hits]), kind=skill))
     tasks += _drills(scene, rng, drills)  # drawn last: streams without drills are unchanged
-    colors = list(COLORS)
-    regions = tuple((SHAPES.index(s.kind), colors.index(s.color), s.box) for s in scene.shapes)
+    regions = tuple((SHAPES.index(s.kind), list(COLORS).index(s.color), s.box) for s in scene.shapes)
     return Example(np.asarray(scene.image), tuple(tasks), "shapes", regions)

@@ -65,8 +65,7 @@ def _background(rng: random.Random, w: int, h: int) -> tuple[Image.Image, str]:
         t = t[None, :, None] if t.shape[0] == w else t[:, None, None]
         arr = np.broadcast_to(base * (1 - t) + other * t, (h, w, 3)).copy()
     else:
-        noise = np.random.default_rng(rng.getrandbits(32)).normal(0, 10, (h, w, 3)).astype(np.float32)
-        arr = base + noise
+        arr = base + np.random.default_rng(rng.getrandbits(32)).normal(0, 10, (h, w, 3)).astype(np.float32)
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)), kind
 
 
@@ -79,12 +78,8 @@ def _draw(d: ImageDraw.ImageDraw, kind: str, x0: float, y0: float, x1: float, y1
         d.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
     else:
         cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2
-        pts = []
-        for i in range(10):
-            a = -math.pi / 2 + i * math.pi / 5
-            rad = r if i % 2 == 0 else r * 0.45
-            pts.append((cx + rad * math.cos(a), cy + rad * math.sin(a)))
-        d.polygon(pts, fill=fill)
+        tips = [(-math.pi / 2 + i * math.pi / 5, r if i % 2 == 0 else r * 0.45) for i in range(10)]  # (angle, radius)
+        d.polygon([(cx + rad * math.cos(a), cy + rad * math.sin(a)) for a, rad in tips], fill=fill)
 
 
 def render_scene(seed: int, n_objects: int | None = None, size: tuple[int, int] | None = None, max_objects: int = 8) -> Scene:
@@ -92,8 +87,7 @@ def render_scene(seed: int, n_objects: int | None = None, size: tuple[int, int] 
     rng = random.Random(seed)
     if size is None:
         w = rng.choice((256, 320, 384, 448, 512))
-        h = min(512, max(256, round(w * rng.uniform(0.65, 1.5) / 32) * 32))
-        size = (w, h)
+        size = (w, min(512, max(256, round(w * rng.uniform(0.65, 1.5) / 32) * 32)))
     w, h = size
     n = n_objects if n_objects is not None else rng.randint(1, max_objects)
     colors = [rng.choice(list(COLORS)) for _ in range(n)]

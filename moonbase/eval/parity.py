@@ -70,23 +70,11 @@ class Parity:
         ref_px = np.stack([np.asarray(Image.open(self.dir / f).convert("RGB")) for f in rec["crop_files"]])
         own = overlap_crops(load_image(self.dir / rec["file"]), cfg)
         diff = int(np.abs(own.pixels.astype(int) - ref_px.astype(int)).max()) if own.pixels.shape == ref_px.shape else -1
-        r.exact(
-            g,
-            f"own crops ({img_mod.RESIZE_BACKEND}) == crop PNGs",
-            diff,
-            0,
-            informational=img_mod.RESIZE_BACKEND != "pyvips",
-            note="" if diff == 0 else f"max pixel difference {diff} (-1: shape)",
-        )
+        backend, note = img_mod.RESIZE_BACKEND, "" if diff == 0 else f"max pixel difference {diff} (-1: shape)"
+        r.exact(g, f"own crops ({backend}) == crop PNGs", diff, 0, informational=backend != "pyvips", note=note)
         x = normalize(ref_px)
-        r.close(
-            g,
-            "crop stats (mean, std)",
-            [x.double().mean((1, 2, 3)).tolist(), x.double().std((1, 2, 3), unbiased=False).tolist()],
-            [rec["crop_mean"], rec["crop_std"]],
-            None,
-            STATS_ABS_TOL,
-        )
+        stats = [x.double().mean((1, 2, 3)).tolist(), x.double().std((1, 2, 3), unbiased=False).tolist()]
+        r.close(g, "crop stats (mean, std)", stats, [rec["crop_mean"], rec["crop_std"]], None, STATS_ABS_TOL)
         feats = vision.encode_crops(x, m.w.vision, cfg)
         local = feats[1:].reshape(-1, cfg.grid, cfg.grid, cfg.enc_dim)
         pooled = vision.pool_grid(vision.reconstruct(local, tiling, cfg.overlap_margin), cfg.grid)
@@ -94,14 +82,8 @@ class Parity:
         enc = m.prefill_image(img_emb)
         self.encoded[i] = enc
         last = len(enc.kv) - 1
-        ours = {
-            "crop_global": x[0],
-            "crop_local0": x[1],
-            "vis_enc_global": feats[0],
-            "vis_enc_local0": feats[1],
-            "pooled_local": pooled,
-            "img_emb": img_emb,
-        }
+        ours = {"crop_global": x[0], "crop_local0": x[1], "vis_enc_global": feats[0], "vis_enc_local0": feats[1]}
+        ours |= {"pooled_local": pooled, "img_emb": img_emb}
         for key, name in rec["tensors"].items():
             kv = re.fullmatch(r"kv_l(\d+|last)_([kv])", key)
             if kv:
@@ -146,11 +128,9 @@ class Parity:
             emb = m.embed_prompt(phase["prompt_ids"], prompt.coords, prompt.sizes)
             inputs.update({phase["start_pos"] + j: e for j, e in enumerate(emb)})
             for step in phase.get("steps", []):
-                inp = step.get("input")
-                if inp and inp["type"] == "token":
-                    inputs[step["pos"]] = m.embed_ids([inp["id"]])[0]
-                elif inp:
-                    inputs[step["pos"]] = m.encode_coords([inp["value"]])[0]
+                if inp := step.get("input"):
+                    token = inp["type"] == "token"
+                    inputs[step["pos"]] = m.embed_ids([inp["id"]])[0] if token else m.encode_coords([inp["value"]])[0]
             for obj in phase.get("objects", []):
                 fed = [m.encode_coords([obj["fed_coords"][0]])[0], m.encode_coords([obj["fed_coords"][1]])[0]]
                 if "fed_size" in obj:
@@ -182,7 +162,7 @@ class Parity:
             for k, c in enumerate(phase.get("coordinates", [])):
                 h = hidden[at(c["fed_at_pos"] - 1)]
                 out = region.coord_logits(h, m.w.region)
-                self.check_region(g, f"coord{k}", h, out, int(out.argmax()), c["bin"], c["bin_gap12"], c.get("tensors", {}))
+                self.check_region(g, f"coord{k}", h, out, c["bin"], c["bin_gap12"], c.get("tensors", {}))
             if "objects" in phase:
                 self.check_objects(g, phase, hidden, logits, at)
 
@@ -202,20 +182,14 @@ class Parity:
         self.report.exact(g, f"{phase['phase']} argmax per step", wrong, [])
 
     def check_region(
-        self,
-        g: str,
-        name: str,
-        hidden: torch.Tensor,
-        logits: torch.Tensor,
-        ours: Any,
-        ref: Any,
-        gap: float,
-        tensors: dict[str, str],
+        self, g: str, name: str, hidden: torch.Tensor, logits: torch.Tensor, ref: Any, gap: float, tensors: dict[str, str]
     ) -> None:
-        """Region-decoder input and output tensors (when recorded) and the decoded bin(s)."""
+        """Region-decoder input and output tensors (when recorded) and the decoded bin(s): the argmax over the last
+        dimension of the coordinate logits (bins) or the size logits (2, bins)."""
         for key, value in (("hidden", hidden), ("logits", logits)):
             if key in tensors:
                 self.report.close(g, f"{name} {key}", value, self.t(tensors[key]))
+        ours = logits.argmax(-1).tolist()
         self.report.exact(g, f"{name} bin", ours, ref, informational=gap <= 2 * REL_TOL * float(logits.abs().max()))
 
     def check_objects(self, g: str, phase: dict[str, Any], hidden: torch.Tensor, logits: torch.Tensor, at: Any) -> None:
@@ -238,14 +212,9 @@ class Parity:
                 reads.append(("size", fp[1], [obj["w_bin"], obj["h_bin"]], min(obj["w_gap12"], obj["h_gap12"])))
             for name, pos, ref_bin, gap in reads:
                 h = hidden[at(pos)]
-                if name == "size":
-                    out = region.size_logits(h, m.w.region)
-                    ours, out = out.argmax(-1).tolist(), out.flatten()
-                else:
-                    out = region.coord_logits(h, m.w.region)
-                    ours = int(out.argmax())
+                out = (region.size_logits if name == "size" else region.coord_logits)(h, m.w.region)
                 t = {key: tensors[f"{name}_{key}"] for key in ("hidden", "logits") if k == 0 and f"{name}_{key}" in tensors}
-                self.check_region(g, f"obj{k} {name}", h, out, ours, ref_bin, gap, t)
+                self.check_region(g, f"obj{k} {name}", h, out, ref_bin, gap, t)
 
     def end_to_end(self, case: dict[str, Any], image: Any, info: bool) -> None:
         m, r, g, call = self.m, self.report, case["name"], case["call"]

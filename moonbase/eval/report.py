@@ -29,18 +29,17 @@ class Report:
 
     def close(
         self, group: str, name: str, ours: Any, ref: Any, rel_tol: float | None = DEFAULT_REL_TOL, abs_tol: float | None = None
-    ) -> float:
+    ) -> None:
         ours_t = torch.as_tensor(ours, dtype=torch.float64).flatten()
         ref_t = torch.as_tensor(ref, dtype=torch.float64).flatten()
         if ours_t.shape != ref_t.shape:
             self.rows.append(Row(group, name, False, note=f"shape {tuple(ours_t.shape)} vs {tuple(ref_t.shape)}"))
-            return float("inf")
+            return
         max_abs = float((ours_t - ref_t).abs().max()) if len(ref_t) else 0.0
         rel = max_abs / max(float(ref_t.abs().max()), 1e-30) if len(ref_t) else 0.0
         ok = (rel_tol is None or rel <= rel_tol) and (abs_tol is None or max_abs <= abs_tol)
         tol = f"rel {rel_tol:g}" if rel_tol is not None else f"abs {abs_tol:g}"
         self.rows.append(Row(group, name, ok, max_abs, rel, tol))
-        return max_abs
 
     def exact(self, group: str, name: str, ours: Any, ref: Any, informational: bool = False, note: str = "") -> None:
         ok = ours == ref
@@ -57,10 +56,8 @@ class Report:
         for r in self.rows:
             status = "ok" if r.ok else ("info" if r.informational else "FAIL")
             num = lambda v: f"{v:10.3g}" if v is not None else " " * 10  # noqa: E731
-            lines.append(
-                f"{r.group:<22} {r.name:<34} {num(r.max_abs)} {num(r.rel)} {r.tol:>12}  {status}"
-                + (f"  ({r.note})" if r.note else "")
-            )
+            note = f"  ({r.note})" if r.note else ""
+            lines.append(f"{r.group:<22} {r.name:<34} {num(r.max_abs)} {num(r.rel)} {r.tol:>12}  {status}{note}")
         worst = max((r for r in self.rows if r.rel is not None), key=lambda r: r.rel, default=None)
         lines.append(
             f"\n{len(self.rows)} checks, {len(self.failures)} failed"

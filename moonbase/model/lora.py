@@ -141,8 +141,7 @@ class LoraBatch:
     def delta(self, layer: int, target: str, x_BTC: torch.Tensor) -> torch.Tensor | None:
         out = None
         for adapter, rows in self.groups:
-            ab = adapter.layers[layer].get(target)
-            if ab is None:
+            if (ab := adapter.layers[layer].get(target)) is None:
                 continue
             a, b = ab
             if self.all_rows:

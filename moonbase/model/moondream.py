@@ -44,14 +44,10 @@ class Moondream:
         unique = [c.pixels[:1] if c.tiling == (1, 1) and np.array_equal(c.pixels[0], c.pixels[1]) else c.pixels for c in crops]
         pixels = torch.cat([normalize(p, self.device, self.dtype) for p in unique])
         feats = vision.encode_crops(pixels, w, self.cfg.vision)
-        out, i = [], 0
-        for c, p in zip(crops, unique, strict=True):
-            f = feats[i : i + len(p)]
-            if len(p) < len(c.pixels):
-                f = f.expand(len(c.pixels), -1, -1)
-            out.append(vision.image_embeddings(f, c.tiling, w, self.cfg.vision))
-            i += len(p)
-        return out
+        return [
+            vision.image_embeddings(f.expand(len(c.pixels), -1, -1), c.tiling, w, self.cfg.vision)
+            for c, f in zip(crops, feats.split([len(p) for p in unique]), strict=True)
+        ]
 
     @torch.no_grad()
     def prefill_image(self, img_emb: torch.Tensor, adapter: Adapter | None = None) -> EncodedImage:

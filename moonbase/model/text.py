@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TextConfig
-from .layers import gelu, layer_norm, linear, mlp, mlp_weights
+from .layers import gelu, layer_norm, linear, mlp_weights
 from .lora import LoraBatch
 from .rope import apply_rope, rope_rows
 
@@ -40,10 +40,8 @@ class KVStore(Protocol):
 
 
 class KVCache:
-    """Contiguous K/V buffers for one batch of sequences that share positions (the single-request path).
-
-    K is stored after RoPE, in NeoX layout. Capacity grows in chunks up to max_context.
-    """
+    """Contiguous K/V buffers for one batch of sequences that share positions (the single-request path). K is
+    stored after RoPE, in NeoX layout. Capacity grows in chunks up to max_context."""
 
     CHUNK = 256
 
@@ -60,8 +58,7 @@ class KVCache:
         cache = cls(cfg, k0.shape[0], k0.device, k0.dtype, prefix_len=k0.shape[2])
         cache.reserve(k0.shape[2])
         for i, (k, v) in enumerate(kv):
-            cache.k[i][:, :, : k.shape[2]] = k
-            cache.v[i][:, :, : v.shape[2]] = v
+            cache.update(i, k, v)
         cache.length = k0.shape[2]
         return cache
 
@@ -74,9 +71,7 @@ class KVCache:
         new_cap = min(self.cfg.max_context, -(-total // self.CHUNK) * self.CHUNK)
         for buf in (self.k, self.v):
             for i, t in enumerate(buf):
-                grown = t.new_empty(t.shape[0], t.shape[1], new_cap, t.shape[3])
-                grown[:, :, :cap] = t
-                buf[i] = grown
+                buf[i] = torch.cat([t, t.new_empty(t.shape[0], t.shape[1], new_cap - cap, t.shape[3])], dim=2)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new K/V (B, n_kv, T, hd) at `length` and return every key and value up to them."""
@@ -141,11 +136,8 @@ def decoder(
                 return None
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=nq != nkv)
         attn_out = _adapted(linear(a.transpose(1, 2).reshape(b, t, nq * hd), block["attn"]["proj"]), lora, i, "proj", h)
-        if lora is None:
-            x = x + attn_out + mlp(h, block["mlp"])
-        else:
-            g = gelu(_adapted(linear(h, block["mlp"]["fc1"]), lora, i, "fc1", h))
-            x = x + attn_out + _adapted(linear(g, block["mlp"]["fc2"]), lora, i, "fc2", g)
+        g = gelu(_adapted(linear(h, block["mlp"]["fc1"]), lora, i, "fc1", h))
+        x = x + attn_out + _adapted(linear(g, block["mlp"]["fc2"]), lora, i, "fc2", g)
     return x
 
 

@@ -59,10 +59,8 @@ def encode_crops(crops_NCHW: torch.Tensor, w: nn.Module, cfg: VisionConfig) -> t
 
 
 def reconstruct(local_NggC: torch.Tensor, tiling: tuple[int, int], margin: int) -> torch.Tensor:
-    """Stitch tile features into one grid, dropping each tile's margin on sides shared with a neighbour.
-
-    Returns (th*(g-2m) + 2m, tw*(g-2m) + 2m, C).
-    """
+    """Stitch tile features into one (th*(g-2m) + 2m, tw*(g-2m) + 2m, C) grid, dropping each tile's margin on
+    sides shared with a neighbour."""
     th, tw = tiling
     _, g, _, c = local_NggC.shape
     stride = g - 2 * margin

@@ -69,8 +69,7 @@ def transcript(prompt: skills.Prompt, moves: list[Move], tok: TokenizerConfig) -
             column[at], last = move.label, at
         if move.about:
             seg.attend[at] = move.about
-        if move.feed is not None:
-            f = move.feed
+        if (f := move.feed) is not None:
             seg.add(0 if f.token is None else f.token, f.coord, f.size)
     while len(seg) - 1 > last:
         seg.drop_last()

@@ -197,12 +197,7 @@ def _train(a: TrainArgs) -> Path:
         record = {k: round(float(v.detach()), 4) for k, v in parts.items()}
         record |= {"step": step, "lr": lr_at(step - 1, a), "elapsed": round(elapsed, 1)}
         log.write(json.dumps(record) + "\n")
-        bar.set_postfix(
-            loss=f"{record['loss']:.3f}",
-            tok=f"{record.get('token', 0):.3f}",
-            coord=f"{record.get('coord', 0):.3f}",
-            probe=f"{record.get('probe', 0):.3f}",
-        )
+        bar.set_postfix({k: f"{record.get(k, 0):.3f}" for k in ("loss", "token", "coord", "probe")})
         bar.update(1)
         done = step == total or (bool(a.max_minutes) and elapsed > 60 * a.max_minutes)
         if step % a.checkpoint_every == 0 or done:
