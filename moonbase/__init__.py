@@ -47,16 +47,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'moonbase' has no attribute {name!r}")
 
 
-__all__ = [
-    "vl",
-    "load",
-    "VL",
-    "EncodedImage",
-    "SkillRequest",
-    "MoonbaseError",
-    "CheckpointError",
-    "ConfigError",
-    "ImageError",
-    "ModelNotFoundError",
-    "SettingsError",
-]
+__all__ = ["vl", *_LAZY, "MoonbaseError", "CheckpointError", "ConfigError", "ImageError", "ModelNotFoundError", "SettingsError"]

@@ -8,8 +8,7 @@ model.detect(image, "face")["objects"]      # [{"x_min", "y_min", "x_max", "y_ma
 model.point(image, "face")["points"]        # [{"x", "y"}]
 
 Every method is one `SkillRequest` through `run`: the skill prepares it, the engine runs it, the skill
-renders the result.
-"""
+renders the result."""
 
 from __future__ import annotations
 
@@ -69,8 +68,7 @@ class VL:
 
     def submit(self, request: Request) -> Handle:
         handle = self.engine.submit(request)
-        scope = getattr(self._scopes, "current", None)
-        if scope is not None:
+        if (scope := getattr(self._scopes, "current", None)) is not None:
             scope.add(handle)
         return handle
 
@@ -203,12 +201,10 @@ def _record(stats: dict | None, result: Result) -> None:
 def _stream(handle: Handle, stream: TextStream, stats: dict | None, deadline: float | None) -> Iterator[str]:
     try:
         for t in handle.tokens(deadline):
-            piece = stream.push(t)
-            if piece:
+            if piece := stream.push(t):
                 yield piece
         _record(stats, handle.result())  # raises if the request failed
-        tail = stream.flush()
-        if tail:
+        if tail := stream.flush():
             yield tail
     finally:
         if not handle.done:  # the consumer stopped reading, or the deadline passed: free the sequence

@@ -6,8 +6,7 @@ python -m moonbase.bench --model nano --json [--soak 10000]
 Workload: `--requests` requests, each about its own new image (so no cache can help), cycling through
 caption, query, detect and point with greedy settings. Closed loop: `c` client threads each send their
 next request when the previous one is answered. `--soak N` then sends N more (new images, 16 clients) and
-reports resident memory after warm-up and at the end, and anything the idle engine still holds.
-"""
+reports resident memory after warm-up and at the end, and anything the idle engine still holds."""
 
 from __future__ import annotations
 
@@ -92,11 +91,10 @@ def work(vl: VL, images: list[np.ndarray], sequential_rps: float) -> dict[str, f
             out = fn()
         return float(counter.get_total_flops()), out
 
-    per_request = [flops(lambda i=i, image=image: _single(m, image, i))[0] for i, image in enumerate(images)]
+    request = statistics.mean(flops(lambda i=i, image=image: _single(m, image, i))[0] for i, image in enumerate(images))
     image, enc = flops(lambda: _encode(m, images[0]))
     followup, _ = flops(lambda: simple.run(m, enc, first_token))  # the prompt's prefill and one token
     gflops = _matmul_gflops(m)
-    request = statistics.mean(per_request)
     return {
         "request_mflop": request / 1e6,
         "image_mflop": image / 1e6,
@@ -128,10 +126,7 @@ def _sync(device: torch.device) -> None:
 
 
 def concurrent(vl: VL, images: list[np.ndarray], clients: int) -> dict[str, float]:
-    def request(i: int) -> None:
-        _run_one(vl, images[i], i)
-
-    return closed_loop(len(images), clients, request)
+    return closed_loop(len(images), clients, lambda i: _run_one(vl, images[i], i))
 
 
 def closed_loop(jobs: int, clients: int, job: Callable[[int], None], requests_per_job: int = 1) -> dict[str, float]:
@@ -174,27 +169,21 @@ def soak(vl: VL, n: int, seed: int, clients: int = 16) -> dict[str, Any]:
     """`n` requests, each about its own new image, from `clients` threads. Resident memory is sampled after
     warm-up (the first 10%) and at the end; when idle the engine must hold nothing but cached prefixes."""
     engine, lock, done = vl.engine, threading.Lock(), [0]
-    rss: dict[str, float] = {}
+    rss: dict[str, float | None] = {}
 
-    def client(k: int) -> None:
-        for i in range(k, n, clients):
-            _run_one(vl, np.asarray(render_scene(seed * 1_000_000 + i).image), i)
-            with lock:
-                done[0] += 1
-                if done[0] == n // 10:
-                    rss["warm"] = _rss_mb()
+    def request(i: int) -> None:
+        _run_one(vl, np.asarray(render_scene(seed * 1_000_000 + i).image), i)
+        with lock:
+            done[0] += 1
+            if done[0] == n // 10:
+                rss["warm"] = _rss_mb()
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    seconds = closed_loop(n, clients, request)["seconds"]
     gc.collect()
     stats = engine.stats
     return {
         "requests": n,
-        "seconds": time.perf_counter() - t0,
+        "seconds": seconds,
         "rss_after_warmup_mb": rss.get("warm"),
         "rss_end_mb": _rss_mb(),
         "leaked_blocks": stats["kv_blocks"] - stats["kv_blocks_free"] - stats["kv_blocks_cached"],
@@ -231,12 +220,7 @@ def _rss_mb() -> float | None:
 
 def _summary(n: int, seconds: float, latencies: list[float]) -> dict[str, float]:
     ms = sorted(x * 1000 for x in latencies)
-    return {
-        "rps": n / seconds,
-        "p50_ms": ms[len(ms) // 2],
-        "p99_ms": ms[min(len(ms) - 1, int(round(0.99 * (len(ms) - 1))))],
-        "seconds": seconds,
-    }
+    return {"rps": n / seconds, "p50_ms": ms[len(ms) // 2], "p99_ms": ms[round(0.99 * (len(ms) - 1))], "seconds": seconds}
 
 
 def run(
@@ -252,8 +236,8 @@ def run(
     engine = Engine(m, EngineConfig(max_batch=max(concurrencies), int8_decode=int8))
     vl = VL(m, engine=engine)
     warm = scene_images(len(WORKLOAD), seed + 1)  # first-call costs (allocator, threads) out of the measurements
-    out: dict[str, Any] = {"model": m.name, "requests": requests, "device": str(m.device), "dtype": str(m.dtype).split(".")[-1]}
-    out["int8_decode"] = int8
+    dtype = str(m.dtype).split(".")[-1]
+    out: dict[str, Any] = {"model": m.name, "requests": requests, "device": str(m.device), "dtype": dtype, "int8_decode": int8}
     sequential(vl, warm)
     out["sequential"] = sequential(vl, scene_images(requests, seed))
     out["sequential_rps"] = out["sequential"]["rps"]
@@ -261,21 +245,17 @@ def run(
     concurrent(vl, warm, len(warm))
     for c in concurrencies:
         engine.cache.clear()
-        result = concurrent(vl, scene_images(requests, seed + 10 + c), c)  # new images: no cache hits possible
-        out[f"engine_c{c}"] = result
-        out[f"engine_rps_c{c}"] = result["rps"]
+        out[f"engine_c{c}"] = concurrent(vl, scene_images(requests, seed + 10 + c), c)  # new images: no cache hits possible
+        out[f"engine_rps_c{c}"] = out[f"engine_c{c}"]["rps"]
     top = max(concurrencies)
     out[f"speedup_c{top}"] = out[f"engine_rps_c{top}"] / out["sequential_rps"]
     engine.cache.clear()
-    fu = followup(vl, scene_images(8, seed + 999))
-    out |= fu
-    out["followup_speedup"] = fu["first_ttft_ms"] / fu["followup_ttft_ms"]
+    out |= followup(vl, scene_images(8, seed + 999))
+    out["followup_speedup"] = out["first_ttft_ms"] / out["followup_ttft_ms"]
     out["work"] = work(vl, scene_images(len(WORKLOAD) * 4, seed + 5), out["sequential_rps"])
     if soak_requests:
         out["soak"] = soak(vl, soak_requests, seed + 7)
-    out["machine"] = machine(m.device)
-    out["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    return out
+    return out | {"machine": machine(m.device), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,8 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="also write the result to this file (e.g. bench/results/NAME.json)")
     a = p.parse_args(argv)
     result = run(a.model, a.requests, tuple(int(c) for c in a.concurrency.split(",")), a.seed, a.device, a.int8, a.soak)
-    text = json.dumps(result, indent=None if a.json else 2)
-    print(text)
+    print(json.dumps(result, indent=None if a.json else 2))
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -125,8 +125,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from .draw import annotate
 
     model = vl_from_args(a)
-    image = a.image
-    if image is None:
+    if (image := a.image) is None:
         scene = render_scene(seed=7, n_objects=4, size=(384, 384))
         image = Path(a.out).with_name("demo-input.png")
         image.parent.mkdir(parents=True, exist_ok=True)
@@ -209,6 +208,7 @@ def cmd_pull(a: argparse.Namespace) -> int:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
+    from .finetune.store import FinetuneStore
     from .server.app import ServerConfig
     from .server.run import serve
 
@@ -216,18 +216,13 @@ def cmd_serve(a: argparse.Namespace) -> int:
     cfg = ServerConfig(
         allow_remote_images=a.allow_remote_images,
         allow_file_images=a.allow_file_images,
-        allow_adapter_paths=None if a.allow_adapter_paths is None else Path(a.allow_adapter_paths),
+        allow_adapter_paths=a.allow_adapter_paths,
         api_key=a.api_key,
         max_body_mb=a.max_body_mb,
         max_in_flight=a.max_in_flight,
         timeout_s=a.timeout,
     )
-    finetunes = None
-    if a.finetunes != "none":
-        from .finetune.store import FinetuneStore
-
-        finetunes = FinetuneStore(a.finetunes)
-    serve(vl, vl.model.name, a.host, a.port, cfg, finetunes)
+    serve(vl, vl.model.name, a.host, a.port, cfg, None if a.finetunes == "none" else FinetuneStore(a.finetunes))
     return 0
 
 
@@ -280,8 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     _train_args(p)
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("models", help="list the models available locally")
-    p.set_defaults(fn=cmd_models)
+    sub.add_parser("models", help="list the models available locally").set_defaults(fn=cmd_models)
 
     p = sub.add_parser("pull", help="download a model from the Hugging Face hub (needs network and huggingface_hub)")
     p.add_argument("repo", help="hub id, e.g. vikhyatk/moondream2")
@@ -295,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-file-images", action="store_true", help="read file:// image URLs")
     p.add_argument(
         "--allow-adapter-paths",
-        default=None,
+        type=Path,
         metavar="DIR",
         help="requests may load adapter files from inside DIR (default: only registered adapters and finetune checkpoints)",
     )
@@ -303,9 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-mb", type=float, default=50.0, help="larger request bodies get 413")
     p.add_argument("--max-in-flight", type=int, default=256, help="more concurrent requests get 429")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request before 504")
-    p.add_argument(
-        "--finetunes", default=DEFAULT_STORE, help=f"finetune store for /v1/tuning (default {DEFAULT_STORE}; none = off)"
-    )
+    p.add_argument("--finetunes", default=DEFAULT_STORE, help="finetune store for /v1/tuning (default %(default)s; none = off)")
     _model_args(p)
     p.set_defaults(fn=cmd_serve)
 

@@ -113,8 +113,7 @@ def _skill_route(skill: Skill, select: Callable[..., Selection], image_of: Calla
         if not (stream and skill.text_key):
             count = {"count": len(out["points"])} if "points" in out else {}  # Station adds it; the client ignores it
             return out | count | {"request_id": rid, "_stats": stats}
-        pieces = out.pop(skill.text_key)
-        events = _sse(pieces, rid, stats, out)
+        events = _sse(out.pop(skill.text_key), rid, stats, out)  # `out`: what the last event carries besides the text
         return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     route.__name__ = skill.name

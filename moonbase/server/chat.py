@@ -100,10 +100,10 @@ def _refuse_unhonoured(extra: dict[str, Any]) -> None:
 def _part(where: str, role: str, part: dict[str, Any]) -> tuple[str | None, str | None]:
     """A content part's (text, image url); a malformed part or one of a type not taken is a 400."""
     kind = part.get("type")
-    if kind == "text":
-        if not isinstance(part.get("text"), str):
-            raise SettingsError(f"{where}: a text part needs a string `text`")
-        return part["text"], None
+    if kind == "text" or (kind == "refusal" and role == "assistant"):
+        if not isinstance(part.get(kind), str):
+            raise SettingsError(f"{where}: a {kind} part needs a string `{kind}`")
+        return part[kind], None
     if kind == "image_url":
         image = part.get("image_url")
         if not isinstance(image, dict) or not isinstance(image.get("url"), str):
@@ -111,10 +111,6 @@ def _part(where: str, role: str, part: dict[str, Any]) -> tuple[str | None, str 
         if image.get("detail") is not None and image["detail"] not in IMAGE_DETAIL:
             raise SettingsError(f"{where}: image_url `detail` must be one of {', '.join(IMAGE_DETAIL)}")
         return None, image["url"]
-    if kind == "refusal" and role == "assistant":
-        if not isinstance(part.get("refusal"), str):
-            raise SettingsError(f"{where}: a refusal part needs a string `refusal`")
-        return None, None
     if not isinstance(kind, str):
         raise SettingsError(f"{where}: a content part needs a string `type`")
     raise SettingsError(f"{where}: content part type {kind!r} is not supported (only 'text' and 'image_url')")
@@ -143,9 +139,7 @@ def _conversation(messages: list[ChatMessage]) -> tuple[str, str | None]:
     return question, images[0][1] if images else None
 
 
-def add_chat_route(
-    app: FastAPI, select: Callable[[str | None], Selection], image_of: Callable[[str], Any], timeout: float | None
-) -> None:
+def add_chat_route(app: FastAPI, select: Callable[..., Selection], image_of: Callable[[str], Any], timeout: float | None) -> None:
     @app.post("/v1/chat/completions")
     async def chat(request: Request, body: ChatRequest):
         sel = select(body.model)
@@ -165,8 +159,7 @@ def add_chat_route(
         rid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            chunks = _chunks(out["answer"], rid, created, sel.name, stats, usage)
-            return StreamingResponse(chunks, media_type="text/event-stream")
+            return StreamingResponse(_chunks(out["answer"], rid, created, sel.name, stats, usage), media_type="text/event-stream")
         message: dict[str, Any] = {"role": "assistant", "content": out["answer"]}
         if "reasoning" in out:
             message["reasoning"] = out["reasoning"]["text"]
@@ -190,9 +183,7 @@ def _usage(stats: dict[str, Any]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _chunks(
-    pieces: Iterator[str], rid: str, created: int, model: str, stats: dict[str, Any], usage: bool = False
-) -> Iterator[str]:
+def _chunks(pieces: Iterator[str], rid: str, created: int, model: str, stats: dict[str, Any], usage: bool) -> Iterator[str]:
     """OpenAI's chunks; with `usage` (stream_options.include_usage) every chunk carries `"usage": null` and
     a last chunk with no choices carries the counts."""
 

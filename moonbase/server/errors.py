@@ -46,18 +46,18 @@ ERRORS: tuple[tuple[type[BaseException], int, str], ...] = (
 
 
 def describe(exc: BaseException) -> tuple[int, str, str]:
-    """(status, error type, message) for any exception; unexpected ones (a failed forward) are 500s."""
+    """(status, message, error type) for any exception; unexpected ones (a failed forward) are 500s."""
     for cls, status, kind in ERRORS:
         if isinstance(exc, cls):
-            return status, kind, str(exc) or cls.__name__
+            return status, str(exc) or cls.__name__, kind
     if type(exc).__name__ == "OutOfMemoryError":  # torch's CUDA OOM, a RuntimeError: transient
-        return 503, "overloaded_error", f"the device ran out of memory: {exc}"
+        return 503, f"the device ran out of memory: {exc}", "overloaded_error"
     log.error("request failed", exc_info=exc)
-    return 500, "internal_error", f"the model failed on this request ({type(exc).__name__}: {exc})"
+    return 500, f"the model failed on this request ({type(exc).__name__}: {exc})", "internal_error"
 
 
 def error_body(exc: BaseException) -> dict[str, Any]:
-    status, kind, message = describe(exc)
+    status, message, kind = describe(exc)
     return {"message": message, "type": kind, "code": status}
 
 
@@ -66,8 +66,7 @@ def error_response(status: int, message: str, kind: str, headers: dict[str, str]
 
 
 def exception_response(exc: BaseException) -> JSONResponse:
-    status, kind, message = describe(exc)
-    return error_response(status, message, kind)
+    return error_response(*describe(exc))
 
 
 def install(app: Any) -> None:

@@ -41,10 +41,8 @@ class Gate:
             await _error(send, 413, f"request body over {self.max_body} bytes", "request_too_large")
             return
         with self._lock:
-            if self.in_flight >= self.max_in_flight:
-                full = True
-            else:
-                full, self.in_flight = False, self.in_flight + 1
+            if not (full := self.in_flight >= self.max_in_flight):
+                self.in_flight += 1
         if full:
             await _error(send, 429, "the server is at capacity; retry shortly", "rate_limit_error", {"retry-after": "1"})
             return

@@ -9,7 +9,7 @@ its choosing, and the refusal says nothing about the filesystem."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..api import VL
@@ -30,7 +30,6 @@ class Selection:
 class ServedModels:
     models: dict[str, VL]
     default: str
-    aliases: tuple[str, ...] = field(default=ALIASES)
 
     def select(self, model: str | None, variant: str | None = None) -> Selection:
         if model is not None and not isinstance(model, str):
@@ -40,7 +39,7 @@ class ServedModels:
             base, adapter = base.rsplit("/", 1)
         base = base.removeprefix("moondream/") if base.removeprefix("moondream/") in self.models else base
         if base not in self.models:
-            if base in self.aliases and len(self.models) == 1:
+            if base in ALIASES and len(self.models) == 1:
                 base = self.default
             else:
                 raise ModelNotFoundError(f"model {base!r} is not served here; served: {', '.join(self.models)}")

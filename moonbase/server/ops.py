@@ -12,7 +12,8 @@ from .models import ServedModels
 
 
 def add_ops_routes(app: FastAPI, served: ServedModels, gate: Gate) -> None:
-    def snapshot() -> dict[str, Any]:
+    @app.get("/v1/stats")
+    def stats() -> dict[str, Any]:
         engines = {}
         for name, vl in served.models.items():
             limits = {"max_crops": vl.limits.max_crops or vl.model.cfg.vision.max_crops, "max_pixels": vl.limits.max_pixels}
@@ -28,18 +29,11 @@ def add_ops_routes(app: FastAPI, served: ServedModels, gate: Gate) -> None:
             "responses": responses,
         }
 
-    @app.get("/v1/stats")
-    def stats() -> dict[str, Any]:
-        return snapshot()
-
     @app.get("/metrics", response_class=PlainTextResponse)
     def metrics() -> str:
-        s = snapshot()
-        lines = [
-            "# TYPE moonbase_in_flight gauge",
-            f"moonbase_in_flight {s['in_flight']}",
-            "# TYPE moonbase_responses_total counter",
-        ]
+        s = stats()
+        lines = ["# TYPE moonbase_in_flight gauge", f"moonbase_in_flight {s['in_flight']}"]
+        lines.append("# TYPE moonbase_responses_total counter")
         for path, by_status in s["responses"].items():
             lines += [f'moonbase_responses_total{{path="{path}",status="{st}"}} {n}' for st, n in by_status.items()]
         for key in ("running", "waiting", "kv_blocks_free", "kv_blocks", "prefix_cache_entries", "prefix_cache_hits", "steps"):

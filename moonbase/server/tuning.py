@@ -5,8 +5,7 @@ train steps run in the handler's thread.
 
 Checkpoint downloads: `.../checkpoints/{step}/download` returns a short-lived URL outside /v1 that needs
 no API key (the way the official stack hands out presigned URLs); it serves the `torch.save` file whose
-`lora_state_dict` holds the adapter in the Moondream variant layout.
-"""
+`lora_state_dict` holds the adapter in the Moondream variant layout."""
 
 from __future__ import annotations
 
@@ -79,8 +78,7 @@ def add_tuning_routes(app: FastAPI, service: TuningService) -> None:
     @app.get("/v1/tuning/finetunes/{fid}/checkpoints/{step}/download")
     def download(request: Request, fid: str, step: int) -> dict[str, Any]:
         path = service.store.checkpoint_path(fid, step)
-        token = secrets.token_urlsafe(24)
-        now = time.time()
+        token, now = secrets.token_urlsafe(24), time.time()
         with links_lock:
             for t in [t for t, (_, expiry) in links.items() if expiry < now]:
                 del links[t]
