@@ -140,7 +140,7 @@ class VL:
         question: str | None = None,
         stream: bool = False,
         settings: dict[str, Any] | None = None,
-        reasoning: bool = False,
+        reasoning: bool | None = None,  # None: the model's default (Moondream 3 reasons)
         spatial_refs: Any = None,
         stats: dict | None = None,
     ) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 Field names follow the reference `MoondreamConfig` so a reference `config.json` loads as is. Every
 number the reference hard-codes (crop 378, grid 27, prefix 730, context 2048, rotary 32, 1024 bins)
-is either a field here or derived from one.
+is either a field here or derived from one. Moondream 3 is a configuration of the same code (`md3()`): a
+mixture-of-experts text FFN, tau attention, a LayerNorm + Linear region head and its prompt conventions.
 """
 
 from __future__ import annotations
@@ -68,6 +69,16 @@ class VisionConfig:
 
 
 @dataclass(frozen=True)
+class MoEConfig:
+    """Mixture-of-experts FFN from `start_layer` on (Moondream 3: 64 experts, top-8, inner 1024, from layer 4)."""
+
+    num_experts: int = 64
+    start_layer: int = 4
+    experts_per_token: int = 8
+    expert_inner_dim: int = 1024
+
+
+@dataclass(frozen=True)
 class TextConfig:
     dim: int = 2048
     ff_dim: int = 8192
@@ -81,6 +92,9 @@ class TextConfig:
     rope_theta: float = 10000.0
     group_size: int | None = None  # int4 checkpoints: quantization group (128)
     layer_norm_eps: float = 1e-5
+    moe: MoEConfig | None = None
+    tau_attn: bool = False  # learned per-token, per-position scaling of q and v (Moondream 3)
+    tau_gelu: str = "exact"  # the GELU of tau's token features: "exact" (HF, vLLM) or "tanh" (Kestrel, spec D1)
 
     @property
     def hd(self) -> int:
@@ -97,6 +111,15 @@ class TextConfig:
             raise ConfigError(f"text dim {self.dim} not divisible by {self.n_heads} heads")
         if self.rotary_dim % 2 or self.rotary_dim > self.hd:
             raise ConfigError(f"rotary_dim {self.rotary_dim} must be even and <= head dim {self.hd}")
+        if self.tau_attn and self.n_kv_heads != self.n_heads:
+            raise ConfigError("tau attention scales v per query head: it needs n_kv_heads == n_heads (spec D8)")
+        if self.tau_gelu not in ("exact", "tanh"):
+            raise ConfigError(f"tau_gelu must be 'exact' or 'tanh', got {self.tau_gelu!r}")
+        if (e := self.moe) and not (0 < e.experts_per_token <= e.num_experts and 0 <= e.start_layer < self.n_layers):
+            raise ConfigError(f"moe {e} needs 0 < experts_per_token <= num_experts and start_layer < n_layers")
+
+    def is_moe(self, layer: int) -> bool:
+        return self.moe is not None and layer >= self.moe.start_layer
 
 
 @dataclass(frozen=True)
@@ -110,6 +133,8 @@ class RegionConfig:
     group_size: int | None = None
     size_decoding: str = "log"  # "linear" for checkpoints before 2025-03-27
     size_min_log2: float = -10.0  # smallest decodable size is 2**size_min_log2
+    decoder_arch: str = "mlp"  # "mlp" (Moondream 2: dim -> inner_dim -> bins) or "linear" (Moondream 3)
+    use_ln: bool = False  # a LayerNorm `region.ln` before both decoders (Moondream 3, spec D5)
 
     @property
     def coord_bins(self) -> int:
@@ -126,6 +151,8 @@ class RegionConfig:
             raise ConfigError("Fourier feature dims must split into cos/sin halves")
         if self.size_decoding not in ("log", "linear"):
             raise ConfigError(f"size_decoding must be 'log' or 'linear', got {self.size_decoding!r}")
+        if self.decoder_arch not in ("mlp", "linear"):
+            raise ConfigError(f"decoder_arch must be 'mlp' or 'linear', got {self.decoder_arch!r}")
 
 
 def _ids(x: Any) -> tuple[int, ...]:
@@ -155,10 +182,15 @@ class TokenizerConfig:
     detect_suffix: tuple[int, ...] = (3,)
     point_prefix: tuple[int, ...] = (1, 2581, 2)
     point_suffix: tuple[int, ...] = (3,)
-    # The reference appends the query suffix twice for non-reasoning queries (spec decision D1).
+    segment_prefix: tuple[int, ...] = ()  # () = the model has no segment template (Moondream 2)
+    segment_suffix: tuple[int, ...] = ()
+    # Moondream 2 ends a query with the suffix and then the mode token: the suffix again, or thinking (spec
+    # D1); Moondream 3 with the mode token alone (the suffix, or thinking instead of it).
     repeat_query_suffix: bool = True
     # Detect/point prompts encode " " + object, as the reference does.
     object_leading_space: bool = True
+    # Moondream 3: after the first object, "another object?" compares only the coord and eos logits (D9).
+    restricted_object_decisions: bool = False
 
     def all_ids(self) -> list[int]:
         ids = [getattr(self, f.name) for f in dataclasses.fields(self) if f.name.endswith("_id")]
@@ -168,23 +200,25 @@ class TokenizerConfig:
         return ids
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TokenizerConfig:
+    def from_dict(cls, d: dict[str, Any], base: TokenizerConfig | None = None) -> TokenizerConfig:
         d = dict(d)
         if (t := d.pop("templates", None)) is not None:
             d["caption"] = t["caption"]
-            for task in PREFIX_SUFFIX_TEMPLATES:
+            for task in t.keys() & set(PREFIX_SUFFIX_TEMPLATES):
                 d[f"{task}_prefix"], d[f"{task}_suffix"] = t[task]["prefix"], t[task]["suffix"]
         for key in d.keys() & {f"{task}_{part}" for task in PREFIX_SUFFIX_TEMPLATES for part in ("prefix", "suffix")}:
             d[key] = _ids(d[key])
         if "caption" in d:
             d["caption"] = {n: _ids(x) for n, x in d["caption"].items()}
-        return _build(cls, d, "tokenizer")
+        return _build(cls, d, "tokenizer", base)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["templates"] = {"caption": {k: list(v) for k, v in d.pop("caption").items()}}
         for task in PREFIX_SUFFIX_TEMPLATES:
-            d["templates"][task] = {"prefix": list(d.pop(f"{task}_prefix")), "suffix": list(d.pop(f"{task}_suffix"))}
+            template = {"prefix": list(d.pop(f"{task}_prefix")), "suffix": list(d.pop(f"{task}_suffix"))}
+            if template["prefix"]:
+                d["templates"][task] = template
         return d
 
 
@@ -196,26 +230,25 @@ class Defaults:
     top_p: float = 0.3
     max_tokens: int = 768
     max_objects: int = 50
+    reasoning: bool = False  # a query that does not say reasons first (Moondream 3: yes)
 
 
-PREFIX_SUFFIX_TEMPLATES = ("query", "detect", "point")  # the config's `templates` with a prefix and a suffix
-MOONDREAM3_KEYS = {"moe", "tau_attn"}  # the mixture-of-experts model's text config (not supported yet)
+PREFIX_SUFFIX_TEMPLATES = ("query", "detect", "point", "segment")  # the config's `templates` with a prefix and a suffix
+MOONDREAM3_KEYS = {"moe", "tau_attn"}  # text keys that make a reference config.json a Moondream 3 one
 # Keys of a reference config.json that we read but deliberately ignore: the reference never reads
 # prefix_attn either; we derive the prefix length from the vision grid.
 _IGNORED = {"text": {"prefix_attn"}}
 
 
-def _build(cls: type, d: dict[str, Any], section: str) -> Any:
+def _build(cls: type, d: dict[str, Any], section: str, base: Any = None) -> Any:
+    """`base` with the keys of `d` (a config.json section) replaced; the dataclass defaults without a base."""
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - names - _IGNORED.get(section, set())
-    if section == "text" and unknown & MOONDREAM3_KEYS:
-        raise ConfigError(
-            f"this is a Moondream 3 configuration (text keys {sorted(unknown & MOONDREAM3_KEYS)}); "
-            "moonbase runs Moondream 2 models so far"
-        )
-    if unknown:
+    if unknown := set(d) - names - _IGNORED.get(section, set()):
         raise ConfigError(f"unknown {section} config keys: {sorted(unknown)}")
-    return cls(**{k: v for k, v in d.items() if k in names})
+    d = {k: v for k, v in d.items() if k in names}
+    if isinstance(d.get("moe"), dict):
+        d["moe"] = _build(MoEConfig, d["moe"], "text.moe")
+    return dataclasses.replace(base, **d) if base is not None else cls(**d)
 
 
 @dataclass(frozen=True)
@@ -248,10 +281,14 @@ class ModelConfig:
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         if unknown := set(d) - set(SECTIONS):
             raise ConfigError(f"unknown config sections: {sorted(unknown)}")
+        # A Moondream 3 config.json names only what its reference reads: its own conventions fill the rest.
+        base = md3() if any(d.get("text", {}).get(k) for k in MOONDREAM3_KEYS) else cls()
         sections = {}
         for name, kind in SECTIONS.items():
-            given = d.get(name, {})
-            sections[name] = TokenizerConfig.from_dict(given) if kind is TokenizerConfig else _build(kind, given, name)
+            given, default = d.get(name, {}), getattr(base, name)
+            sections[name] = (
+                TokenizerConfig.from_dict(given, default) if kind is TokenizerConfig else _build(kind, given, name, default)
+            )
         return cls(**sections).validate()
 
     def to_dict(self) -> dict[str, Any]:
@@ -264,7 +301,7 @@ class ModelConfig:
         if "config" in d and "model_type" in d and not set(d) & {"text", "vision", "region"}:
             # The Hugging Face wrapper's config.json: the reference discards its contents and uses
             # the default config, so do we (shapes are still validated against the checkpoint).
-            return md2()
+            return md3() if "moondream3" in str(d["model_type"]).lower() else md2()
         return cls.from_dict(d)
 
 
@@ -274,3 +311,16 @@ SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(ModelConfig)} 
 def md2() -> ModelConfig:
     """Moondream 2 (2B), the 2025-06-21 generation with the starmie-v1 tokenizer."""
     return ModelConfig().validate()
+
+
+def md3() -> ModelConfig:
+    """Moondream 3 preview (9B total, 2B active): Moondream 2's vision and tokenizer, a mixture-of-experts text
+    decoder with tau attention and RoPE theta 1.5e6, a LayerNorm + Linear region head (spec §1)."""
+    return ModelConfig(
+        text=TextConfig(max_context=4096, rope_theta=1_500_000.0, moe=MoEConfig(), tau_attn=True),
+        region=RegionConfig(decoder_arch="linear", use_ln=True),
+        tokenizer=TokenizerConfig(
+            segment_prefix=(1, 17374, 2), segment_suffix=(3,), repeat_query_suffix=False, restricted_object_decisions=True
+        ),
+        defaults=Defaults(top_p=0.9, max_objects=150, reasoning=True),
+    ).validate()

@@ -25,6 +25,10 @@ class SettingsError(MoonbaseError, ValueError):
     """Generation settings or skill arguments are invalid."""
 
 
+class SkillNotSupportedError(MoonbaseError):
+    """The model cannot run this skill (Moondream 2 has no segmentation head)."""
+
+
 class AdapterNotFoundError(ModelNotFoundError):
     """A LoRA adapter (variant) name or path could not be resolved."""
 

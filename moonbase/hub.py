@@ -13,26 +13,28 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig, RegionConfig, TextConfig, TokenizerConfig, VisionConfig, md2
+from .config import ModelConfig, MoEConfig, RegionConfig, TextConfig, TokenizerConfig, VisionConfig, md2, md3
 from .device import pick_device, pick_dtype
-from .errors import ModelNotFoundError
+from .errors import CheckpointError, ModelNotFoundError
 from .model.init import init_weights
 from .model.moondream import Moondream, build_model
 from .tokenizer import TASK_TOKENS, Tokenizer, byte_level_tokenizer, task_token_templates
 from .weights import load_weights, read_header
 
-WEIGHT_FILES = ("model.safetensors", "model.pt")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "model.pt")  # a file, or shards and their index
 ASSETS = Path(__file__).parent / "assets"
 
 
 def model_config_for(directory: Path, weights: Path) -> ModelConfig:
     cfg_file = directory / "config.json"
     cfg = ModelConfig.from_file(cfg_file) if cfg_file.is_file() else md2()
-    if cfg.text.group_size is None:
-        packed = [s for k, s in read_header(weights).items() if k.endswith("weight.packed")]
-        if packed:  # int4 checkpoint: the group size is the packed row width (D11)
-            g = int(packed[0][1])
-            cfg = replace(cfg, text=replace(cfg.text, group_size=g), region=replace(cfg.region, group_size=g))
+    header = read_header(weights)
+    packed = [s for k, s in header.items() if k.endswith("weight.packed")]
+    if cfg.text.group_size is None and packed:  # int4 checkpoint: the group size is the packed row width (D11)
+        g = int(packed[0][1])
+        cfg = replace(cfg, text=replace(cfg.text, group_size=g), region=replace(cfg.region, group_size=g))
+    if cfg.region.use_ln and not any(k.endswith("region.ln.weight") for k in header):
+        cfg = replace(cfg, region=replace(cfg.region, use_ln=False))  # checkpoints before the region LayerNorm (D5)
     return cfg
 
 
@@ -41,6 +43,11 @@ def load_dir(
 ) -> Moondream:
     directory = Path(directory)
     weights_file = next((directory / f for f in WEIGHT_FILES if (directory / f).is_file()), None)
+    if weights_file is None and (directory / "model_fp8.pt").is_file():
+        raise CheckpointError(
+            f"{directory}/model_fp8.pt is Kestrel's FP8 layout (float8 experts with per-row scales), which moonbase does "
+            "not load; use the bf16 safetensors of moondream/moondream3-preview"
+        )
     if weights_file is None:
         raise ModelNotFoundError(f"{directory} has no {' or '.join(WEIGHT_FILES)}")
     if not (directory / "tokenizer.json").is_file():
@@ -94,15 +101,33 @@ def tiny_config(
     ).validate()
 
 
+def tiny_moondream3(cfg: ModelConfig, segment_id: int) -> ModelConfig:
+    """The same tiny sizes in the Moondream 3 architecture: tau attention, 4 experts (top-2) from layer 1, the
+    LayerNorm + Linear region head, and Moondream 3's prompt conventions and defaults."""
+    big = md3()
+    text = replace(cfg.text, n_kv_heads=cfg.text.n_heads, moe=MoEConfig(4, 1, 2, 32), tau_attn=True)
+    region = replace(cfg.region, decoder_arch="linear", use_ln=True)
+    conventions = ("repeat_query_suffix", "restricted_object_decisions", "segment_suffix")
+    tok = replace(cfg.tokenizer, segment_prefix=(1, segment_id, 2), **{k: getattr(big.tokenizer, k) for k in conventions})
+    return replace(cfg, text=text, region=region, tokenizer=tok, defaults=big.defaults).validate()
+
+
 def tiny_random(
-    seed: int = 0, device: str | torch.device | None = "cpu", dtype: str | torch.dtype | None = None, **overrides
+    seed: int = 0,
+    device: str | torch.device | None = "cpu",
+    dtype: str | torch.dtype | None = None,
+    moondream3: bool = False,
+    **overrides,
 ) -> Moondream:
-    """A randomly initialized tiny model with a byte-level tokenizer: exercises every code path, knows nothing."""
-    hf_tok = byte_level_tokenizer(TASK_TOKENS)
+    """A randomly initialized tiny model with a byte-level tokenizer: exercises every code path, knows nothing.
+    `moondream3`: the mixture-of-experts architecture (`tiny_moondream3`)."""
+    hf_tok = byte_level_tokenizer(TASK_TOKENS + ["<|segment|>"] if moondream3 else TASK_TOKENS)
     cfg = tiny_config(task_token_templates(hf_tok), hf_tok.get_vocab_size(), **overrides)
+    if moondream3:
+        cfg = tiny_moondream3(cfg, hf_tok.token_to_id("<|segment|>"))
     dev = pick_device(device)
     weights = init_weights(build_model(cfg), seed).to(device=dev, dtype=pick_dtype(dev, dtype))
-    return Moondream(cfg, weights, Tokenizer(hf_tok, cfg.tokenizer), name="tiny-random")
+    return Moondream(cfg, weights, Tokenizer(hf_tok, cfg.tokenizer), name="tiny-moondream3" if moondream3 else "tiny-random")
 
 
 def nano(device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> Moondream:
@@ -139,9 +164,16 @@ def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
             f"{repo_id!r} looks like a hub id, but huggingface_hub is not installed "
             "(pip install huggingface_hub), and it is not a local directory"
         ) from e
+    from huggingface_hub.errors import GatedRepoError
+
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=["*.json", "*.safetensors"]))
-    except Exception as e:  # offline, unknown repo, auth: all end the same way for the user
+    except GatedRepoError as e:  # moondream/moondream3-preview: access is granted on request
+        raise ModelNotFoundError(
+            f"{repo_id!r} is gated: request access on https://huggingface.co/{repo_id} (granted automatically), "
+            "then log in with `huggingface-cli login` or set HF_TOKEN, and pull again"
+        ) from e
+    except Exception as e:  # offline, unknown repo: all end the same way for the user
         raise ModelNotFoundError(f"cannot get {repo_id!r} from the Hugging Face hub: {e}") from e
 
 

@@ -47,10 +47,13 @@ class SingleSequence:
 
 
 @torch.no_grad()
-def generate_text(seq: SingleSequence, mask: tuple[int, ...], stop: tuple[int, ...], decode_coords: bool = False) -> TextRun:
+def generate_text(
+    seq: SingleSequence, mask: tuple[int, ...], stop: tuple[int, ...], decode_coords: bool = False, decode_sizes: bool = False
+) -> TextRun:
     """Sample from the current logits until a stop id, max_tokens or the context end. The first token comes
     from the prefill logits unmasked; later steps mask the ids in `mask`. With `decode_coords`, a coord token
-    is followed by the coordinate decoded from the hidden state that produced it, fed as its embedding."""
+    is followed by the coordinate decoded from the hidden state that produced it, fed as its embedding; with
+    `decode_sizes`, a size token by the size."""
     m, run = seq.m, TextRun()
     while run.stop_reason is None:
         logits = seq.logits.clone()
@@ -69,6 +72,10 @@ def generate_text(seq: SingleSequence, mask: tuple[int, ...], stop: tuple[int, .
             value = m.decode_coord(seq.hidden[None])
             run.coords[len(run.ids) - 1] = float(value[0])
             seq.feed(m.encode_coords(value))
+        elif decode_sizes and token == m.cfg.tokenizer.size_id:
+            wh = m.decode_size(seq.hidden[None])
+            run.sizes[len(run.ids) - 1] = (float(wh[0, 0]), float(wh[0, 1]))
+            seq.feed(m.encode_sizes(wh))
         else:
             seq.feed(m.embed_ids([token]))
     return run
@@ -77,11 +84,18 @@ def generate_text(seq: SingleSequence, mask: tuple[int, ...], stop: tuple[int, .
 @torch.no_grad()
 def generate_objects(seq: SingleSequence, with_size: bool) -> Output:
     """Greedy region loop: x, then y, then (boxes) size, each fed back as an embedding; another object
-    follows while the argmax over the full vocabulary is not eos, up to max_objects."""
-    m, eos, max_objects = seq.m, seq.m.cfg.tokenizer.eos_id, seq.settings.max_objects
+    follows while the argmax over the full vocabulary is not eos (Moondream 3, after the first object: while
+    the coord logit is not below the eos logit), up to max_objects."""
+    m, tok, max_objects = seq.m, seq.m.cfg.tokenizer, seq.settings.max_objects
     out: list[RegionObject] = []
     steps = 3 if with_size else 2
-    while len(out) < max_objects and int(seq.logits.argmax()) != eos and seq.room >= steps:
+
+    def another() -> bool:
+        if out and tok.restricted_object_decisions:
+            return bool(seq.logits[tok.coord_id] >= seq.logits[tok.eos_id])
+        return int(seq.logits.argmax()) != tok.eos_id
+
+    while len(out) < max_objects and another() and seq.room >= steps:
         x = m.decode_coord(seq.hidden[None])
         seq.feed(m.encode_coords(x))
         y = m.decode_coord(seq.hidden[None])
@@ -100,6 +114,7 @@ def generate_objects(seq: SingleSequence, with_size: bool) -> Output:
 def run(m: Moondream, image: EncodedImage | None, req: SkillRequest, adapter: Adapter | None = None) -> Output:
     """One request from start to end: prefill the skill's prompt after the image prefix (or BOS alone),
     then the skill's reference loop."""
+    req = req.with_defaults(m.cfg.defaults)
     seq = SingleSequence(m, image, resolve_settings(req.settings_dict, m.cfg.defaults), adapter)
     if req.spatial_refs and image is None:
         raise SettingsError("spatial_refs need an image")
@@ -129,4 +144,11 @@ _REFERENCE = {  # detect (boxes) and point are greedy whatever the settings, lik
     "query": lambda seq, req: _text(seq, req.reasoning),
     "detect": lambda seq, req: generate_objects(seq, True),
     "point": lambda seq, req: generate_objects(seq, False),
+    "segment": lambda seq, req: _segment(seq, req),
 }
+
+
+def _segment(seq: SingleSequence, req: SkillRequest) -> Output:
+    """Unconstrained: a coord token becomes a coordinate, a size token a size, anything else is path text."""
+    run = generate_text(seq, (), (seq.m.cfg.tokenizer.eos_id,), decode_coords=True, decode_sizes=True)
+    return Output(run.stop_reason, text=run, subject=req.object)

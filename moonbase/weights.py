@@ -3,11 +3,14 @@
 Accepted layouts: the Hugging Face `model.`-prefixed names (what `vikhyatk/moondream2` ships), the same
 names without the prefix (the reference fine-tuning scripts, which also save KV buffers), torch.compile
 residue (`._orig_mod`), the 2024 Phi-style legacy names, and int4 "at rest" checkpoints whose linear
-weights are stored as `weight.packed` / `weight.scale` / `weight.zero_point`.
+weights are stored as `weight.packed` / `weight.scale` / `weight.zero_point`. A checkpoint is one file
+(`.safetensors` or `.pt`) or a sharded safetensors set named by its `model.safetensors.index.json`
+(Moondream 3), loaded shard by shard: host memory peaks at the model plus one tensor being converted.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -131,6 +134,12 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch
 
 def read_header(path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes, without reading the data."""
+    if path.name.endswith(".index.json"):
+        shards = shard_map(path)
+        headers = {f: read_header(f) for f in set(shards.values())}
+        if missing := [k for k, f in shards.items() if k not in headers[f]]:
+            raise CheckpointError(f"{path} lists {len(missing)} tensors its shards do not hold, e.g. {missing[:3]}")
+        return {k: headers[f][k] for k, f in shards.items()}
     try:
         if path.suffix == ".safetensors":
             from safetensors import safe_open
@@ -142,6 +151,19 @@ def read_header(path: Path) -> dict[str, tuple[int, ...]]:
         raise
     except Exception as e:  # safetensors and torch.load raise many types for a damaged file
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+
+
+def shard_map(index: Path) -> dict[str, Path]:
+    """Tensor name -> shard file, from a Hugging Face `*.safetensors.index.json`; shards must sit beside it."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"cannot read shard index {index}: {e}") from e
+    shards = {k: index.parent / f for k, f in weight_map.items()}
+    for f in set(shards.values()):
+        if f.resolve().parent != index.parent.resolve() or not f.is_file():
+            raise CheckpointError(f"{index} names shard {f.name!r}, which is not a file beside it")
+    return shards
 
 
 def _load_pt(path: Path) -> dict[str, torch.Tensor]:
@@ -160,7 +182,9 @@ def _tensor_reader(path: Path) -> Callable[[str], torch.Tensor]:
 
 
 def load_weights(model: nn.Module, path: str | Path, device: torch.device | str, dtype: torch.dtype) -> nn.Module:
-    """Materialize `model` (built on the meta device) from a checkpoint file, strictly."""
+    """Materialize `model` (built on the meta device) from a checkpoint file or shard index, strictly: every
+    name and shape is checked before any data is read, then each shard's tensors are converted and assigned
+    one at a time."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -170,13 +194,20 @@ def load_weights(model: nn.Module, path: str | Path, device: torch.device | str,
     problems += check_sources(sources, expected, header)
     if problems:
         raise CheckpointError(f"checkpoint {path} does not match the model configuration:\n  " + "\n  ".join(problems))
-    get = _tensor_reader(path)
-    state = {}
-    for name, src in sources.items():
-        if src.int4:
-            t = dequantize_int4(*(get(k) for k in src.keys), expected[name])
-        else:
-            t = get(src.keys[0]) if src.transform is None else src.transform(get(src.keys[0]))
-        state[name] = t.to(device=device, dtype=dtype)
-    model.load_state_dict(state, strict=True, assign=True)
+    shards = shard_map(path) if path.name.endswith(".index.json") else dict.fromkeys(header, path)
+    for shard in sorted(set(shards.values())):
+        get = _tensor_reader(shard)
+        for name, src in sources.items():
+            if shards[src.keys[0]] != shard:
+                continue
+            if src.int4:
+                t = dequantize_int4(*(_read(shards, k, shard, get) for k in src.keys), expected[name])
+            else:
+                t = get(src.keys[0]) if src.transform is None else src.transform(get(src.keys[0]))
+            model.load_state_dict({name: t.to(device=device, dtype=dtype)}, strict=False, assign=True)
     return model
+
+
+def _read(shards: dict[str, Path], key: str, shard: Path, get: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    """A tensor of this shard, or of another one (an int4 triple split across shards)."""
+    return get(key) if shards[key] == shard else _tensor_reader(shards[key])(key)

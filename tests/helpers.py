@@ -49,8 +49,9 @@ def scenes(n: int, seed: int = 0) -> list[np.ndarray]:
     return [np.asarray(render_scene(seed + i, max_objects=4).image) for i in range(n)]
 
 
-def skill_cases(images: list[np.ndarray]) -> list[tuple[str, int, dict]]:
-    """(skill, image index, arguments) covering every skill and variant, images reused across cases."""
+def skill_cases(images: list[np.ndarray], segment: bool = False) -> list[tuple[str, int, dict]]:
+    """(skill, image index, arguments) covering every skill and variant, images reused across cases; `segment`
+    for models that segment (Moondream 3)."""
     cases = []
     for i in range(len(images)):
         cases += [
@@ -64,7 +65,7 @@ def skill_cases(images: list[np.ndarray]) -> list[tuple[str, int, dict]]:
         ("query", 1, {"question": "What color is it?", "spatial_refs": [[0.5, 0.5]]}),
         ("query", None, {"question": "What is a circle?"}),
     ]
-    return cases
+    return cases + ([("segment", i, {"object": "circle"}) for i in range(len(images))] if segment else [])
 
 
 def skill_request(images, skill, idx, args, settings=GREEDY) -> SkillRequest:
@@ -86,14 +87,14 @@ def request(vl: VL, images, skill, idx, args, variant=None) -> Request:
 def outcome(out: Output, args):
     if out.objects is not None:
         return [(o.x, o.y, o.size) for o in out.objects]
-    if args.get("reasoning"):
+    if out.trace is not None:
         return (out.text.ids, out.trace.ids, out.trace.coords)
-    return out.text.ids
+    return (out.text.ids, out.text.coords, out.text.sizes)
 
 
 def check_batch(m, images, engine_cfg: EngineConfig, repeat: int = 1) -> Engine:
     """Blocking and pipelined engines against the reference; returns the pipelined engine."""
-    cases = skill_cases(images) * repeat
+    cases = skill_cases(images, segment=bool(m.cfg.tokenizer.segment_prefix)) * repeat
     expected = [reference(m, images, *c) for c in cases]
     for pipeline in (False, True):
         engine = Engine(m, dataclasses.replace(engine_cfg, pipeline=pipeline), background=False)

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from moonbase.config import ModelConfig, md2
+from moonbase.config import ModelConfig, md2, md3
 from moonbase.errors import ConfigError
 from tests.conftest import fixture_sets
 
@@ -29,9 +29,30 @@ def test_reference_config_json_loads(directory):
 
 
 @pytest.mark.parametrize("directory", fixture_sets("md3"), ids=lambda p: p.name)
-def test_moondream3_config_is_refused_with_a_clear_message(directory):
-    with pytest.raises(ConfigError, match="Moondream 3 configuration"):
-        ModelConfig.from_file(directory / "config.json")
+def test_moondream3_config_json_takes_moondream3_conventions(directory):
+    raw = json.loads((directory / "config.json").read_text())
+    cfg = ModelConfig.from_file(directory / "config.json")
+    assert cfg.text.moe is not None and cfg.text.moe.num_experts == raw["text"]["moe"]["num_experts"]
+    assert cfg.text.tau_attn and cfg.region.decoder_arch == "linear" and cfg.region.use_ln
+    # what its config.json does not say comes from Moondream 3, not Moondream 2
+    assert not cfg.tokenizer.repeat_query_suffix and cfg.tokenizer.restricted_object_decisions
+    assert cfg.defaults == md3().defaults and cfg.defaults.reasoning
+    assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_md3_preset():
+    cfg = md3()
+    assert cfg.prefix_len == 730 and cfg.text.qkv_dim == 6144 and cfg.text.rope_theta == 1.5e6
+    assert [cfg.text.is_moe(i) for i in (0, 3, 4, 23)] == [False, False, True, True]
+    assert cfg.tokenizer.segment_prefix == (1, 17374, 2) and md2().tokenizer.segment_prefix == ()
+    assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_tau_attention_needs_one_kv_head_per_query_head():
+    d = md3().to_dict()
+    d["text"]["n_kv_heads"] = 8
+    with pytest.raises(ConfigError, match="tau attention"):
+        ModelConfig.from_dict(d)
 
 
 def test_hf_wrapper_config_means_md2(tmp_path):

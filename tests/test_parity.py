@@ -31,3 +31,20 @@ def test_parity_fails_on_a_perturbed_model(tmp_path, capsys):
     assert main(["parity", str(dst)]) == 1
     out = capsys.readouterr().out
     assert "FAIL" in out and "prefill logits" in out
+
+
+MD3_SETS = fixture_sets("md3")
+
+
+@pytest.mark.skipif(not MD3_SETS, reason="no Moondream 3 parity fixtures next to the repository")
+def test_parity_fails_when_routing_changes(tmp_path, capsys):
+    """Routing is discrete: one expert favoured by its router bias changes the chosen sets, and parity says so."""
+    src = MD3_SETS[0]
+    dst = tmp_path / src.name
+    shutil.copytree(src, dst)
+    weights = load_file(str(dst / "model.safetensors"))
+    name = next(k for k in sorted(weights) if k.endswith("mlp.router.bias"))
+    weights[name][0] += 20.0
+    save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    assert main(["parity", str(dst)]) == 1
+    assert "expert sets" in "\n".join(line for line in capsys.readouterr().out.splitlines() if "FAIL" in line)

@@ -88,7 +88,7 @@ def test_boxes_are_clipped_to_the_image_unless_raw_values_are_asked_for():
 
 
 def test_requests_name_their_skill_and_are_checked_by_it():
-    assert list(REGISTRY) == ["caption", "query", "detect", "point"]
+    assert list(REGISTRY) == ["caption", "query", "detect", "point", "segment"]
     assert SkillRequest("detect", object="x").skill is get("detect")
     with pytest.raises(SettingsError, match="unknown skill 'segmentation'"):
         SkillRequest("segmentation")

@@ -1,10 +1,11 @@
 import json
+import math
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from moonbase.config import md2
+from moonbase.config import md2, md3
 from moonbase.errors import CheckpointError
 from moonbase.hub import load_dir, save_dir
 from moonbase.model.moondream import build_model
@@ -142,4 +143,60 @@ def test_missing_files_and_garbage(tmp_path, tiny):
     save_dir(tiny, tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"\x00garbage")
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_dir(tmp_path)
+
+
+def test_moondream3_manifest_is_accepted_on_the_meta_device():
+    path = PARITY_ROOT / "md3-manifest.json"
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+    manifest = json.loads(path.read_text())
+    header = {t["name"]: tuple(t["shape"]) for t in manifest["tensors"]}
+    sources, problems = plan_sources(header)
+    assert problems == [] and check_sources(sources, _meta_shapes(md3()), header) == []
+    assert len(sources) == 662
+    assert sum(math.prod(s) for s in _meta_shapes(md3()).values()) == manifest["n_elements"]
+
+
+def _shard(tmp_path, m, n_shards: int):
+    """`m` saved as a Hugging Face sharded checkpoint: n shard files and their index."""
+    save_dir(m, tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    (tmp_path / "model.safetensors").unlink()
+    names = sorted(state)
+    weight_map = {}
+    for i in range(n_shards):
+        part = names[i::n_shards]
+        file = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+        save_file({k: state[k] for k in part}, str(tmp_path / file), metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(part, file)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return state
+
+
+def test_a_sharded_moondream3_checkpoint_loads_shard_by_shard(tmp_path, tiny3):
+    state = _shard(tmp_path, tiny3, 3)
+    m = load_dir(tmp_path)
+    assert m.cfg == tiny3.cfg
+    for k, v in m.w.state_dict().items():
+        assert torch.equal(v, state["model." + k]), k
+
+
+def test_a_wrong_shard_set_fails_with_the_readable_list(tmp_path, tiny3):
+    _shard(tmp_path, tiny3, 2)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.text.blocks.1.mlp.router.weight"] = "model-00009-of-00009.safetensors"
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="not a file beside it"):
+        load_dir(tmp_path)
+    del index["weight_map"]["model.text.blocks.1.mlp.router.weight"]
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"1 missing:\n\s+text.blocks.1.mlp.router.weight"):
+        load_dir(tmp_path)
+
+
+def test_kestrel_fp8_checkpoints_are_refused_with_a_message(tmp_path):
+    (tmp_path / "model_fp8.pt").write_bytes(b"")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="FP8"):
         load_dir(tmp_path)

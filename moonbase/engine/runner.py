@@ -128,7 +128,7 @@ class Runner:
         lm = [i for i, h in enumerate(heads) if h is Head.LM]
         follow = [s.program.coord_mode() for s in rows]
         coord_rows = [i for i in range(b) if heads[i] is Head.COORD or (heads[i] is Head.LM and follow[i] is not CoordMode.NEVER)]
-        size_rows = [i for i, h in enumerate(heads) if h is Head.SIZE]
+        size_rows = [i for i in range(b) if heads[i] is Head.SIZE or follow[i] is CoordMode.ON_REGION_TOKEN]
         tokens = torch.zeros(b, dtype=torch.long, device=dev)
         extra = rollout_heads(m, rows)  # None unless a row records a rollout or has its own region head
         if lm:
@@ -136,6 +136,10 @@ class Runner:
             for j, i in enumerate(lm):
                 if masked := rows[i].program.mask():
                     logits[j, list(masked)] = float("-inf")
+                if allowed := list(rows[i].program.allowed):
+                    kept = logits[j, allowed]
+                    logits[j] = float("-inf")
+                    logits[j, allowed] = kept
             if extra is not None:
                 extra.restrict(lm, logits)
             tokens[_index(lm, b)] = sample_rows(logits, [rows[i] for i in lm], [rows[i].temperature for i in lm])
@@ -149,20 +153,26 @@ class Runner:
             decoded = extra.coords(coord_rows, hidden) if extra is not None else m.decode_coord(hidden[picked])
             coords[picked] = decoded.to(m.dtype)
             use[[i for i in coord_rows if heads[i] is Head.COORD or follow[i] is CoordMode.ALWAYS]] = True
-            on_token = [i for i in coord_rows if follow[i] is CoordMode.ON_COORD_TOKEN]
+            on_token = [i for i in coord_rows if follow[i] in (CoordMode.ON_COORD_TOKEN, CoordMode.ON_REGION_TOKEN)]
             if on_token:
                 use[on_token] = tokens[on_token] == m.cfg.tokenizer.coord_id
             next_emb = torch.where(use[:, None], m.encode_coords(coords), next_emb)
         sizes = torch.zeros(b, 2, device=dev, dtype=m.dtype)
+        use_size = torch.zeros(b, dtype=torch.bool, device=dev)  # rows fed their size next
         if size_rows:
             picked = _index(size_rows, b)
             decoded = extra.sizes(size_rows, hidden) if extra is not None else m.decode_size(hidden[picked])
             sizes[picked] = decoded.to(m.dtype)
-            next_emb[picked] = m.encode_sizes(sizes[picked])
+            use_size[[i for i in size_rows if heads[i] is Head.SIZE]] = True
+            if on_token := [i for i in size_rows if heads[i] is Head.LM]:
+                use_size[on_token] = tokens[on_token] == m.cfg.tokenizer.size_id
+            next_emb = torch.where(use_size[:, None], m.encode_sizes(sizes), next_emb)
         rooms = [m.cfg.text.max_context - s.length for s in rows]
         for i, seq in enumerate(rows):  # what a pipelined step feeds before the programs have decided
             seq.next_emb = next_emb[i]
-        values = torch.cat([tokens.double(), coords.double(), sizes.double().ravel(), use.double()])  # one copy to the host
+        values = torch.cat(
+            [tokens.double(), coords.double(), sizes.double().ravel(), use.double(), use_size.double()]
+        )  # one copy
         return HeadOut(rows, heads, rooms, values, next_emb, extra)
 
     def commit(self, out: HeadOut) -> list[Sequence]:
@@ -170,7 +180,7 @@ class Runner:
         sequences whose program chose an input other than the one `heads` embedded (a reasoning trace cut
         by max_tokens goes on with the answer token): they are fed from their `pending` input instead."""
         b, values = len(out.rows), out.values.tolist()
-        tokens, coords, use = [int(t) for t in values[:b]], values[b : 2 * b], values[4 * b :]
+        tokens, coords, use, use_size = [int(t) for t in values[:b]], values[b : 2 * b], values[4 * b : 5 * b], values[5 * b :]
         sizes = list(zip(values[2 * b : 4 * b : 2], values[2 * b + 1 : 4 * b : 2], strict=True))
         mispredicted = []
         for i, seq in enumerate(out.rows):
@@ -180,8 +190,8 @@ class Runner:
             then = None
             try:
                 if head is Head.LM:
-                    if (then := program.on_token(tokens[i], out.rooms[i])) is Head.COORD:
-                        program.on_region(coords[i])
+                    if (then := program.on_token(tokens[i], out.rooms[i])) is not None:
+                        program.on_region(coords[i] if then is Head.COORD else sizes[i])
                 else:
                     program.on_region(coords[i] if head is Head.COORD else sizes[i])
             except Exception as e:  # a request-level failure (e.g. the context filled up): fail that one
@@ -192,7 +202,7 @@ class Runner:
             if program.feed is None:
                 continue
             seq.history.append(program.feed)
-            if head is Head.SIZE:
+            if use_size[i]:
                 embedded = Feed(size=sizes[i])
             elif use[i]:
                 embedded = Feed(coord=coords[i])
@@ -211,7 +221,7 @@ class HeadOut:
     rows: list[Sequence]
     heads: list[Head]
     rooms: list[int]  # context left when the heads ran (a later forward may already have grown it)
-    values: torch.Tensor  # float64: B token ids, B coordinates, B (w, h) sizes, B flags "fed the coordinate"
+    values: torch.Tensor  # float64: B token ids, B coordinates, B (w, h) sizes, B flags "fed the coordinate", B "... size"
     next_emb: torch.Tensor
     extra: RolloutHeads | None = None  # rollout log-probabilities and bins (engine/rollout.py)
 

@@ -27,6 +27,7 @@ from ..hub import load_dir
 from ..image import load_image, normalize, overlap_crops, tiling_for
 from ..model import region, vision
 from ..model.rope import k_to_interleaved
+from ..model.text import KVCache
 from ..skills import Prompt, SkillRequest
 from .report import Report, Row, same_result, short_json
 
@@ -81,6 +82,10 @@ class Parity:
         img_emb = vision.project(feats[0], pooled, m.w.vision)
         enc = m.prefill_image(img_emb)
         self.encoded[i] = enc
+        routes: list[torch.Tensor] = []
+        if m.cfg.text.moe is not None:  # the prefix again, to read its routing (prefill_image stops at the K/V)
+            bos = m.embed_ids([m.cfg.tokenizer.bos_id])
+            m.hidden(KVCache(m.cfg.text, 1, m.device, m.dtype, m.cfg.prefix_len), torch.cat([bos, img_emb])[None], routes=routes)
         last = len(enc.kv) - 1
         ours = {"crop_global": x[0], "crop_local0": x[1], "vis_enc_global": feats[0], "vis_enc_local0": feats[1]}
         ours |= {"pooled_local": pooled, "img_emb": img_emb}
@@ -92,11 +97,40 @@ class Parity:
                 value = k_to_interleaved(k_or_v, m.cfg.text.rotary_dim) if kv[2] == "k" else k_or_v
             elif key in ours:
                 value = ours[key]
+            elif moe := re.fullmatch(r"moe_l(\d+)_(router_logits|topk_ids|topk_weights)", key):
+                if moe[2] == "router_logits":
+                    self.check_routing(g, f"layer {moe[1]} prefix", routes[int(moe[1]) - m.cfg.text.moe.start_layer][0], name)
+                continue
             else:
                 r.exact(g, key, "recomputed", "unknown tensor key")
                 continue
             crop = key.startswith("crop_")
             r.close(g, key, value, self.t(name), None if crop else REL_TOL, CROP_ABS_TOL if crop else None)
+
+    def check_routing(self, g: str, what: str, logits: torch.Tensor, name: str) -> None:
+        """Router logits (T, E) against `name`; the chosen sets exactly (routing is discrete; the order inside a
+        set is not protected by the fixture) and their weights by expert id, where the fixture records them."""
+        self.report.close(g, f"{what} router logits", logits, self.t(name))
+        prefix = name.removesuffix("router_logits")
+        if prefix + "topk_ids" in self.tensors:
+            self.compare_routes(g, what, logits, self.t(prefix + "topk_ids").tolist(), self.t(prefix + "topk_weights").tolist())
+
+    def compare_routes(self, g: str, what: str, logits: torch.Tensor, ids: list[list[int]], weights: list[list[float]]) -> None:
+        k = self.m.cfg.text.moe.experts_per_token
+        top = logits.topk(k, dim=-1)
+        ours = torch.softmax(top.values.double(), dim=-1).tolist()
+        wrong = [j for j, row in enumerate(ids) if sorted(row) != sorted(top.indices[j].tolist())]
+        err = max(
+            (
+                abs(dict(zip(top.indices[j].tolist(), ours[j], strict=True))[e] - w)
+                for j in range(len(ids))
+                if j not in wrong
+                for e, w in zip(ids[j], weights[j], strict=True)
+            ),
+            default=0.0,
+        )
+        self.report.exact(g, f"{what} expert sets x{len(ids)}", wrong, [])
+        self.report.rows.append(Row(g, f"{what} expert weights", err <= REL_TOL, max_abs=err, tol=f"abs {REL_TOL:g}"))
 
     # --- cases --------------------------------------------------------------------------------------
     @staticmethod
@@ -129,8 +163,8 @@ class Parity:
             inputs.update({phase["start_pos"] + j: e for j, e in enumerate(emb)})
             for step in phase.get("steps", []):
                 if inp := step.get("input"):
-                    token = inp["type"] == "token"
-                    inputs[step["pos"]] = m.embed_ids([inp["id"]])[0] if token else m.encode_coords([inp["value"]])[0]
+                    encode = {"token": m.embed_ids, "coord": m.encode_coords, "size": m.encode_sizes}[inp["type"]]
+                    inputs[step["pos"]] = encode([inp["id"] if inp["type"] == "token" else inp["value"]])[0]
             for obj in phase.get("objects", []):
                 fed = [m.encode_coords([obj["fed_coords"][0]])[0], m.encode_coords([obj["fed_coords"][1]])[0]]
                 if "fed_size" in obj:
@@ -141,10 +175,13 @@ class Parity:
         if sorted(inputs) != list(range(start, start + len(inputs))):
             r.exact(g, "recorded positions contiguous", False, True)
             return
+        routes: list[torch.Tensor] = []
         with torch.no_grad():
-            hidden = m.hidden(cache, torch.stack([inputs[p] for p in sorted(inputs)])[None])[0]
+            hidden = m.hidden(cache, torch.stack([inputs[p] for p in sorted(inputs)])[None], routes=routes)[0]
             logits = m.logits(hidden)
         at = lambda pos: pos - start  # noqa: E731
+        if routes:
+            self.check_case_routing(g, case, [r[0] for r in routes], at)
         for phase, prompt in zip(case["phases"], prompts, strict=True):
             ph = phase["phase"]
             names = phase.get("tensors", {})
@@ -163,8 +200,33 @@ class Parity:
                 h = hidden[at(c["fed_at_pos"] - 1)]
                 out = region.coord_logits(h, m.w.region)
                 self.check_region(g, f"coord{k}", h, out, c["bin"], c["bin_gap12"], c.get("tensors", {}))
+            for c in phase.get("region_decodes", []):  # segment: the bbox's coordinates and size
+                h = hidden[at(c["fed_at_pos"] - 1)]
+                size = c["kind"] == "size"
+                out = (region.size_logits if size else region.coord_logits)(h, m.w.region)
+                ref, gap = ([c["w_bin"], c["h_bin"]], min(c["w_gap12"], c["h_gap12"])) if size else (c["bin"], c["bin_gap12"])
+                self.check_region(g, c["name"], h, out, ref, gap, c.get("tensors", {}))
             if "objects" in phase:
                 self.check_objects(g, phase, hidden, logits, at)
+
+    def check_case_routing(self, g: str, case: dict[str, Any], routes: list[torch.Tensor], at: Any) -> None:
+        """Every prompt position's routing (`moe_prefill`, router logits) and the expert sets of every recorded step
+        and object decision (`moe_topk_ids`, at the position whose output the step reads)."""
+        first = self.m.cfg.text.moe.start_layer
+        for phase in case["phases"]:
+            ph, (lo, hi) = phase["phase"], phase["moe_prefill"]["positions"]
+            for layer, rec in phase["moe_prefill"]["layers"].items():
+                logits = routes[int(layer) - first][at(lo) : at(hi) + 1]
+                self.compare_routes(g, f"{ph} prompt layer {layer}", logits, rec["topk_ids"], rec["topk_weights"])
+                if name := phase.get("tensors", {}).get(f"moe_l{layer}_router_logits"):
+                    self.report.close(g, f"{ph} prompt layer {layer} router logits", logits, self.t(name))
+            wrong = []
+            for rec in phase.get("steps", []) + phase.get("decisions", []):
+                for layer, ids in rec.get("moe_topk_ids", {}).items():
+                    ours = routes[int(layer) - first][at(rec["pos"])].topk(len(ids)).indices.tolist()
+                    if sorted(ours) != sorted(ids):
+                        wrong.append((rec["pos"], int(layer)))
+            self.report.exact(g, f"{ph} step expert sets", wrong, [])
 
     def check_steps(self, g: str, phase: dict[str, Any], logits: torch.Tensor, at: Any) -> None:
         masks, worst, wrong = phase["logit_masks"], 0.0, []
@@ -198,7 +260,11 @@ class Parity:
         for d in phase["decisions"]:
             row, ref = logits[at(d["pos"])], torch.tensor(d["top5_logits"])
             worst = max(worst, float((row[d["top5_ids"]].double() - ref).abs().max() / ref.abs().max()))
-            if (int(row.argmax()) == eos) != d["stop"] and abs(d["eos_minus_best_other"]) > 2 * REL_TOL * float(ref.abs().max()):
+            if ids := d.get("restricted_ids"):  # Moondream 3 after an object: only the coord and eos logits compete
+                stop, margin = ids[int(row[ids].argmax())] == eos, d["coord_minus_eos"]
+            else:
+                stop, margin = int(row.argmax()) == eos, d["eos_minus_best_other"]
+            if stop != d["stop"] and abs(margin) > 2 * REL_TOL * float(ref.abs().max()):
                 wrong.append(d["pos"])
         self.report.rows.append(
             Row(g, f"continue/stop top-5 x{len(phase['decisions'])}", worst <= REL_TOL, rel=worst, tol=f"rel {REL_TOL:g}")

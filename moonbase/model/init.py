@@ -29,6 +29,8 @@ def init_weights(weights: nn.Module, seed: int = 0, std: float = 0.02) -> nn.Mod
             p.copy_(0.5 * sincos_2d(grid, p.shape[2])[None])
         elif name.endswith(("coord_features", "size_features")):
             p.copy_(torch.randn(p.shape, generator=g))  # Fourier frequencies: unit scale
+        elif name.endswith("router.weight"):  # unit scale: decisive routing from the start, no near-ties
+            p.copy_(torch.randn(p.shape, generator=g))
         elif ".ln" in name or "post_ln" in name:
             p.fill_(1.0 if leaf == "weight" else 0.0)
         elif leaf == "bias":

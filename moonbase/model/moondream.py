@@ -90,12 +90,17 @@ class Moondream:
         return region.encode_size(v, self.w.region)
 
     def hidden(
-        self, cache: KVCache, x_BTC: torch.Tensor, adapter: Adapter | None = None, kv_only: bool = False
+        self,
+        cache: KVCache,
+        x_BTC: torch.Tensor,
+        adapter: Adapter | None = None,
+        kv_only: bool = False,
+        routes: list[torch.Tensor] | None = None,
     ) -> torch.Tensor | None:
         """Append T input embeddings to the cache; pre-`post_ln` hidden states (B, T, D), or None with
-        `kv_only` (only the cached K/V are wanted: see `text.decoder`)."""
+        `kv_only` (only the cached K/V are wanted: see `text.decoder`). `routes` collects MoE router logits."""
         lora = LoraBatch.single(adapter, x_BTC.shape[0], self.device)
-        return text.text_hidden(x_BTC, self.w.text, self.cfg.text, cache, self.rope, lora, kv_only)
+        return text.text_hidden(x_BTC, self.w.text, self.cfg.text, cache, self.rope, lora, kv_only, routes)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return text.lm_logits(hidden, self.w.text)

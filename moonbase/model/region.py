@@ -1,4 +1,5 @@
-"""Region module: Fourier encoders that embed coordinates and sizes, MLP decoders that read them back as bins."""
+"""Region module: Fourier encoders that embed coordinates and sizes, decoders that read them back as bins:
+an MLP each (Moondream 2), or a LayerNorm `ln` then one Linear each (Moondream 3)."""
 
 from __future__ import annotations
 
@@ -8,18 +9,29 @@ import torch
 from torch import nn
 
 from ..config import RegionConfig
-from .layers import linear, mlp, mlp_weights
+from .layers import layer_norm, linear, mlp, mlp_weights
 
 
 def build_region(cfg: RegionConfig) -> nn.Module:
+    def decoder(d_out: int) -> nn.Module:
+        return nn.Linear(cfg.dim, d_out) if cfg.decoder_arch == "linear" else mlp_weights(cfg.dim, cfg.inner_dim, d_out)
+
     m = nn.Module()
     m.coord_features = nn.Parameter(torch.empty(1, cfg.coord_feat_dim // 2))
     m.coord_encoder = nn.Linear(cfg.coord_feat_dim, cfg.dim)
-    m.coord_decoder = mlp_weights(cfg.dim, cfg.inner_dim, cfg.coord_out_dim)
+    m.coord_decoder = decoder(cfg.coord_out_dim)
     m.size_features = nn.Parameter(torch.empty(2, cfg.size_feat_dim // 2))
     m.size_encoder = nn.Linear(cfg.size_feat_dim, cfg.dim)
-    m.size_decoder = mlp_weights(cfg.dim, cfg.inner_dim, cfg.size_out_dim)
+    m.size_decoder = decoder(cfg.size_out_dim)
+    if cfg.use_ln:
+        m.ln = nn.LayerNorm(cfg.dim)
     return m
+
+
+def _decode(hidden_BC: torch.Tensor, w: nn.Module, decoder: nn.Module) -> torch.Tensor:
+    """The weight tree says which head it is: `ln` first if present, an MLP (fc1, fc2) or one linear layer."""
+    x = layer_norm(hidden_BC, w.ln) if hasattr(w, "ln") else hidden_BC
+    return mlp(x, decoder) if isinstance(decoder, nn.ModuleDict) else linear(x, decoder)
 
 
 def fourier(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -36,12 +48,12 @@ def encode_size(size_B2: torch.Tensor, w: nn.Module) -> torch.Tensor:
 
 
 def coord_logits(hidden_BC: torch.Tensor, w: nn.Module) -> torch.Tensor:
-    return mlp(hidden_BC, w.coord_decoder)
+    return _decode(hidden_BC, w, w.coord_decoder)
 
 
 def size_logits(hidden_BC: torch.Tensor, w: nn.Module) -> torch.Tensor:
     """(B, 2, size_bins): width logits first, then height."""
-    out = mlp(hidden_BC, w.size_decoder)
+    out = _decode(hidden_BC, w, w.size_decoder)
     return out.view(*out.shape[:-1], 2, -1)
 
 

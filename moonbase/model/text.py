@@ -1,4 +1,6 @@
-"""Phi-style text decoder with a prefix-LM mask: BOS + image tokens attend bidirectionally, text causally."""
+"""Phi-style text decoder with a prefix-LM mask: BOS + image tokens attend bidirectionally, text causally.
+Moondream 3 adds tau attention (q and v scaled per head by learned token and position terms) and a
+mixture-of-experts FFN from `moe.start_layer` on."""
 
 from __future__ import annotations
 
@@ -12,25 +14,41 @@ from torch import nn
 from ..config import TextConfig
 from .layers import gelu, layer_norm, linear, mlp_weights
 from .lora import LoraBatch
+from .moe import moe_ffn, moe_weights
 from .rope import apply_rope, rope_rows
 
 
 def build_text(cfg: TextConfig) -> nn.Module:
     m = nn.Module()
     m.wte = nn.Parameter(torch.empty(cfg.vocab_size, cfg.dim))
-    m.blocks = nn.ModuleList(
-        nn.ModuleDict(
-            {
-                "ln": nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps),
-                "attn": nn.ModuleDict({"qkv": nn.Linear(cfg.dim, cfg.qkv_dim), "proj": nn.Linear(cfg.n_heads * cfg.hd, cfg.dim)}),
-                "mlp": mlp_weights(cfg.dim, cfg.ff_dim, cfg.dim),
-            }
-        )
-        for _ in range(cfg.n_layers)
-    )
+    m.blocks = nn.ModuleList(_block(cfg, i) for i in range(cfg.n_layers))
     m.post_ln = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
     m.lm_head = nn.Linear(cfg.dim, cfg.vocab_size)
     return m
+
+
+def _block(cfg: TextConfig, layer: int) -> nn.ModuleDict:
+    attn = nn.ModuleDict({"qkv": nn.Linear(cfg.dim, cfg.qkv_dim), "proj": nn.Linear(cfg.n_heads * cfg.hd, cfg.dim)})
+    if cfg.tau_attn:  # one row per head over the whole qkv output, and a position slope per head
+        attn["tau"] = nn.Module()
+        attn["tau"].wq = nn.Parameter(torch.empty(cfg.n_heads, cfg.qkv_dim))
+        attn["tau"].wv = nn.Parameter(torch.empty(cfg.n_heads, cfg.qkv_dim))
+        attn["tau"].alpha = nn.Parameter(torch.empty(cfg.n_heads))
+    ffn = moe_weights(cfg.dim, cfg.moe) if cfg.is_moe(layer) and cfg.moe else mlp_weights(cfg.dim, cfg.ff_dim, cfg.dim)
+    return nn.ModuleDict({"ln": nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps), "attn": attn, "mlp": ffn})
+
+
+def tau_scaled(qkv: torch.Tensor, tau: nn.Module, pos: torch.Tensor, cfg: TextConfig) -> torch.Tensor:
+    """q and v of each head times `tanh(w · gelu(qkv)) + 1 + (sigmoid(alpha · ln(pos + 1)) - 1/2)`, before RoPE;
+    k unchanged (spec §5.3). The token term reads the whole qkv vector, in [q | k | v] order."""
+    b, t, _ = qkv.shape
+    nq, hd = cfg.n_heads, cfg.hd
+    f = F.gelu(qkv, approximate="none" if cfg.tau_gelu == "exact" else "tanh")
+    where = torch.log(pos.to(torch.float32) + 1)[..., None] * tau.alpha.float()  # (T, H) or (B, T, H)
+    p = (1 + (torch.sigmoid(where) - 0.5)).to(qkv.dtype)
+    q = qkv[..., : nq * hd].view(b, t, nq, hd) * (torch.tanh(f @ tau.wq.T) + p)[..., None]
+    v = qkv[..., 2 * nq * hd :].view(b, t, nq, hd) * (torch.tanh(f @ tau.wv.T) + p)[..., None]
+    return torch.cat([q.flatten(2), qkv[..., nq * hd : 2 * nq * hd], v.flatten(2)], dim=-1)
 
 
 class KVStore(Protocol):
@@ -104,15 +122,17 @@ def decoder(
     taps: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     lora: LoraBatch | None = None,
     kv_only: bool = False,
+    routes: list[torch.Tensor] | None = None,
 ) -> torch.Tensor | None:
     """The decoder blocks over input embeddings; returns pre-`post_ln` hidden states (B, T, D).
 
     pos: (T,) or (B, T) RoPE positions. mask: None (all keys), (T, S) or (B, T, S), True = may attend.
     With a cache, each layer's K/V go through `cache.update`, which stores them and returns the keys and
     values to attend to; without one (training), attention covers the T inputs themselves. `taps` collects
-    each layer's post-RoPE (q, k). `lora` adds each row's adapter to qkv, proj, fc1 and fc2. With `kv_only`
-    (an image prefix: only its cached K/V are ever read) the last layer stops once its K/V are stored (a fifth
-    of nano's prefix work, 3% of Moondream 2's) and nothing is returned.
+    each layer's post-RoPE (q, k), `routes` each MoE layer's router logits (B, T, E). `lora` adds each row's
+    adapter to qkv, proj, fc1 and fc2. With `kv_only` (an image prefix: only its cached K/V are ever read) the
+    last layer stops once its K/V are stored (a fifth of nano's prefix work, 3% of Moondream 2's) and nothing
+    is returned.
     """
     b, t, _ = x_BTC.shape
     cos, sin = rope_rows(rope[0][pos], rope[1][pos])
@@ -125,6 +145,8 @@ def decoder(
     for i, block in enumerate(w.blocks):
         h = layer_norm(x, block["ln"])
         qkv = _adapted(linear(h, block["attn"]["qkv"]), lora, i, "qkv", h)
+        if cfg.tau_attn:
+            qkv = tau_scaled(qkv, block["attn"]["tau"], pos, cfg)
         qk = apply_rope(qkv[..., : (nq + nkv) * hd].view(b, t, nq + nkv, hd).transpose(1, 2), cos, sin)
         q, k = qk[:, :nq], qk[:, nq:]  # q and k rotated together: one set of kernels
         v = qkv[..., (nq + nkv) * hd :].view(b, t, nkv, hd).transpose(1, 2)
@@ -136,8 +158,12 @@ def decoder(
                 return None
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=nq != nkv)
         attn_out = _adapted(linear(a.transpose(1, 2).reshape(b, t, nq * hd), block["attn"]["proj"]), lora, i, "proj", h)
-        g = gelu(_adapted(linear(h, block["mlp"]["fc1"]), lora, i, "fc1", h))
-        x = x + attn_out + _adapted(linear(g, block["mlp"]["fc2"]), lora, i, "fc2", g)
+        if cfg.is_moe(i) and cfg.moe:
+            ffn_out = moe_ffn(h, block["mlp"], cfg.moe, routes)
+        else:
+            g = gelu(_adapted(linear(h, block["mlp"]["fc1"]), lora, i, "fc1", h))
+            ffn_out = _adapted(linear(g, block["mlp"]["fc2"]), lora, i, "fc2", g)
+        x = x + attn_out + ffn_out
     return x
 
 
@@ -156,13 +182,14 @@ def text_hidden(
     rope: tuple[torch.Tensor, torch.Tensor],
     lora: LoraBatch | None = None,
     kv_only: bool = False,
+    routes: list[torch.Tensor] | None = None,
 ) -> torch.Tensor | None:
     """Append T inputs to the cache at the next positions, with the prefix-LM rule for the mask."""
     start, t = cache.length, x_BTC.shape[1]
     cache.reserve(start + t)
     pos = torch.arange(start, start + t, device=x_BTC.device)
     mask = prefix_lm_mask(pos, start + t, cache.prefix_len)
-    out = decoder(x_BTC, w, cfg, rope, pos, mask, cache, lora=lora, kv_only=kv_only)
+    out = decoder(x_BTC, w, cfg, rope, pos, mask, cache, lora=lora, kv_only=kv_only, routes=routes)
     cache.length = start + t
     return out
 

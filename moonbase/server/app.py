@@ -87,11 +87,6 @@ def create_app(served: ServedModels, cfg: ServerConfig = ServerConfig(), finetun
     for skill in skills.REGISTRY.values():
         app.post(f"/v1/{skill.name}")(_skill_route(skill, select, image_of, cfg.timeout_s))
 
-    @app.post("/v1/segment")
-    def segment(body: dict[str, Any] = Body(...)):
-        select(body.get("model"), _variant(body))
-        raise errors.NotImplementedSkill("this model has no segmentation head (Moondream 2 does not segment)")
-
     return gate
 
 

@@ -17,6 +17,7 @@ from ..errors import (
     ModelNotFoundError,
     MoonbaseError,
     RequestTimeoutError,
+    SkillNotSupportedError,
 )
 
 log = logging.getLogger(__name__)
@@ -26,10 +27,6 @@ class ClientGone(Exception):
     """The client disconnected before the answer was ready."""
 
 
-class NotImplementedSkill(Exception):
-    """A route this model cannot serve (a skill its weights do not have)."""
-
-
 # The first class an exception is an instance of wins: specific before general.
 ERRORS: tuple[tuple[type[BaseException], int, str], ...] = (
     (FinetuneConflictError, 409, "conflict_error"),
@@ -37,8 +34,8 @@ ERRORS: tuple[tuple[type[BaseException], int, str], ...] = (
     (ModelNotFoundError, 404, "not_found_error"),  # models, adapters, finetunes, checkpoints
     (RequestTimeoutError, 504, "timeout_error"),
     (CapacityError, 413, "capacity_error"),  # cannot fit the KV pool even alone: not worth retrying as is
+    (SkillNotSupportedError, 501, "not_implemented_error"),  # a skill this model's weights do not have
     (MoonbaseError, 400, "invalid_request_error"),
-    (NotImplementedSkill, 501, "not_implemented_error"),
     (ClientGone, 499, "client_closed_request"),
     (CancelledError, 499, "client_closed_request"),
     (MemoryError, 503, "overloaded_error"),  # out of host memory: retrying later may work

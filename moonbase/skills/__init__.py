@@ -16,8 +16,9 @@ from .caption import Caption
 from .locate import Detect, Point
 from .query import Query
 from .request import ImageLimits, Request, parse_request, prepare
+from .segment import Segment
 
-REGISTRY: dict[str, Skill] = {s.name: s for s in (Caption(), Query(), Detect(), Point())}
+REGISTRY: dict[str, Skill] = {s.name: s for s in (Caption(), Query(), Detect(), Point(), Segment())}
 
 
 def get(name: str) -> Skill:

@@ -3,6 +3,7 @@ token ids with region values, and the `Skill` base class each skill module fills
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -117,7 +118,7 @@ class SkillRequest:
     question: str | None = None  # query
     object: str | None = None  # detect, point
     length: str = "normal"  # caption: short | normal | long
-    reasoning: bool = False  # query
+    reasoning: bool | None = None  # query; None: the model's default (Moondream 3 reasons first)
     spatial_refs: Any = None  # query, point: [x, y] points or [x_min, y_min, x_max, y_max] boxes
     settings: tuple[tuple[str, Any], ...] = ()  # sorted items: frozen
 
@@ -138,6 +139,12 @@ class SkillRequest:
     @property
     def settings_dict(self) -> dict[str, Any]:
         return dict(self.settings)
+
+    def with_defaults(self, defaults: Defaults) -> SkillRequest:
+        """`reasoning` decided: the model's default where the request does not say and the skill reasons."""
+        if self.reasoning is not None:
+            return self
+        return dataclasses.replace(self, reasoning=self.skill.can_reason and defaults.reasoning)
 
 
 class Skill(ABC):

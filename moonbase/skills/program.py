@@ -26,6 +26,7 @@ class CoordMode(Enum):
     NEVER = "never"
     ALWAYS = "always"  # the token is a go-on / stop decision; going on reads x from the same hidden state
     ON_COORD_TOKEN = "on_coord_token"  # a sampled coord token is replaced by the coordinate it stands for
+    ON_REGION_TOKEN = "on_region_token"  # the same, and a sampled size token by the size it stands for
 
 
 class StopReason(Enum):
@@ -51,10 +52,11 @@ class Feed:
 
 @dataclass
 class TextRun:
-    """A generated token sequence; `coords` maps the index of a coord token to its decoded value."""
+    """A generated token sequence; `coords` / `sizes` map the index of a coord / size token to its decoded value."""
 
     ids: list[int] = field(default_factory=list)
     coords: dict[int, float] = field(default_factory=dict)
+    sizes: dict[int, tuple[float, float]] = field(default_factory=dict)
     stop_reason: StopReason | None = None
 
 
@@ -73,6 +75,7 @@ class Output:
     text: TextRun | None = None  # caption, a query's answer
     trace: TextRun | None = None  # a query's reasoning
     objects: list[RegionObject] | None = None  # boxes or points
+    subject: str | None = None  # what was asked for, for skills whose result names it (segment)
 
 
 class Program(Protocol):
@@ -80,6 +83,7 @@ class Program(Protocol):
     feed: Feed | None  # the next input, once the program has seen this step's values
     new_tokens: list[int]  # answer tokens the last step produced, for streaming
     decisions: tuple[int, ...]  # ids a sampled LM step chooses among (rollouts); () = the whole vocabulary
+    allowed: tuple[int, ...]  # ids this step's token may be, whoever samples it (every other id is -inf); () = any
     samples_regions: bool  # rollouts sample its coordinates and sizes (else they stay greedy)
     limited: bool  # a limit ended it before it read the last sampled token (that token was not its choice)
 
@@ -94,14 +98,18 @@ class Program(Protocol):
 class TextProgram:
     """Sample until a stop id, max_tokens or the context end; the first token is drawn unmasked, later
     ones with `decode_mask` applied. With `decode_coords`, a sampled coord token is followed by the
-    coordinate decoded from the same hidden state, fed in the token's place."""
+    coordinate decoded from the same hidden state, fed in the token's place; with `decode_sizes` too, a
+    sampled size token by the size."""
 
     decisions: tuple[int, ...] = ()
+    allowed: tuple[int, ...] = ()
     samples_regions = limited = False
 
-    def __init__(self, tok: TokenizerConfig, decode_mask, stop, max_tokens: int, decode_coords: bool = False):
+    def __init__(
+        self, tok: TokenizerConfig, decode_mask, stop, max_tokens: int, decode_coords: bool = False, decode_sizes: bool = False
+    ):
         self.tok, self.decode_mask, self.stop, self.max_tokens = tok, tuple(decode_mask), tuple(stop), max_tokens
-        self.decode_coords = decode_coords
+        self.decode_coords, self.decode_sizes = decode_coords or decode_sizes, decode_sizes
         self.run = TextRun()
         self.feed: Feed | None = None
         self.new_tokens: list[int] = []
@@ -114,6 +122,8 @@ class TextProgram:
         return Head.LM
 
     def coord_mode(self) -> CoordMode:
+        if self.decode_sizes:
+            return CoordMode.ON_REGION_TOKEN
         return CoordMode.ON_COORD_TOKEN if self.decode_coords else CoordMode.NEVER
 
     def mask(self) -> tuple[int, ...]:
@@ -132,13 +142,17 @@ class TextProgram:
             self.run.stop_reason = StopReason.CONTEXT
         elif self.decode_coords and token == self.tok.coord_id:
             return Head.COORD
+        elif self.decode_sizes and token == self.tok.size_id:
+            return Head.SIZE
         else:
             self.feed = Feed(token=token)
         return None
 
     def on_region(self, value: float | tuple[float, float]) -> None:
-        self.run.coords[len(self.run.ids) - 1] = float(value)  # type: ignore[arg-type]
-        self.feed = Feed(coord=float(value))  # type: ignore[arg-type]
+        if isinstance(value, tuple):
+            self.run.sizes[len(self.run.ids) - 1], self.feed = value, Feed(size=value)
+        else:
+            self.run.coords[len(self.run.ids) - 1], self.feed = float(value), Feed(coord=float(value))
 
     def output(self) -> Output:
         assert self.run.stop_reason is not None
@@ -170,6 +184,11 @@ class RegionProgram:
 
     def mask(self) -> tuple[int, ...]:
         return ()
+
+    @property
+    def allowed(self) -> tuple[int, ...]:
+        """Moondream 3 decides "another object?" after the first one by the coord and eos logits alone (D9)."""
+        return self.decisions if self.tok.restricted_object_decisions and self.objects else ()
 
     def on_token(self, token: int, room: int) -> Head | None:
         self.feed = None

@@ -28,6 +28,7 @@ class QueryProgram:
     token is fed and the answer generated."""
 
     decisions: tuple[int, ...] = ()
+    allowed: tuple[int, ...] = ()
     samples_regions = limited = False
 
     def __init__(self, tok: TokenizerConfig, max_tokens: int, reasoning: bool):
@@ -78,16 +79,17 @@ class Query(Skill):
     text_key = "answer"
 
     def prompt(self, req: SkillRequest, tokenizer: Tokenizer) -> Prompt:
-        """The first prefill: `prefix [spatial] question suffix` + (`thinking` | `suffix` again)."""
+        """The first prefill: `prefix [spatial] question` + the mode: `thinking` or the suffix, after the suffix
+        on Moondream 2 (`... 3 3`, `... 3 4`), alone on Moondream 3 (`... 3`, `... 4`)."""
         tok = tokenizer.cfg
         if not isinstance(req.question, str) or not req.question:
             raise SettingsError("question must be a non-empty string")
-        text = tuple(tokenizer.encode(req.question)) + tok.query_suffix
-        end = (tok.thinking_id,) if req.reasoning else tok.query_suffix if tok.repeat_query_suffix else ()
-        return Prompt(tok.query_prefix) + spatial_prompt(req.spatial_refs, tok) + Prompt(text + end)
+        end = (tok.thinking_id,) if req.reasoning else tok.query_suffix
+        text = tuple(tokenizer.encode(req.question)) + (tok.query_suffix if tok.repeat_query_suffix else ()) + end
+        return Prompt(tok.query_prefix) + spatial_prompt(req.spatial_refs, tok) + Prompt(text)
 
     def program(self, req: SkillRequest, s: Settings, tok: TokenizerConfig):
-        return partial(QueryProgram, tok, s.max_tokens, req.reasoning)
+        return partial(QueryProgram, tok, s.max_tokens, bool(req.reasoning))
 
     def render(self, out: Output, tokenizer: Tokenizer, clip: bool = True) -> dict[str, Any]:
         assert out.text is not None

@@ -66,8 +66,8 @@ def prepare(
     limits: ImageLimits = ImageLimits(),
     rollout: bool = False,
 ) -> Request:
-    skill, tok = req.skill, m.cfg.tokenizer
-    s = resolve_settings(req.settings_dict, m.cfg.defaults)
+    req, tok = req.with_defaults(m.cfg.defaults), m.cfg.tokenizer
+    skill, s = req.skill, resolve_settings(req.settings_dict, m.cfg.defaults)
     skill.check(req)
     prompt = skill.prompt(req, m.tokenizer)
     adapter = None

@@ -1,0 +1,116 @@
+"""Moondream 3 on a tiny random config: the mixture-of-experts FFN against a per-token loop, routing that does
+not depend on the batch around a token, every skill through the engine equal to the single-request path
+(alone, in mixed batches with cache hits, under preemption), and the segment output."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moonbase.api import VL
+from moonbase.engine.engine import Engine, EngineConfig
+from moonbase.errors import SkillNotSupportedError
+from moonbase.model import text
+from moonbase.model.moe import expert_activation, grouped_experts, route
+from moonbase.skills import SkillRequest
+from moonbase.skills.program import Output, StopReason, TextRun
+from moonbase.skills.segment import svg_path
+
+from .helpers import check_batch, outcome, reference, request, scenes, skill_cases
+
+
+@pytest.fixture(scope="module")
+def images():
+    return scenes(3, seed=5)
+
+
+def per_token_moe(x, w, k):
+    """The MoE written the plain way: each token, each of its k experts, one matmul at a time."""
+    logits = x @ w.router.weight.T + w.router.bias
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        top = logits[t].topk(k)
+        weights = torch.softmax(top.values, dim=-1)
+        for e, g in zip(top.indices.tolist(), weights, strict=True):
+            out[t] += g * (expert_activation(w.fc1.weight[e] @ x[t]) @ w.fc2.weight[e].T)
+    return out
+
+
+@pytest.mark.parametrize("n_tokens", [1, 7, 40])
+def test_grouped_experts_equal_a_per_token_loop(tiny3, n_tokens):
+    w = tiny3.w.text.blocks[1]["mlp"]
+    x = torch.randn(n_tokens, tiny3.cfg.text.dim, generator=torch.Generator().manual_seed(n_tokens))
+    want = per_token_moe(x, w, 2)
+    _, ids, weights = route(x, w, 2)
+    torch.testing.assert_close(grouped_experts(x, ids, weights, w.fc1.weight, w.fc2.weight), want, rtol=1e-5, atol=1e-5)
+    x_grad = x.clone().requires_grad_(True)  # training: the loop path, which autograd can go through
+    got = grouped_experts(x_grad, ids, weights, w.fc1.weight, w.fc2.weight)
+    torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-5)
+    got.square().sum().backward()
+    assert x_grad.grad is not None and x_grad.grad.abs().sum() > 0
+
+
+def test_a_token_picks_the_same_experts_alone_and_in_a_batch(tiny3):
+    m, cfg = tiny3, tiny3.cfg.text
+    g = torch.Generator().manual_seed(0)
+    row = torch.randn(1, 9, cfg.dim, generator=g)
+    batch = torch.cat([torch.randn(1, 9, cfg.dim, generator=g), row, torch.randn(1, 9, cfg.dim, generator=g)])
+    pos = torch.arange(9)
+    alone, together = [], []
+    text.decoder(row, m.w.text, cfg, m.rope, pos, None, routes=alone)
+    text.decoder(batch, m.w.text, cfg, m.rope, pos, None, routes=together)
+    for a, b in zip(alone, together, strict=True):
+        assert torch.equal(a[0].topk(2).indices.sort().values, b[1].topk(2).indices.sort().values)
+
+
+def test_every_skill_alone_matches_the_single_request_path(tiny3, images):
+    engine = Engine(tiny3, EngineConfig(kv_memory_mb=8), background=False)
+    vl = VL(tiny3, engine=engine)
+    for case in skill_cases(images[:2], segment=True):
+        want = reference(tiny3, images, *case)
+        assert outcome(engine.submit(request(vl, images, *case)).result().output, case[2]) == want, case
+
+
+def test_mixed_batch_with_cache_hits_matches(tiny3, images):
+    engine = check_batch(tiny3, images, EngineConfig(max_batch=32, kv_memory_mb=8))
+    assert engine.cache.hits > 0
+
+
+def test_small_pool_preempts_without_changing_answers(tiny3, images):
+    t = tiny3.cfg.text
+    per_token_mb = 2 * t.n_layers * t.n_kv_heads * t.hd * 4 / 2**20
+    tokens = 3 * tiny3.cfg.prefix_len + 60
+    engine = check_batch(tiny3, images[:2], EngineConfig(max_batch=16, block_size=8, kv_memory_mb=tokens * per_token_mb))
+    assert engine.scheduler.preemptions > 0
+
+
+def test_query_prompt_and_defaults_follow_moondream3(tiny3, images):
+    tok, question = tiny3.cfg.tokenizer, tuple(tiny3.tokenizer.encode("hi"))
+    for reasoning, end in ((False, tok.answer_id), (True, tok.thinking_id)):
+        req = SkillRequest.of("query", None, "hi", reasoning=reasoning)
+        assert req.skill.prompt(req, tiny3.tokenizer).ids == (*tok.query_prefix, *question, end)  # no doubled 3
+    result = VL(tiny3).query(images[0], "What is it?", settings={"max_tokens": 4})
+    assert "reasoning" in result  # Moondream 3 reasons unless told not to
+    assert "reasoning" not in VL(tiny3).query(images[0], "What is it?", reasoning=False, settings={"max_tokens": 4})
+
+
+def test_segment_needs_a_model_that_segments(tiny, images):
+    with pytest.raises(SkillNotSupportedError, match="segmentation"):
+        VL(tiny).run(SkillRequest.of("segment", images[0], "circle"))
+
+
+def test_svg_path_tokens_become_a_bbox_relative_path():
+    assert svg_path(["M", "480", "-", "96", "L", "960", "0", "48", "Z"]) == ("M 0.5 -0.1 L 1 0 Z", None)
+    assert svg_path(["M", "1", "2", "Z"]) == ("M 0.001 0.002 Z", None)
+    assert svg_path(["ue", "M"]) == ("", "Unexpected SVG token 'ue'")
+    assert svg_path(["M", "10", "x"]) == ("", "Unexpected SVG token 'x'")
+
+
+def test_segment_result_clamps_its_bbox_and_keeps_the_model_tokens(tiny3):
+    tok, tokenizer = tiny3.cfg.tokenizer, tiny3.tokenizer
+    path_ids = [tokenizer.encode(t)[0] for t in ("M", "0", "L")]
+    run = TextRun([tok.coord_id, tok.coord_id, tok.size_id, *path_ids], {0: 0.95, 1: 0.5}, {2: (0.2, 0.1)}, StopReason.STOP)
+    seg = SkillRequest("segment").skill.render(Output(StopReason.STOP, text=run, subject="cat"), tokenizer)["segments"][0]
+    assert seg["bbox"] == pytest.approx({"x_min": 0.85, "x_max": 1.0, "y_min": 0.45, "y_max": 0.55})
+    assert seg["object"] == "cat" and seg["token_ids"] == path_ids and seg["path_tokens"] == ["M", "0", "L"]
+    assert seg["svg_path"] == "M L" and "parse_error" not in seg  # the odd trailing number is dropped
