@@ -13,18 +13,21 @@ from moonbase.api import VL
 from moonbase.data.shapes import render_scene
 from moonbase.engine.engine import Engine, EngineConfig
 from moonbase.image import overlap_crops
-from moonbase.model.lora import Adapter, target_shapes
+from moonbase.model.lora import Adapter, n_experts, target_shapes
 from moonbase.skills import Request, SkillRequest
 from moonbase.skills.program import Output
 
 
 def random_adapter(cfg, rank: int, seed: int, name: str, scale: float = 0.2) -> Adapter:
+    """Every target of every layer; MoE experts get rank / experts_per_token each, as Kestrel splits it."""
     g = torch.Generator().manual_seed(seed)
     layers = []
-    for _ in range(cfg.n_layers):
+    for i in range(cfg.n_layers):
         layer = {}
-        for target, (d_in, d_out) in target_shapes(cfg).items():
-            layer[target] = (torch.randn(rank, d_in, generator=g) * scale, torch.randn(d_out, rank, generator=g) * scale)
+        for target, (d_in, d_out) in target_shapes(cfg, i).items():
+            e = n_experts(cfg, i, target)
+            lead, r = ((), rank) if e is None else ((e,), rank // cfg.moe.experts_per_token)
+            layer[target] = (torch.randn(*lead, r, d_in, generator=g) * scale, torch.randn(*lead, d_out, r, generator=g) * scale)
         layers.append(layer)
     return Adapter(name, tuple(layers))
 
@@ -115,7 +118,7 @@ def check_adapters(tiny, images):
     for adapter in adapters.values():
         engine.adapters.register(adapter)
     vl = VL(tiny, engine=engine)
-    cases = [(c, v) for c in skill_cases(images[:2]) for v in (None, "one", "two")]
+    cases = [(c, v) for c in skill_cases(images[:2], bool(tiny.cfg.tokenizer.segment_prefix)) for v in (None, "one", "two")]
     expected = [reference(tiny, images, *c, adapter=adapters.get(v)) for c, v in cases]
     handles = [engine.submit(request(vl, images, *c, variant=v)) for c, v in cases]
     for (c, v), want, h in zip(cases, expected, handles, strict=True):

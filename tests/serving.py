@@ -36,15 +36,15 @@ def serving(app, first_port: int) -> Iterator[str]:
 
 
 @contextmanager
-def serve_processes(flags: list[list[str]], logs: Path, first_port: int) -> Iterator[list[str]]:
-    """One `python -m moonbase serve --model tiny-random` process per entry of `flags` (its extra flags);
-    yields their base URLs once every one answers, and stops them all on exit."""
+def serve_processes(flags: list[list[str]], logs: Path, first_port: int, model: str = "tiny-random") -> Iterator[list[str]]:
+    """One `python -m moonbase serve --model MODEL` process per entry of `flags` (its extra flags); yields their
+    base URLs once every one answers, and stops them all on exit."""
     repo = str(Path(__file__).resolve().parents[1])
     env = os.environ | {"PYTHONPATH": os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)}
     procs, urls, port = [], [], first_port
     for i, extra in enumerate(flags):
         port = free_port("127.0.0.1", port + 1)
-        cmd = [sys.executable, "-m", "moonbase", "serve", "--model", "tiny-random", "--device", "cpu", "--port", str(port)]
+        cmd = [sys.executable, "-m", "moonbase", "serve", "--model", model, "--device", "cpu", "--port", str(port)]
         with open(logs / f"{i}.log", "w") as log:
             procs.append(subprocess.Popen(cmd + extra, env=env, stdout=log, stderr=subprocess.STDOUT))
         urls.append(f"http://127.0.0.1:{port}")

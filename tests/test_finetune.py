@@ -48,10 +48,11 @@ def _perturbed(trainer: Trainer, seed: int = 0) -> Trainer:
     return trainer
 
 
-def test_sft_loss_falls_on_a_tiny_overfit_set(image):
+@pytest.mark.parametrize("moondream3", [False, True], ids=["md2", "md3"])
+def test_sft_loss_falls_on_a_tiny_overfit_set(image, moondream3):
     from moonbase.hub import tiny_random
 
-    m = tiny_random(seed=3)
+    m = tiny_random(seed=3, moondream3=moondream3)
     trainer = Trainer(m, LoraConfig(rank=8, train_region=True))
     groups = [
         SFTGroup(SkillRequest("query", image, question="What is it?"), Target("a red star")),
@@ -100,7 +101,9 @@ def test_rl_loss_through_the_model_is_the_token_level_group_mean(tiny, image):
     assert float(loss.detach()) == pytest.approx(-(7 * a - a) / 8, abs=1e-6)  # no logprobs recorded: ratio 1
 
 
-def test_engine_rollouts_are_replayed_with_exactly_their_logprobs(tiny, image):
+@pytest.mark.parametrize("which", ["tiny", "tiny3"])
+def test_engine_rollouts_are_replayed_with_exactly_their_logprobs(which, image, request):
+    tiny = request.getfixturevalue(which)  # tiny3: Moondream 3, per-expert adapters through the grouped path
     trainer = _perturbed(Trainer(tiny, LoraConfig(rank=4, train_region=True, train_vision=True)))
     vl = VL(tiny, engine=Engine(tiny, EngineConfig(kv_memory_mb=16), background=False))
     live = trainer.adapter("live")

@@ -4,19 +4,28 @@ not depend on the batch around a token, every skill through the engine equal to 
 
 from __future__ import annotations
 
+import base64
+import io
+
+import httpx
+import moondream as md
 import pytest
 import torch
+from PIL import Image
 
 from moonbase.api import VL
 from moonbase.engine.engine import Engine, EngineConfig
-from moonbase.errors import SkillNotSupportedError
+from moonbase.errors import CheckpointError, SkillNotSupportedError
+from moonbase.hub import save_dir
 from moonbase.model import text
+from moonbase.model.lora import adapter_from_state_dict, load_adapter
 from moonbase.model.moe import expert_activation, grouped_experts, route
 from moonbase.skills import SkillRequest
 from moonbase.skills.program import Output, StopReason, TextRun
 from moonbase.skills.segment import svg_path
 
-from .helpers import check_batch, outcome, reference, request, scenes, skill_cases
+from .helpers import check_adapters, check_batch, outcome, random_adapter, reference, request, scenes, skill_cases
+from .serving import serve_processes
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +123,97 @@ def test_segment_result_clamps_its_bbox_and_keeps_the_model_tokens(tiny3):
     assert seg["bbox"] == pytest.approx({"x_min": 0.85, "x_max": 1.0, "y_min": 0.45, "y_max": 0.55})
     assert seg["object"] == "cat" and seg["token_ids"] == path_ids and seg["path_tokens"] == ["M", "0", "L"]
     assert seg["svg_path"] == "M L" and "parse_error" not in seg  # the odd trailing number is dropped
+
+
+def test_two_moondream3_adapters_and_the_base_in_one_batch(tiny3, images):
+    check_adapters(tiny3, images)
+
+
+def test_kestrel_adapter_files_load_unchanged(tiny3, tmp_path):
+    """Kestrel's layout (`lora_state_dict`, dense.{i}.up_a …, moe.{j}.down_b with j counting MoE layers) gives
+    the same adapter as our variant layout."""
+    cfg = tiny3.cfg.text
+    ours = random_adapter(cfg, 4, 0, "x")
+    start = cfg.moe.start_layer
+    state = {}
+    for i, layer in enumerate(ours.layers):
+        kind, j = ("moe", i - start) if cfg.is_moe(i) else ("dense", i)
+        for target, (a, b) in layer.items():
+            if target in ("fc1", "fc2"):
+                part = "up" if target == "fc1" else "down"
+                state[f"text_lora.{kind}.{j}.{part}_a"], state[f"text_lora.{kind}.{j}.{part}_b"] = a, b
+    torch.save({"lora_state_dict": state, "step": 5}, tmp_path / "adapter.pt")
+    loaded = load_adapter(tmp_path / "adapter.pt", cfg)
+    for i, layer in enumerate(loaded.layers):
+        assert set(layer) == {"fc1", "fc2"}
+        for target, (a, b) in layer.items():
+            assert torch.equal(a, ours.layers[i][target][0]) and torch.equal(b, ours.layers[i][target][1])
+    state["text_lora.moe.0.up_b"] = state["text_lora.moe.0.up_b"][:, :-1]
+    with pytest.raises(CheckpointError, match=r"expected A \(4, r, 64\) and B \(4, 64, r\)"):
+        adapter_from_state_dict("bad", state, cfg)
+
+
+@pytest.fixture(scope="module")
+def md3_server(tiny3, tmp_path_factory):
+    """`moonbase serve --model <a Moondream 3 directory>` in its own process, with a finetune store."""
+    directory = save_dir(tiny3, tmp_path_factory.mktemp("models") / "tiny-moondream3")
+    root, logs = tmp_path_factory.mktemp("finetunes"), tmp_path_factory.mktemp("logs")
+    with serve_processes([["--finetunes", str(root)]], logs, 22140, model=str(directory)) as urls:
+        yield urls[0]
+
+
+def test_official_client_against_a_moondream3_server(md3_server, tiny3, images):
+    image = Image.fromarray(images[0])
+    client = md.vl(endpoint=md3_server + "/v1")
+    greedy = {"temperature": 0.0, "max_tokens": 6}
+    local = VL(tiny3).query(images[0], "What is it?", settings=greedy)
+    assert client.query(image, "What is it?", settings=greedy) == local  # reasoning on by default, as Moondream 3
+    assert isinstance(client.caption(image, settings=greedy)["caption"], str)
+    assert isinstance(client.detect(image, "circle")["objects"], list) and isinstance(client.point(image, "x")["points"], list)
+    url = "data:image/png;base64," + base64.b64encode(_png(image)).decode()
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is it?"}]
+    chat = client.chat([{"role": "user", "content": content}], settings=greedy)  # model "moondream3-preview"
+    assert chat["message"]["content"] == VL(tiny3).query(_decoded(image), "What is it?", settings=greedy)["answer"]
+    segment = httpx.post(md3_server + "/v1/segment", json={"image_url": url, "object": "circle", "settings": greedy}, timeout=60)
+    assert segment.status_code == 200 and segment.json()["segments"][0]["object"] == "circle"
+
+
+def test_finetuning_a_moondream3_through_the_official_client(md3_server, images):
+    image = Image.fromarray(images[1])
+    ft = md.ft("local", name="md3", rank=8, endpoint=md3_server + "/v1/tuning")
+    p = ft.rollouts("point", image=image, object="circle", num_rollouts=2, settings={"max_objects": 2})
+    rl = {"mode": "rl", "request": p["request"], "rollouts": p["rollouts"], "rewards": [0.0, 1.0]}
+    sft = {"mode": "sft", "request": {"skill": "query", "image": image, "question": "Word?"}, "target": {"answer": "zebra"}}
+    for _ in range(25):
+        out = ft.train_step([rl, sft], lr=2e-2)
+    assert out["applied"] and out["step"] == 25
+    assert ft.save_checkpoint()["checkpoint"]["step"] == 25
+    tuned = md.vl(endpoint=md3_server + "/v1", model=ft.model(25))
+    assert tuned.query(image, "Word?", reasoning=False, settings={"temperature": 0.0, "max_tokens": 8})["answer"] == "zebra"
+    ft.delete()
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _decoded(image: Image.Image):
+    import numpy as np
+
+    return np.asarray(Image.open(io.BytesIO(_png(image))).convert("RGB"))
+
+
+def test_int8_decode_keeps_the_experts_and_tau_and_answers_close(tiny3):
+    from moonbase.model.quant import int8_text
+    from moonbase.model.text import decoder
+
+    q = int8_text(tiny3.w.text)
+    assert (
+        q.blocks[1]["mlp"] is tiny3.w.text.blocks[1]["mlp"]
+        and q.blocks[0]["attn"]["tau"] is tiny3.w.text.blocks[0]["attn"]["tau"]
+    )
+    x = torch.randn(1, 5, tiny3.cfg.text.dim, generator=torch.Generator().manual_seed(0))
+    want, got = (decoder(x, w, tiny3.cfg.text, tiny3.rope, torch.arange(5), None) for w in (tiny3.w.text, q))
+    assert (got - want).abs().max() < 0.05 * want.abs().max()

@@ -23,7 +23,7 @@ from torch import nn
 from ..atomic import atomic_path
 from ..config import TextConfig
 from ..errors import CheckpointError
-from ..model.lora import TARGETS, Adapter, target_shapes
+from ..model.lora import TARGETS, Adapter, n_experts, target_shapes
 
 RANKS = (8, 16, 24, 32)
 _MODULE = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
@@ -64,15 +64,19 @@ class TrainableLora(nn.Module):
     def __init__(self, text: TextConfig, cfg: LoraConfig, seed: int = 0):
         super().__init__()
         self.cfg, self.n_layers = cfg, text.n_layers
-        shapes = target_shapes(text)
+        if text.moe and cfg.rank % text.moe.experts_per_token:
+            k = text.moe.experts_per_token
+            raise ValueError(f"rank {cfg.rank} must be a multiple of {k} (the active experts) for this model")
         g = torch.Generator().manual_seed(seed)
         self.a, self.b = nn.ParameterDict(), nn.ParameterDict()
         for i in range(text.n_layers):
             for t in cfg.targets:
-                d_in, d_out = shapes[t]
+                d_in, d_out = target_shapes(text, i)[t]
+                e = n_experts(text, i, t)  # MoE: each expert gets rank / active experts (Kestrel's split)
+                lead, r = ((), cfg.rank) if e is None else ((e,), cfg.rank // text.moe.experts_per_token)
                 bound = 1 / math.sqrt(d_in)
-                self.a[f"{i}_{t}"] = nn.Parameter((torch.rand(cfg.rank, d_in, generator=g) * 2 - 1) * bound)
-                self.b[f"{i}_{t}"] = nn.Parameter(torch.zeros(d_out, cfg.rank))
+                self.a[f"{i}_{t}"] = nn.Parameter((torch.rand(*lead, r, d_in, generator=g) * 2 - 1) * bound)
+                self.b[f"{i}_{t}"] = nn.Parameter(torch.zeros(*lead, d_out, r))
 
     def adapter(self, name: str, detach: bool = False) -> Adapter:
         """The adapter these parameters define (scale folded into B). With `detach`, a frozen copy."""
@@ -108,6 +112,8 @@ def export_peft(variant: dict[str, torch.Tensor], cfg: LoraConfig, directory: Pa
     unscaled (PEFT multiplies by lora_alpha / r)."""
     from safetensors.torch import save_file
 
+    if any(v.dim() != 2 for v in variant.values()):
+        raise CheckpointError("a Moondream 3 adapter's per-expert stacks have no PEFT form; serve its checkpoint file instead")
     directory.mkdir(parents=True, exist_ok=True)
     alpha = cfg.alpha if cfg.alpha is not None else 2.0 * cfg.rank
     tensors = {}

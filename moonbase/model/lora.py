@@ -3,12 +3,19 @@ and fc2 get `y += (x @ A^T) @ B^T` with no scale (any alpha/rank is folded into 
 read the block's post-LN input (proj too: the variant format adapts proj from the attention *input*);
 fc2 reads the post-GELU activation.
 
+Moondream 3's MoE layers adapt each expert instead (Kestrel/Photon's layout, so a Lens-trained adapter loads
+unchanged): fc1 (up) A (E, r/k, dim) and B (E, 2·inner, r/k), fc2 (down) A (E, r/k, inner) and B (E, dim,
+r/k), the total rank split across the k active experts; a token's delta comes from the experts it is
+routed to, the down delta weighted by the router like the expert itself. Kestrel files name them
+`…dense.{i}.up_a` … and `…moe.{j}.down_b` (j counts MoE layers), inside `lora_state_dict`.
+
 `LoraBatch` applies several adapters in one forward: row b of the batch uses adapter `index[b]` (0 = none).
 """
 
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +24,7 @@ from torch import nn
 
 from ..config import TextConfig
 from ..errors import CheckpointError
+from .moe import expert_ends, grouped_mm
 
 TARGETS = ("qkv", "proj", "fc1", "fc2")
 _RAW_RENAMES = (  # Phi-style names in raw variant files -> ours (spec §7)
@@ -40,7 +48,8 @@ class Adapter:
 
     @property
     def rank(self) -> int:
-        return max(a.shape[0] for layer in self.layers for a, _ in layer.values())
+        """The largest rank of one linear map (an expert's, for MoE layers)."""
+        return max(a.shape[-2] for layer in self.layers for a, _ in layer.values())
 
     def to(self, device: torch.device, dtype: torch.dtype) -> Adapter:
         layers = tuple({t: (a.to(device, dtype), b.to(device, dtype)) for t, (a, b) in layer.items()} for layer in self.layers)
@@ -55,13 +64,27 @@ def _moved(w: nn.Module | None, device: torch.device, dtype: torch.dtype) -> nn.
     return w if (p.device, p.dtype) == (torch.device(device), dtype) else copy.deepcopy(w).to(device, dtype)
 
 
-def target_shapes(cfg: TextConfig) -> dict[str, tuple[int, int]]:
-    """(in, out) of each adapted linear layer."""
-    return {"qkv": (cfg.dim, cfg.qkv_dim), "proj": (cfg.dim, cfg.dim), "fc1": (cfg.dim, cfg.ff_dim), "fc2": (cfg.ff_dim, cfg.dim)}
+def target_shapes(cfg: TextConfig, layer: int = 0) -> dict[str, tuple[int, int]]:
+    """(in, out) of each adapted linear map of a layer; per expert in a MoE layer (see `n_experts`)."""
+    ff_in, ff_out = (
+        (2 * cfg.moe.expert_inner_dim, cfg.moe.expert_inner_dim) if cfg.moe and cfg.is_moe(layer) else (cfg.ff_dim,) * 2
+    )
+    return {"qkv": (cfg.dim, cfg.qkv_dim), "proj": (cfg.dim, cfg.dim), "fc1": (cfg.dim, ff_in), "fc2": (ff_out, cfg.dim)}
 
 
-def _block_key(key: str) -> tuple[int, str, str] | None:
-    """'text.blocks.3.attn.qkv.A' -> (3, 'qkv', 'A')."""
+def n_experts(cfg: TextConfig, layer: int, target: str) -> int | None:
+    """Experts a target's A and B are stacked over (their leading dimension); None for a dense map."""
+    return cfg.moe.num_experts if cfg.moe and cfg.is_moe(layer) and target in ("fc1", "fc2") else None
+
+
+_KESTREL_KEY = re.compile(r"(?:^|\.)(dense|moe)\.(\d+)\.(up|down)_([ab])$")
+
+
+def _block_key(key: str, cfg: TextConfig) -> tuple[int, str, str] | None:
+    """'text.blocks.3.attn.qkv.A' -> (3, 'qkv', 'A'); Kestrel's '…moe.0.up_a' -> (moe.start_layer, 'fc1', 'A')."""
+    if k := _KESTREL_KEY.search(key):
+        layer = int(k[2]) + (cfg.moe.start_layer if k[1] == "moe" and cfg.moe else 0)
+        return layer, "fc1" if k[3] == "up" else "fc2", k[4].upper()
     for old, new in _RAW_RENAMES:
         key = key.replace(old, new)
     parts = key.split(".")
@@ -71,11 +94,11 @@ def _block_key(key: str) -> tuple[int, str, str] | None:
 
 
 def adapter_from_state_dict(name: str, state: dict[str, torch.Tensor], cfg: TextConfig) -> Adapter:
-    """A variant state dict (raw Phi-style or renamed keys) checked against the model's shapes."""
+    """A variant state dict (raw Phi-style, renamed or Kestrel keys) checked against the model's shapes."""
     found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     unknown = []
     for key, value in state.items():
-        parsed = _block_key(key)
+        parsed = _block_key(key, cfg)
         if parsed is None:
             unknown.append(key)
             continue
@@ -83,17 +106,24 @@ def adapter_from_state_dict(name: str, state: dict[str, torch.Tensor], cfg: Text
         found.setdefault((layer, target), {})[part] = value
     if unknown:
         raise CheckpointError(f"adapter {name!r}: unexpected keys {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
-    shapes = target_shapes(cfg)
     layers: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(cfg.n_layers)]
     for (layer, target), parts in sorted(found.items()):
         if layer >= cfg.n_layers or set(parts) != {"A", "B"}:
             raise CheckpointError(f"adapter {name!r}: layer {layer} {target} needs A and B within {cfg.n_layers} layers")
         a, b = parts["A"], parts["B"]
-        d_in, d_out = shapes[target]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != d_in or b.shape[0] != d_out or a.shape[0] != b.shape[1]:
+        d_in, d_out = target_shapes(cfg, layer)[target]
+        e = n_experts(cfg, layer, target)
+        lead = () if e is None else (e,)
+        if (
+            a.shape[:-2] != lead
+            or b.shape[:-2] != lead
+            or a.dim() != b.dim()
+            or (a.shape[-1], b.shape[-2], a.shape[-2]) != (d_in, d_out, b.shape[-1])
+        ):
+            stack = "" if e is None else f"{e}, "
             raise CheckpointError(
                 f"adapter {name!r}: layer {layer} {target} has A {tuple(a.shape)}, B {tuple(b.shape)}; "
-                f"expected A (r, {d_in}) and B ({d_out}, r)"
+                f"expected A ({stack}r, {d_in}) and B ({stack}{d_out}, r)"
             )
         layers[layer][target] = (a.float(), b.float())
     if not found:
@@ -137,6 +167,26 @@ class LoraBatch:
     @classmethod
     def single(cls, adapter: Adapter | None, batch: int, device: torch.device) -> LoraBatch | None:
         return None if adapter is None else cls([adapter], [1] * batch, device)
+
+    def expert_delta(
+        self, layer: int, target: str, x_MC: torch.Tensor, experts: torch.Tensor, rows: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The MoE form of `delta`: assignment m (sorted by expert `experts[m]`, from batch row `rows[m]`) gets
+        B_e A_e x_m of its row's adapter, one grouped matmul pair per adapter."""
+        out = None
+        for adapter, adapter_rows in self.groups:
+            if (ab := adapter.layers[layer].get(target)) is None:
+                continue
+            a, b = ab
+            take = slice(None) if self.all_rows else torch.isin(rows, adapter_rows)
+            ends = expert_ends(experts[take], a.shape[0])
+            d = grouped_mm(grouped_mm(x_MC[take], a, ends), b, ends)
+            if self.all_rows:
+                return d
+            if out is None:
+                out = x_MC.new_zeros(x_MC.shape[0], b.shape[1])
+            out[take] = d
+        return out
 
     def delta(self, layer: int, target: str, x_BTC: torch.Tensor) -> torch.Tensor | None:
         out = None

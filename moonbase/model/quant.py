@@ -28,20 +28,21 @@ class Int8Linear(nn.Module):
 
 
 def int8_text(text_w: nn.Module) -> nn.Module:
-    """The text decoder's weight tree with every block linear and the LM head in int8; embeddings and
-    layer norms are shared with `text_w`, not copied."""
+    """The text decoder's weight tree with every block linear and the LM head in int8; embeddings, layer
+    norms, tau parameters and mixture-of-experts layers (their experts are 3-D stacks) are shared with
+    `text_w`, not copied."""
     q = nn.Module()
     q.wte = text_w.wte
-    q.blocks = nn.ModuleList(
-        nn.ModuleDict(
-            {
-                "ln": block["ln"],
-                "attn": nn.ModuleDict({k: Int8Linear(block["attn"][k]) for k in ("qkv", "proj")}),
-                "mlp": nn.ModuleDict({k: Int8Linear(block["mlp"][k]) for k in ("fc1", "fc2")}),
-            }
-        )
-        for block in text_w.blocks
-    )
+    q.blocks = nn.ModuleList(_int8_block(block) for block in text_w.blocks)
     q.post_ln = text_w.post_ln
     q.lm_head = Int8Linear(text_w.lm_head)
     return q
+
+
+def _int8_block(block: nn.ModuleDict) -> nn.ModuleDict:
+    attn = nn.ModuleDict({k: Int8Linear(block["attn"][k]) for k in ("qkv", "proj")})
+    if "tau" in block["attn"]:
+        attn["tau"] = block["attn"]["tau"]
+    moe = hasattr(block["mlp"], "router")
+    mlp = block["mlp"] if moe else nn.ModuleDict({k: Int8Linear(block["mlp"][k]) for k in ("fc1", "fc2")})
+    return nn.ModuleDict({"ln": block["ln"], "attn": attn, "mlp": mlp})

@@ -5,6 +5,7 @@ mixture-of-experts FFN from `moe.start_layer` on."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 import torch
@@ -159,7 +160,7 @@ def decoder(
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=nq != nkv)
         attn_out = _adapted(linear(a.transpose(1, 2).reshape(b, t, nq * hd), block["attn"]["proj"]), lora, i, "proj", h)
         if cfg.is_moe(i) and cfg.moe:
-            ffn_out = moe_ffn(h, block["mlp"], cfg.moe, routes)
+            ffn_out = moe_ffn(h, block["mlp"], cfg.moe, routes, None if lora is None else partial(lora.expert_delta, i))
         else:
             g = gelu(_adapted(linear(h, block["mlp"]["fc1"]), lora, i, "fc1", h))
             ffn_out = _adapted(linear(g, block["mlp"]["fc2"]), lora, i, "fc2", g)

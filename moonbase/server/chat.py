@@ -152,7 +152,7 @@ def add_chat_route(app: FastAPI, select: Callable[..., Selection], image_of: Cal
 
         def run():
             decoded = None if image is None else image_of(image)
-            req = SkillRequest("query", decoded, question, reasoning=bool(body.reasoning), settings=settings)
+            req = SkillRequest("query", decoded, question, reasoning=body.reasoning, settings=settings)
             return sel.vl.run(req, body.stream, stats, timeout)
 
         out = await cancellable(request, sel.vl, run)
