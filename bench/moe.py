@@ -35,7 +35,7 @@ def per_token(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, fc1: to
 
 
 def dense(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor) -> torch.Tensor:
-    y = torch.einsum("eoi,ni->neo", fc2, expert_activation(torch.einsum("eoi,ni->neo", fc1, x)))  # (N, E, dim)
+    y = torch.einsum("eoi,nei->neo", fc2, expert_activation(torch.einsum("eoi,ni->neo", fc1, x)))  # (N, E, dim)
     return (y.gather(1, ids[..., None].expand(-1, -1, y.shape[-1])) * weights[..., None]).sum(1)
 
 

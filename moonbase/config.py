@@ -315,9 +315,10 @@ def md2() -> ModelConfig:
 
 def md3() -> ModelConfig:
     """Moondream 3 preview (9B total, 2B active): Moondream 2's vision and tokenizer, a mixture-of-experts text
-    decoder with tau attention and RoPE theta 1.5e6, a LayerNorm + Linear region head (spec §1)."""
+    decoder with tau attention and RoPE theta 1.5e6, a LayerNorm + Linear region head (spec §1). Context 32K as
+    Kestrel serves it (the HF config says 4096; only tables and caches depend on it, spec D2)."""
     return ModelConfig(
-        text=TextConfig(max_context=4096, rope_theta=1_500_000.0, moe=MoEConfig(), tau_attn=True),
+        text=TextConfig(max_context=32768, rope_theta=1_500_000.0, moe=MoEConfig(), tau_attn=True),
         region=RegionConfig(decoder_arch="linear", use_ln=True),
         tokenizer=TokenizerConfig(
             segment_prefix=(1, 17374, 2), segment_suffix=(3,), repeat_query_suffix=False, restricted_object_decisions=True

@@ -137,6 +137,7 @@ def nano(device: str | torch.device | None = None, dtype: str | torch.dtype | No
 
 
 BUILTIN = {"nano": nano, "tiny-random": tiny_random}
+HUB_IDS = {"moondream2": "vikhyatk/moondream2", "moondream3-preview": "moondream/moondream3-preview"}  # short names
 DEFAULT_MODEL = "nano" if (ASSETS / "nano" / "model.safetensors").is_file() else "tiny-random"
 
 
@@ -145,6 +146,7 @@ def load(
 ) -> Moondream:
     """Load a model by built-in name, local directory or Hugging Face hub id (from the local hub cache)."""
     model = str(model or DEFAULT_MODEL)
+    model = HUB_IDS.get(model, model)
     if model in BUILTIN:
         return BUILTIN[model](device=device, dtype=dtype)
     path = Path(model).expanduser()
@@ -156,7 +158,9 @@ def load(
 
 
 def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
-    """The local snapshot of a hub repo; downloads only when huggingface_hub is installed and online."""
+    """The local snapshot of a hub repo (or a short name of `HUB_IDS`); downloads only when huggingface_hub is
+    installed and online."""
+    repo_id = HUB_IDS.get(repo_id, repo_id)
     try:
         from huggingface_hub import snapshot_download
     except ImportError as e:

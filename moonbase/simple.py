@@ -19,6 +19,8 @@ from .model.text import EncodedImage, KVCache
 from .skills import Prompt, Settings, SkillRequest, resolve_settings
 from .skills.program import Output, RegionObject, StopReason, TextRun
 
+PREFILL_CHUNK = 2048  # inputs per forward
+
 
 class SingleSequence:
     """One sequence's cache, last hidden state and logits, and its sampling state."""
@@ -31,7 +33,8 @@ class SingleSequence:
         self.logits: torch.Tensor | None = None
 
     def feed(self, x_TC: torch.Tensor) -> None:
-        h = self.m.hidden(self.cache, x_TC[None], self.adapter)[0, -1]
+        for part in x_TC.split(PREFILL_CHUNK):  # a long prompt never builds a mask larger than a chunk x its context
+            h = self.m.hidden(self.cache, part[None], self.adapter)[0, -1]
         self.hidden, self.logits = h, self.m.logits(h)
 
     def prefill(self, prompt: Prompt) -> None:

@@ -230,3 +230,22 @@ def test_bench_work_counts_the_linear_layers(tiny):
     assert out["followup_first_token_mflop"] * 1e6 == prompt * per_token + 2 * t.dim * t.vocab_size
     assert out["image_mflop"] > out["followup_first_token_mflop"] and out["request_mflop"] > out["image_mflop"]
     assert out["followup_speedup_bound"] == pytest.approx(1 + out["image_mflop"] / out["followup_first_token_mflop"])
+
+
+@pytest.mark.parametrize("which", ["tiny", "tiny3"])
+def test_prompts_longer_than_a_step_are_prefilled_in_chunks(which, images, request, monkeypatch):
+    """A 5-input step budget cuts every prompt into chunks over several steps (no forward's mask or attention
+    exceeds chunk x context); the answers do not change, alone or batched, blocking or pipelined."""
+    from moonbase.engine.kv import PagedBatch
+    from moonbase.model import text
+
+    model, widths, decoder = request.getfixturevalue(which), [], text.decoder
+
+    def spy(x, *args, **kw):
+        if any(isinstance(a, PagedBatch) for a in args) and not kw.get("kv_only"):  # the engine's text forwards
+            widths.append(x.shape[1])
+        return decoder(x, *args, **kw)
+
+    monkeypatch.setattr(text, "decoder", spy)
+    check_batch(model, images[:2], EngineConfig(max_batch=8, kv_memory_mb=8, max_step_tokens=5))
+    assert max(widths) == 5  # every prompt here is longer than 5 inputs: none went in at once

@@ -200,3 +200,25 @@ def test_kestrel_fp8_checkpoints_are_refused_with_a_message(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{}")
     with pytest.raises(CheckpointError, match="FP8"):
         load_dir(tmp_path)
+
+
+def test_a_gated_hub_repo_says_how_to_get_access(monkeypatch):
+    """moondream/moondream3-preview is gated: the error says what to do, and its short name resolves to it."""
+    import httpx
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError
+
+    from moonbase.errors import ModelNotFoundError
+    from moonbase.hub import load
+
+    asked = []
+
+    def gated(repo_id, **_):
+        asked.append(repo_id)
+        response = httpx.Response(401, request=httpx.Request("GET", f"https://huggingface.co/{repo_id}"))
+        raise GatedRepoError("401 Client Error: access to this model is restricted", response=response)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", gated)
+    with pytest.raises(ModelNotFoundError, match=r"is gated: request access .* `huggingface-cli login`"):
+        load("moondream3-preview")
+    assert asked == ["moondream/moondream3-preview"]

@@ -88,7 +88,7 @@ class Engine:
             raise ValueError("int8_decode is a CPU option; on CUDA the engine runs bf16")
         decode_w = int8_text(m.w.text) if cfg.int8_decode else None
         graphs = ForwardGraphs(m, self.pool, cfg.max_batch) if cfg.cuda_graphs and m.device.type == "cuda" else None
-        self.runner = Runner(m, self.pool, decode_w, graphs)
+        self.runner = Runner(m, self.pool, decode_w, graphs, chunk=cfg.max_step_tokens)
         self.adapters = AdapterStore(m.cfg.text, m.device, m.dtype)
         self._inbox: queue.SimpleQueue[tuple[Sequence, Handle]] = queue.SimpleQueue()
         self._handles: dict[int, Handle] = {}
@@ -204,7 +204,7 @@ class Engine:
         if alive:
             self._inflight = runner.heads([plan.decodes[i] for i in alive], hidden[alive], runner.decode_w)
         if plan.prefills:  # new sequences start blocking; they join the pipeline next step
-            runner.commit(runner.heads(plan.prefills, runner.forward(plan.prefills, self.m.w.text), self.m.w.text))
+            runner.prefill(plan.prefills)
             self._settle(plan.prefills)
 
     def _commit_inflight(self) -> list[Sequence]:
@@ -225,8 +225,8 @@ class Engine:
         """Hand each stepped row's new tokens to its handle, and its result once its program is done."""
         now = time.perf_counter()
         for seq in rows:
-            if seq.status is not Status.RUNNING:
-                continue
+            if seq.status is not Status.RUNNING or (seq.error is None and seq.prefilling):
+                continue  # finished, or a long prompt still being prefilled: nothing decided yet
             if seq.stats.first_token is None:
                 seq.stats.first_token = now
             seq.stats.output_tokens += 1  # every step ends in one decision: a token, a stop, a coordinate or a size

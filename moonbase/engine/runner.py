@@ -28,8 +28,17 @@ class Runner:
     """`decode_w`: the text weights single-token rows run with (e.g. int8 on a CPU); prompts, replays
     and image prefixes always use the model's own."""
 
-    def __init__(self, m: Moondream, pool: KVPool, decode_w: torch.nn.Module | None = None, graphs: ForwardGraphs | None = None):
-        self.m, self.pool, self.graphs = m, pool, graphs
+    def __init__(
+        self,
+        m: Moondream,
+        pool: KVPool,
+        decode_w: torch.nn.Module | None = None,
+        graphs: ForwardGraphs | None = None,
+        chunk: int | None = None,
+    ):
+        """`chunk`: the most inputs of one row a forward takes (longer prompts are prefilled over several steps,
+        so no forward builds a mask or attention larger than chunk x context)."""
+        self.m, self.pool, self.graphs, self.chunk = m, pool, graphs, chunk
         self.decode_w = decode_w if decode_w is not None else m.w.text
 
     @torch.no_grad()
@@ -37,9 +46,16 @@ class Runner:
         """A blocking step: every forward, its heads and their commit."""
         if plan.prefixes:
             self.build_prefixes(plan.prefixes)
-        for rows, w in ((plan.prefills, self.m.w.text), (plan.decodes, self.decode_w)):
-            if rows:  # prompts and single inputs run as separate forwards: no decode row is padded to a prompt
-                self.commit(self.heads(rows, self.forward(rows, w), w))
+        if plan.prefills:  # prompts and single inputs run as separate forwards: no decode row is padded to a prompt
+            self.prefill(plan.prefills)
+        if plan.decodes:
+            self.commit(self.heads(plan.decodes, self.forward(plan.decodes, self.decode_w), self.decode_w))
+
+    def prefill(self, rows: list[Sequence]) -> None:
+        """Prompts (a chunk of each): heads and commit for the rows whose prompt is now all in the pool."""
+        hidden = self.forward(rows, self.m.w.text)
+        if whole := [i for i, seq in enumerate(rows) if not seq.prefilling]:
+            self.commit(self.heads([rows[i] for i in whole], hidden[whole], self.m.w.text))
 
     # --- image prefixes -----------------------------------------------------------------------------
 
@@ -78,9 +94,10 @@ class Runner:
     # --- text ---------------------------------------------------------------------------------------
 
     def forward(self, rows: list[Sequence], w: torch.nn.Module) -> torch.Tensor:
-        """Feed every row's pending inputs; returns the hidden state after each row's last input (B, D)."""
+        """Feed every row's pending inputs (at most `chunk`; the rest stays pending); returns the hidden state after
+        each row's last input fed (B, D)."""
         m, dev = self.m, self.m.device
-        lengths = [len(s.pending) for s in rows]
+        lengths = [min(len(s.pending), self.chunk or len(s.pending)) for s in rows]
         b, t, s = len(rows), max(lengths), max(seq.length + n for seq, n in zip(rows, lengths, strict=True))
         x = self._inputs(rows, lengths, t)
         lora = _lora([seq.req.adapter for seq in rows], dev)
@@ -93,6 +110,9 @@ class Runner:
             h = text.decoder(x, w, m.cfg.text, m.rope, q_pos, mask, PagedBatch(self.pool, write, read), lora=lora)
         for seq, n in zip(rows, lengths, strict=True):
             seq.length += n
+            seq.prefilling = n < len(seq.pending)
+            if seq.prefilling:  # the rest of a long prompt: next step
+                seq.pending = seq.pending[n:]
         if t == 1:
             return h[:b, 0]
         return h[torch.arange(b, device=dev), torch.tensor(lengths, device=dev) - 1]
@@ -106,7 +126,7 @@ class Runner:
             return torch.stack([seq.next_emb if seq.next_emb is not None else next(fed) for seq in rows])[:, None]
         x = torch.zeros(len(rows), t, m.cfg.text.dim, device=m.device, dtype=m.dtype)
         for i, (seq, n) in enumerate(zip(rows, lengths, strict=True)):
-            x[i, :n] = seq.next_emb[None] if seq.next_emb is not None else self._embed(seq.pending)
+            x[i, :n] = seq.next_emb[None] if seq.next_emb is not None else self._embed(seq.pending[:n])
         return x
 
     def _embed(self, feeds: list[Feed]) -> torch.Tensor:

@@ -77,7 +77,9 @@ class Scheduler:
             )
             self.finish(seq)
             plan.finished.append(seq)
-        plan.decodes = [s for s in self.running if s.status is Status.RUNNING]
+        for seq in self.running:  # a prompt longer than a step goes on prefilling, one chunk per step
+            if seq.status is Status.RUNNING:
+                (plan.prefills if seq.prefilling else plan.decodes).append(seq)
         self._admit(plan)
         if self.waiting and not self.running and not plan.prefills:  # nothing will ever free room for it
             seq = self.waiting[0]
@@ -120,7 +122,7 @@ class Scheduler:
         self.running.remove(seq)
         self.preemptions += 1
         seq.status = Status.WAITING
-        seq.pending, seq.next_emb = seq.prompt + seq.history, None
+        seq.pending, seq.next_emb, seq.prefilling = seq.prompt + seq.history, None, False
         self.waiting.appendleft(seq)
 
     def _grow(self, seq: Sequence, new_tokens: int, preempt: bool = True) -> bool:
@@ -133,7 +135,7 @@ class Scheduler:
         return got is not None
 
     def _admit(self, plan: StepPlan) -> None:
-        budget = self.cfg.max_step_tokens
+        budget = self.cfg.max_step_tokens - sum(min(len(s.pending), self.cfg.max_step_tokens) for s in plan.prefills)
         while self.waiting and len(self.running) < self.cfg.max_batch:
             seq = self.waiting[0]
             key = seq.req.prefix_key

@@ -72,6 +72,7 @@ class Sequence:
         self.history: list[Feed] = []  # inputs decided after the prompt: replayed after a preemption
         self.prompt = req.prompt.feeds(tok)
         self.pending: list[Feed] = self.prompt  # inputs for the next forward
+        self.prefilling = False  # a prompt longer than a step's chunk: the rest of it is pending
         self.next_emb: torch.Tensor | None = None  # the embedding of the single input in `pending`, from the heads
         self.stats = Stats(input_tokens=len(self.prompt))
         self.error: Exception | None = None
