@@ -163,6 +163,18 @@ class VL:
         req = SkillRequest("point", image, object=object, spatial_refs=spatial_refs, settings=settings or {})
         return self.run(req, stats=stats)
 
+    def segment(
+        self,
+        image: ImageInput | EncodedImage,
+        object: str,
+        settings: dict[str, Any] | None = None,
+        spatial_refs: Any = None,
+        stats: dict | None = None,
+    ) -> dict[str, Any]:
+        """Moondream 3: the object's bbox and outline path (`{"segments": [...]}`); SkillNotSupportedError elsewhere."""
+        req = SkillRequest("segment", image, object=object, spatial_refs=spatial_refs, settings=settings or {})
+        return self.run(req, stats=stats)
+
     def detect_gaze(
         self, image: ImageInput | EncodedImage, eye: tuple[float, float], settings: dict[str, Any] | None = None
     ) -> dict[str, Any]:

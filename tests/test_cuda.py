@@ -74,3 +74,18 @@ def test_a_failed_capture_falls_back_to_eager_forwards(monkeypatch):
     model = tiny_random(seed=0, device="cuda", dtype=torch.float32)
     engine = check_batch(model, scenes(2), EngineConfig(max_batch=8, kv_memory_mb=64))
     assert engine.runner.graphs.failed and not engine.runner.graphs.graphs
+
+
+def test_moondream3_on_cuda_matches_the_single_request_path_with_graphs():
+    """Moondream 3's grouped experts in bf16 (torch._grouped_mm) under captured decode graphs, and in fp32."""
+    from moonbase.engine.engine import EngineConfig
+
+    from .helpers import check_batch, scenes
+
+    model = tiny_random(seed=0, device="cuda", dtype=torch.float32, moondream3=True)
+    engine = check_batch(model, scenes(3), EngineConfig(max_batch=12, kv_memory_mb=64), repeat=2)
+    assert engine.runner.graphs.graphs
+    image = render_scene(seed=5, n_objects=2, size=(128, 96)).image
+    bf16 = VL(tiny_random(seed=0, device="cuda", dtype=torch.bfloat16, moondream3=True))
+    assert bf16.segment(image, "circle")["segments"][0]["object"] == "circle"
+    assert isinstance(bf16.detect(image, "circle", settings={"max_objects": 3})["objects"], list)

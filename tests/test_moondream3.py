@@ -105,7 +105,7 @@ def test_query_prompt_and_defaults_follow_moondream3(tiny3, images):
 
 def test_segment_needs_a_model_that_segments(tiny, images):
     with pytest.raises(SkillNotSupportedError, match="segmentation"):
-        VL(tiny).run(SkillRequest.of("segment", images[0], "circle"))
+        VL(tiny).segment(images[0], "circle")
 
 
 def test_svg_path_tokens_become_a_bbox_relative_path():
@@ -148,6 +148,8 @@ def test_kestrel_adapter_files_load_unchanged(tiny3, tmp_path):
         assert set(layer) == {"fc1", "fc2"}
         for target, (a, b) in layer.items():
             assert torch.equal(a, ours.layers[i][target][0]) and torch.equal(b, ours.layers[i][target][1])
+    with pytest.raises(CheckpointError, match="vision projection"):
+        adapter_from_state_dict("v", state | {"vision_lora.proj_fc2.down": torch.zeros(4, 8)}, cfg)
     state["text_lora.moe.0.up_b"] = state["text_lora.moe.0.up_b"][:, :-1]
     with pytest.raises(CheckpointError, match=r"expected A \(4, r, 64\) and B \(4, 64, r\)"):
         adapter_from_state_dict("bad", state, cfg)

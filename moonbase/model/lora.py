@@ -104,6 +104,8 @@ def adapter_from_state_dict(name: str, state: dict[str, torch.Tensor], cfg: Text
             continue
         layer, target, part = parsed
         found.setdefault((layer, target), {})[part] = value
+    if any("vision_lora." in k for k in unknown):  # Kestrel defines the class, but its runtime refuses it too
+        raise CheckpointError(f"adapter {name!r}: a LoRA on the vision projection (vision_lora.*) is not supported")
     if unknown:
         raise CheckpointError(f"adapter {name!r}: unexpected keys {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
     layers: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(cfg.n_layers)]
