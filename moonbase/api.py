@@ -87,14 +87,17 @@ class VL:
         self, req: SkillRequest, stream: bool = False, stats: dict | None = None, timeout: float | None = None
     ) -> dict[str, Any]:
         """Any skill request, rendered as the official client returns it. With `stream`, a text skill's text
-        field is an iterator of pieces; `stats`, if given, is filled with token counts and timings."""
-        skill, tok = req.skill, self.model.tokenizer
-        timeout = self.timeout if timeout is None else timeout
+        field is an iterator of pieces, and a skill that streams events (segment) is an iterator of the client's
+        stream items; `stats`, if given, is filled with token counts and timings."""
+        req, tok = req.with_defaults(self.model.cfg.defaults), self.model.tokenizer
+        skill, timeout = req.skill, self.timeout if timeout is None else timeout
         handle = self.submit(self.prepare(req))
         if not (stream and skill.text_key):
             result = self.wait([handle], timeout)[0]
             _record(stats, result)
-            return skill.render(result.output, tok, self.clip)
+            rendered = skill.render(result.output, tok, self.clip)
+            events = skill.events(rendered) if stream else None
+            return rendered if events is None else map(_client_item, events)  # type: ignore[return-value]
         head = skill.render(self.wait([handle], timeout)[0].output, tok, self.clip) if req.reasoning else {}
         deadline = None if timeout is None else time.perf_counter() + timeout
         return head | {skill.text_key: _stream(handle, TextStream(tok), stats, deadline)}
@@ -167,13 +170,16 @@ class VL:
         self,
         image: ImageInput | EncodedImage,
         object: str,
-        settings: dict[str, Any] | None = None,
         spatial_refs: Any = None,
+        stream: bool = False,
+        settings: dict[str, Any] | None = None,
         stats: dict | None = None,
     ) -> dict[str, Any]:
-        """Moondream 3: the object's bbox and outline path (`{"segments": [...]}`); SkillNotSupportedError elsewhere."""
+        """Moondream 3: `{"path", "bbox"}`, the outline as an SVG path in image-normalized units
+        (SkillNotSupportedError on a model without a segmentation head). With `stream`, the client's items:
+        `{"bbox"}`, `{"chunk"}` per path command, then `{"path", "bbox", "completed": True}`."""
         req = SkillRequest("segment", image, object=object, spatial_refs=spatial_refs, settings=settings or {})
-        return self.run(req, stats=stats)
+        return self.run(req, stream, stats)
 
     def detect_gaze(
         self, image: ImageInput | EncodedImage, eye: tuple[float, float], settings: dict[str, Any] | None = None
@@ -208,6 +214,14 @@ class CancelScope:
 def _record(stats: dict | None, result: Result) -> None:
     if stats is not None:
         stats.update(result.stats | {"stop_reason": result.output.stop_reason.value})
+
+
+def _client_item(event: dict[str, Any]) -> dict[str, Any]:
+    """A streamed event as the official client yields it: `{"bbox"}`, `{"chunk"}`, then the final result."""
+    kind = event["type"]
+    if kind == "path_delta":
+        return {"chunk": event["chunk"]}
+    return {k: v for k, v in event.items() if k != "type" and (kind == "final" or k != "completed")}
 
 
 def _stream(handle: Handle, stream: TextStream, stats: dict | None, deadline: float | None) -> Iterator[str]:

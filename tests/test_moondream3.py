@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import io
 
-import httpx
 import moondream as md
 import pytest
 import torch
@@ -15,16 +14,15 @@ from PIL import Image
 
 from moonbase.api import VL
 from moonbase.engine.engine import Engine, EngineConfig
-from moonbase.errors import CheckpointError, SkillNotSupportedError
+from moonbase.errors import SkillNotSupportedError
 from moonbase.hub import save_dir
 from moonbase.model import text
-from moonbase.model.lora import adapter_from_state_dict, load_adapter
 from moonbase.model.moe import expert_activation, grouped_experts, route
 from moonbase.skills import SkillRequest
 from moonbase.skills.program import Output, StopReason, TextRun
-from moonbase.skills.segment import svg_path
+from moonbase.skills.segment import absolute_path, parse_path, svg_path
 
-from .helpers import check_adapters, check_batch, outcome, random_adapter, reference, request, scenes, skill_cases
+from .helpers import check_batch, outcome, reference, request, scenes, skill_cases
 from .serving import serve_processes
 
 
@@ -112,47 +110,32 @@ def test_svg_path_tokens_become_a_bbox_relative_path():
     assert svg_path(["M", "480", "-", "96", "L", "960", "0", "48", "Z"]) == ("M 0.5 -0.1 L 1 0 Z", None)
     assert svg_path(["M", "1", "2", "Z"]) == ("M 0.001 0.002 Z", None)
     assert svg_path(["ue", "M"]) == ("", "Unexpected SVG token 'ue'")
-    assert svg_path(["M", "10", "x"]) == ("", "Unexpected SVG token 'x'")
+    assert svg_path(["M", "10", "20", "L", "5", "x", "7"]) == ("M 0.01 0.021 L", "Unexpected SVG token 'x'")  # keeps what parsed
 
 
-def test_segment_result_clamps_its_bbox_and_keeps_the_model_tokens(tiny3):
-    tok, tokenizer = tiny3.cfg.tokenizer, tiny3.tokenizer
-    path_ids = [tokenizer.encode(t)[0] for t in ("M", "0", "L")]
-    run = TextRun([tok.coord_id, tok.coord_id, tok.size_id, *path_ids], {0: 0.95, 1: 0.5}, {2: (0.2, 0.1)}, StopReason.STOP)
-    seg = SkillRequest("segment").skill.render(Output(StopReason.STOP, text=run, subject="cat"), tokenizer)["segments"][0]
+def _segment_output(m, words, coords=(0.95, 0.5), size=(0.2, 0.1)):
+    tok, tokenizer = m.cfg.tokenizer, m.tokenizer
+    ids = [tokenizer.encode(t)[0] for t in words]
+    run = TextRun([tok.coord_id, tok.coord_id, tok.size_id, *ids], dict(enumerate(coords)), {2: size}, StopReason.STOP)
+    return Output(StopReason.STOP, text=run, subject="cat"), ids
+
+
+def test_segment_result_is_the_clients_path_in_image_units(tiny3):
+    bbox = {"x_min": 0.25, "y_min": 0.375, "x_max": 0.75, "y_max": 0.625}
+    commands, _ = parse_path(["M", "0", "0", "L", "960", "0", "l", "480", "-", "480", "Z"])
+    # absolute numbers go through the bbox, relative ones (l) are deltas scaled by its size
+    assert absolute_path(commands, bbox) == "M 0.25 0.375 L 0.75 0.375 l 0.25 -0.125 Z"
+    out, _ = _segment_output(tiny3, ["M", "0", "0", "L", "9", "6"], (0.5, 0.5), (0.5, 0.25))
+    result = SkillRequest("segment").skill.render(out, tiny3.tokenizer)  # what the official client reads
+    assert result == {"path": "M 0.25 0.375 L 0.2547 0.3766", "bbox": pytest.approx(bbox)}
+
+
+def test_segment_reference_clamps_its_bbox_and_keeps_the_model_tokens(tiny3):
+    out, ids = _segment_output(tiny3, ["M", "0", "L"])
+    seg = SkillRequest("segment").skill.reference(out, tiny3.tokenizer)["segments"][0]
     assert seg["bbox"] == pytest.approx({"x_min": 0.85, "x_max": 1.0, "y_min": 0.45, "y_max": 0.55})
-    assert seg["object"] == "cat" and seg["token_ids"] == path_ids and seg["path_tokens"] == ["M", "0", "L"]
+    assert seg["object"] == "cat" and seg["token_ids"] == ids and seg["path_tokens"] == ["M", "0", "L"]
     assert seg["svg_path"] == "M L" and "parse_error" not in seg  # the odd trailing number is dropped
-
-
-def test_two_moondream3_adapters_and_the_base_in_one_batch(tiny3, images):
-    check_adapters(tiny3, images)
-
-
-def test_kestrel_adapter_files_load_unchanged(tiny3, tmp_path):
-    """Kestrel's layout (`lora_state_dict`, dense.{i}.up_a …, moe.{j}.down_b with j counting MoE layers) gives
-    the same adapter as our variant layout."""
-    cfg = tiny3.cfg.text
-    ours = random_adapter(cfg, 4, 0, "x")
-    start = cfg.moe.start_layer
-    state = {}
-    for i, layer in enumerate(ours.layers):
-        kind, j = ("moe", i - start) if cfg.is_moe(i) else ("dense", i)
-        for target, (a, b) in layer.items():
-            if target in ("fc1", "fc2"):
-                part = "up" if target == "fc1" else "down"
-                state[f"text_lora.{kind}.{j}.{part}_a"], state[f"text_lora.{kind}.{j}.{part}_b"] = a, b
-    torch.save({"lora_state_dict": state, "step": 5}, tmp_path / "adapter.pt")
-    loaded = load_adapter(tmp_path / "adapter.pt", cfg)
-    for i, layer in enumerate(loaded.layers):
-        assert set(layer) == {"fc1", "fc2"}
-        for target, (a, b) in layer.items():
-            assert torch.equal(a, ours.layers[i][target][0]) and torch.equal(b, ours.layers[i][target][1])
-    with pytest.raises(CheckpointError, match="vision projection"):
-        adapter_from_state_dict("v", state | {"vision_lora.proj_fc2.down": torch.zeros(4, 8)}, cfg)
-    state["text_lora.moe.0.up_b"] = state["text_lora.moe.0.up_b"][:, :-1]
-    with pytest.raises(CheckpointError, match=r"expected A \(4, r, 64\) and B \(4, 64, r\)"):
-        adapter_from_state_dict("bad", state, cfg)
 
 
 @pytest.fixture(scope="module")
@@ -176,8 +159,13 @@ def test_official_client_against_a_moondream3_server(md3_server, tiny3, images):
     content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is it?"}]
     chat = client.chat([{"role": "user", "content": content}], settings=greedy)  # model "moondream3-preview"
     assert chat["message"]["content"] == VL(tiny3).query(_decoded(image), "What is it?", settings=greedy)["answer"]
-    segment = httpx.post(md3_server + "/v1/segment", json={"image_url": url, "object": "circle", "settings": greedy}, timeout=60)
-    assert segment.status_code == 200 and segment.json()["segments"][0]["object"] == "circle"
+    whole = client.segment(image, "circle", settings=greedy)
+    assert set(whole) <= {"path", "bbox"} and isinstance(whole["path"], str)
+    local = VL(tiny3).segment(_decoded(image, "JPEG"), "circle", settings=greedy)  # the client sends JPEG (quality 95)
+    assert whole["path"] == local["path"] and whole.get("bbox") == local["bbox"]
+    items = list(client.segment(image, "circle", stream=True, settings=greedy))
+    assert items[-1] == {"path": whole["path"], "bbox": whole.get("bbox"), "completed": True}
+    assert "".join(i["chunk"] for i in items if "chunk" in i) == whole["path"]
 
 
 def test_finetuning_a_moondream3_through_the_official_client(md3_server, images):
@@ -195,16 +183,16 @@ def test_finetuning_a_moondream3_through_the_official_client(md3_server, images)
     ft.delete()
 
 
-def _png(image: Image.Image) -> bytes:
+def _png(image: Image.Image, fmt: str = "PNG") -> bytes:
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    image.save(buf, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
     return buf.getvalue()
 
 
-def _decoded(image: Image.Image):
+def _decoded(image: Image.Image, fmt: str = "PNG"):
     import numpy as np
 
-    return np.asarray(Image.open(io.BytesIO(_png(image))).convert("RGB"))
+    return np.asarray(Image.open(io.BytesIO(_png(image, fmt))).convert("RGB"))
 
 
 def test_int8_decode_keeps_the_experts_and_tau_and_answers_close(tiny3):

@@ -101,10 +101,13 @@ def _skill_route(skill: Skill, select: Callable[..., Selection], image_of: Calla
             req = skills.parse_request(body, image_of, skill.name, where="body")
             if sel.adapter is not None:
                 req = dataclasses.replace(req, settings=req.settings_dict | {"variant": sel.adapter})
-            return sel.vl.run(req, stream, stats, timeout)
+            return sel.vl.run(req, stream and skill.text_key is not None, stats, timeout)  # events come from the result
 
         out = await cancellable(request, sel.vl, run)
         rid = uuid.uuid4().hex
+        if stream and not skill.text_key and (events := skill.events(out)) is not None:
+            typed = ({**e, "request_id": rid} for e in events)  # the result is complete: nothing can fail after it
+            return StreamingResponse(map(_event, typed), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         if not (stream and skill.text_key):
             count = {"count": len(out["points"])} if "points" in out else {}  # Station adds it; the client ignores it
             return out | count | {"request_id": rid, "_stats": stats}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,6 +179,14 @@ class Skill(ABC):
 
     @abstractmethod
     def render(self, out: Output, tokenizer: Tokenizer, clip: bool = True) -> dict[str, Any]: ...
+
+    def reference(self, out: Output, tokenizer: Tokenizer) -> dict[str, Any]:
+        """The result as the reference implementation returns it (parity): unclipped, in its own format."""
+        return self.render(out, tokenizer, clip=False)
+
+    def events(self, result: dict[str, Any]) -> Iterator[dict[str, Any]] | None:
+        """A rendered result as the typed events a non-text skill streams (segment); None: it does not stream."""
+        return None
 
     # --- fine-tuning --------------------------------------------------------------------------------
 
