@@ -114,7 +114,9 @@ def cmd_locate(a: argparse.Namespace) -> int:
 
     result = _show(a, a.command, a.image, a.object)
     if a.draw:
-        annotate(a.image, result.get("objects", []), result.get("points", []), a.draw)
+        annotate(
+            a.image, result.get("objects", []), result.get("points", []), a.draw, [result["path"]] if result.get("path") else []
+        )
         print(f"wrote {a.draw}", file=sys.stderr)
     return 0
 
@@ -262,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p), _settings_args(p)
     p.set_defaults(fn=cmd_query)
 
-    for name, what in (("detect", "bounding boxes"), ("point", "points")):
+    for name, what in (("detect", "bounding boxes"), ("point", "points"), ("segment", "the outline (SVG path, Moondream 3)")):
         p = sub.add_parser(name, help=f"{what} of an object in an image")
         p.add_argument("image")
         p.add_argument("object")

@@ -114,3 +114,9 @@ def point_reward(points: list[Point], boxes: list[Box], true_points: list[Point]
     if not points or not targets:
         return float(not points and not targets)
     return 2 * match_points(points, targets) / (len(points) + len(targets))
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two boolean masks of one image (1.0 when both are empty)."""
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)

@@ -69,17 +69,38 @@ def _background(rng: random.Random, w: int, h: int) -> tuple[Image.Image, str]:
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)), kind
 
 
+def outline(kind: str) -> list[tuple[float, float]]:
+    """A polygon shape's vertices relative to its box (0..1 across it), in drawing order."""
+    if kind == "square":
+        return [(0.0, 0.0), (1.0, 0.0), (1.0, 1.0), (0.0, 1.0)]
+    if kind == "triangle":
+        return [(0.5, 0.0), (1.0, 1.0), (0.0, 1.0)]
+    if kind == "star":
+        tips = [(-math.pi / 2 + i * math.pi / 5, 0.5 if i % 2 == 0 else 0.5 * 0.45) for i in range(10)]  # (angle, radius)
+        return [(0.5 + rad * math.cos(a), 0.5 + rad * math.sin(a)) for a, rad in tips]
+    raise ValueError(f"{kind!r} is not a polygon")
+
+
+def outline_path(kind: str, box: int = 960) -> str:
+    """The shape's outline as an SVG path in a `box` x `box` viewBox spanning its bounding box (integers, as
+    Moondream 3's segment output): polygons exactly, the circle as four cubic Béziers."""
+    if kind == "circle":
+        h, k = box // 2, round(box / 2 * 0.5523)  # the usual cubic approximation of a quarter circle
+        return (
+            f"M {h} 0 C {h + k} 0 {box} {h - k} {box} {h} C {box} {h + k} {h + k} {box} {h} {box} "
+            f"C {h - k} {box} 0 {h + k} 0 {h} C 0 {h - k} {h - k} 0 {h} 0 Z"
+        )
+    points = [f"{round(x * box)} {round(y * box)}" for x, y in outline(kind)]
+    return "M " + " L ".join(points) + " Z"
+
+
 def _draw(d: ImageDraw.ImageDraw, kind: str, x0: float, y0: float, x1: float, y1: float, fill: tuple[int, int, int]) -> None:
     if kind == "circle":
         d.ellipse((x0, y0, x1, y1), fill=fill)
     elif kind == "square":
         d.rectangle((x0, y0, x1, y1), fill=fill)
-    elif kind == "triangle":
-        d.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
     else:
-        cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2
-        tips = [(-math.pi / 2 + i * math.pi / 5, r if i % 2 == 0 else r * 0.45) for i in range(10)]  # (angle, radius)
-        d.polygon([(cx + rad * math.cos(a), cy + rad * math.sin(a)) for a, rad in tips], fill=fill)
+        d.polygon([(x0 + u * (x1 - x0), y0 + v * (y1 - y0)) for u, v in outline(kind)], fill=fill)
 
 
 def render_scene(seed: int, n_objects: int | None = None, size: tuple[int, int] | None = None, max_objects: int = 8) -> Scene:
