@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 
+import httpx
 import moondream as md
 import pytest
 import torch
@@ -159,6 +160,8 @@ def test_official_client_against_a_moondream3_server(md3_server, tiny3, images):
     content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is it?"}]
     chat = client.chat([{"role": "user", "content": content}], settings=greedy)  # model "moondream3-preview"
     assert chat["message"]["content"] == VL(tiny3).query(_decoded(image), "What is it?", settings=greedy)["answer"]
+    skills = httpx.get(md3_server + "/v1/models").json()["data"][0]["skills"]
+    assert skills == ["caption", "query", "detect", "point", "segment"]  # the model advertises that it segments
     whole = client.segment(image, "circle", settings=greedy)
     assert set(whole) <= {"path", "bbox"} and isinstance(whole["path"], str)
     local = VL(tiny3).segment(_decoded(image, "JPEG"), "circle", settings=greedy)  # the client sends JPEG (quality 95)

@@ -355,3 +355,9 @@ def _block_bytes() -> int:
 
     t = tiny_random().cfg.text
     return 2 * t.n_layers * t.n_kv_heads * t.hd * 4 * 16  # fp32, 16 positions per block
+
+
+def test_models_say_which_skills_they_run(served):
+    _, base = served
+    (model,) = httpx.get(base + "/v1/models").json()["data"]
+    assert model["skills"] == ["caption", "query", "detect", "point"]  # a Moondream 2 has no segmentation head

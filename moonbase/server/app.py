@@ -82,7 +82,16 @@ def create_app(served: ServedModels, cfg: ServerConfig = ServerConfig(), finetun
 
     @app.get("/v1/models")
     def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "moonbase"} for name in served.models]}
+        data = [
+            {
+                "id": name,
+                "object": "model",
+                "owned_by": "moonbase",
+                "skills": [n for n, k in skills.REGISTRY.items() if k.supports(vl.model.cfg)],
+            }
+            for name, vl in served.models.items()
+        ]
+        return {"object": "list", "data": data}
 
     for skill in skills.REGISTRY.values():
         app.post(f"/v1/{skill.name}")(_skill_route(skill, select, image_of, cfg.timeout_s))

@@ -161,6 +161,10 @@ class Skill(ABC):
     text_key: str | None = None  # the output field that streams as text
     tunable = True  # the tuning API trains it (SFT targets, rollouts)
 
+    def supports(self, cfg: ModelConfig) -> bool:
+        """Whether a model with this configuration can run the skill (segment needs a segment template)."""
+        return True
+
     def check(self, req: SkillRequest) -> None:
         if self.needs_image and req.image is None:
             raise SettingsError(f"{self.name} needs an image")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from ..config import TokenizerConfig
+from ..config import ModelConfig, TokenizerConfig
 from ..errors import SettingsError, SkillNotSupportedError
 from ..tokenizer import Tokenizer
 from .base import Prompt, Settings, Skill, SkillRequest, spatial_prompt
@@ -75,6 +75,9 @@ class Segment(Skill):
     takes_spatial_refs = True
     greedy = True
     tunable = False
+
+    def supports(self, cfg: ModelConfig) -> bool:
+        return bool(cfg.tokenizer.segment_prefix)
 
     def prompt(self, req: SkillRequest, tokenizer: Tokenizer) -> Prompt:
         tok = tokenizer.cfg
