@@ -1,10 +1,7 @@
-"""Draw detect boxes, point markers and segment masks on an image (for `--draw` and the demo), and rasterize
-segment paths (cairosvg) for drawing and for mask IoU."""
+"""Draw detect boxes, point markers and segment masks on an image (for `--draw` and the demo)."""
 
 from __future__ import annotations
 
-import html
-import io
 from pathlib import Path
 from typing import Any
 
@@ -12,18 +9,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .image import ImageInput, load_image
-
-
-def path_mask(path: str, width: int, height: int) -> np.ndarray:
-    """An SVG path in image-normalized units (segment's `path`) filled and rasterized: a (height, width) bool mask."""
-    import cairosvg  # needs the system cairo library (Debian: libcairo2)
-
-    svg = (
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 1 1" '
-        f'preserveAspectRatio="none"><path d="{html.escape(path)}" fill="#fff"/></svg>'
-    )
-    png = cairosvg.svg2png(bytestring=svg.encode())
-    return np.asarray(Image.open(io.BytesIO(png)).convert("RGBA"))[..., 3] >= 128
+from .metrics import path_mask
 
 
 def annotate(

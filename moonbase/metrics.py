@@ -120,3 +120,25 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     """Intersection over union of two boolean masks of one image (1.0 when both are empty)."""
     union = np.logical_or(a, b).sum()
     return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+def path_mask(path: str, width: int, height: int) -> np.ndarray:
+    """An SVG path in image-normalized units (segment's `path`) filled and rasterized: a (height, width) bool mask."""
+    import html
+    import io
+
+    import cairosvg  # needs the system cairo library (Debian: libcairo2)
+    from PIL import Image
+
+    svg = (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 1 1" '
+        f'preserveAspectRatio="none"><path d="{html.escape(path)}" fill="#fff"/></svg>'
+    )
+    return np.asarray(Image.open(io.BytesIO(cairosvg.svg2png(bytestring=svg.encode()))).convert("RGBA"))[..., 3] >= 128
+
+
+def box_mask(box: tuple[float, float, float, float], width: int, height: int) -> np.ndarray:
+    """The pixels whose centres fall inside a normalized box."""
+    xs, ys = (np.arange(width) + 0.5) / width, (np.arange(height) + 0.5) / height
+    inside_x, inside_y = (box[0] <= xs) & (xs <= box[2]), (box[1] <= ys) & (ys <= box[3])
+    return inside_y[:, None] & inside_x[None, :]

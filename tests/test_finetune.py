@@ -111,6 +111,7 @@ def test_engine_rollouts_are_replayed_with_exactly_their_logprobs(which, image, 
         ("query", {"question": "Why?", "reasoning": True}),
         ("point", {"object": "o"}),
         ("detect", {"object": "o"}),
+        *([("segment", {"object": "o"})] if tiny.cfg.tokenizer.segment_prefix else []),
     ]:
         req = SkillRequest(skill, image, settings=(("max_objects", 4), ("max_tokens", 8), ("seed", 1)), **kw)
         rollouts = sample_rollouts(vl, req, 4, live, 0)

@@ -10,10 +10,11 @@ import pytest
 
 from moonbase.cli import main
 from moonbase.data.shapes import COLORS, SHAPES, outline_path, render_scene
-from moonbase.draw import annotate, path_mask
+from moonbase.draw import annotate
+from moonbase.errors import TuningError
 from moonbase.hub import save_dir
-from moonbase.metrics import mask_iou
-from moonbase.skills.segment import absolute_path, parse_path
+from moonbase.metrics import mask_iou, path_mask
+from moonbase.skills.segment import absolute_path, parse_path, relative_tokens
 
 
 def _drawn_mask(scene, shape) -> np.ndarray:
@@ -55,3 +56,60 @@ def test_cli_segment_prints_the_path_and_draws_it(tmp_path, tiny3, tiny, capsys)
     assert set(result) == {"path", "bbox"} and out.is_file()
     assert main(["segment", str(image), "circle", "--model", str(save_dir(tiny, tmp_path / "md2"))]) != 0
     assert "segmentation head" in capsys.readouterr().err
+
+
+def test_a_segment_target_round_trips_through_the_models_tokens(tiny3):
+    """relative_tokens inverts absolute_path; teaching gives coord, coord, size, then one token per path token."""
+    from moonbase.skills import SkillRequest
+    from moonbase.skills.program import Head
+    from moonbase.skills.training import Target
+
+    bbox = {"x_min": 0.2, "y_min": 0.4, "x_max": 0.6, "y_max": 0.6}
+    tokens = ["M", "0", "0", "L", "9", "0", "l", "-", "5", "9", "Z"]
+    path = absolute_path(parse_path(tokens)[0], bbox)
+    assert relative_tokens(path, bbox) == tokens
+    req = SkillRequest("segment", None, object="circle")
+    prompt, moves = req.skill.teach(req, Target(path, boxes=((0.2, 0.4, 0.6, 0.6),)), tiny3.tokenizer, tiny3.cfg)
+    tok = tiny3.cfg.tokenizer
+    assert [m.head for m in moves[:6]] == [Head.LM, Head.COORD, Head.LM, Head.COORD, Head.LM, Head.SIZE]
+    assert [m.label for m in moves[:6:2]] == [tok.coord_id, tok.coord_id, tok.size_id]
+    assert [tiny3.tokenizer.decode([m.label]) for m in moves[6:-1]] == tokens and moves[-1].label == tok.eos_id
+    with pytest.raises(TuningError, match="not a single token"):  # byte-level: "480" is three tokens
+        req.skill.teach(req, Target("M 0.4 0.5 Z", boxes=((0.2, 0.4, 0.6, 0.6),)), tiny3.tokenizer, tiny3.cfg)
+
+
+def test_segment_rewards_are_mask_iou_against_a_path_or_a_box():
+    from moonbase.skills import get
+    from moonbase.skills.training import Target
+
+    seg = get("segment")
+    square = "M 0.25 0.25 L 0.75 0.25 L 0.75 0.75 L 0.25 0.75 Z"
+    assert seg.reward({"path": square}, Target(square, boxes=((0.25, 0.25, 0.75, 0.75),))) == pytest.approx(1.0)
+    assert seg.reward({"path": square}, Target(None, boxes=((0.25, 0.25, 0.75, 0.75),))) == pytest.approx(1.0, abs=0.02)
+    assert seg.reward({"path": square}, Target(None, boxes=((0.5, 0.25, 1.0, 0.75),))) == pytest.approx(1 / 3, abs=0.02)
+    assert seg.reward({"path": ""}, Target(square, boxes=((0.25, 0.25, 0.75, 0.75),))) == 0.0
+
+
+def test_sft_teaches_a_moondream3_to_segment(tiny3):
+    """A few SFT steps on one target: the engine's greedy segment gives back its bbox and its path tokens."""
+    from moonbase.api import VL
+    from moonbase.finetune.lora import LoraConfig
+    from moonbase.finetune.trainer import Trainer
+    from moonbase.finetune.types import SFTGroup
+    from moonbase.hub import tiny_random
+    from moonbase.skills import SkillRequest
+    from moonbase.skills.training import Target
+
+    m = tiny_random(seed=3, moondream3=True)
+    image = render_scene(5, n_objects=1).image
+    bbox = {"x_min": 0.2, "y_min": 0.4, "x_max": 0.6, "y_max": 0.6}
+    tokens = ["M", "0", "0", "L", "9", "0", "L", "9", "9", "Z"]
+    target = Target(absolute_path(parse_path(tokens)[0], bbox), boxes=(tuple(bbox.values()),))
+    trainer = Trainer(m, LoraConfig(rank=8, train_region=True))
+    for _ in range(60):
+        trainer.train_step([SFTGroup(SkillRequest("segment", image, object="circle"), target)], lr=1e-2)
+    vl = VL(m)
+    vl.engine.adapters.register(trainer.adapter("seg"))
+    got = vl.segment(image, "circle", settings={"variant": "seg", "max_tokens": 16})
+    assert got["bbox"] == pytest.approx(bbox, abs=4 / 256)  # coordinate and size bins of this tiny config
+    assert relative_tokens(got["path"], got["bbox"]) == tokens

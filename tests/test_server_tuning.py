@@ -125,7 +125,7 @@ def test_tuning_errors_are_typed_json(server, image):
         (_post(base, "/train_step", _sft_body(fid, url, sft_weight="x")), 400),
         (_post(base, "/train_step", _sft_body(fid, url, lr=0)), 400),
         (_post(base, "/rollouts", {"finetune_id": fid, "num_rollouts": 17, "request": {"skill": "query", "question": "q"}}), 400),
-        (_post(base, "/rollouts", {"finetune_id": fid, "request": {"skill": "segment", "image_url": url}}), 400),
+        (_post(base, "/rollouts", {"finetune_id": fid, "request": {"skill": "segment", "image_url": url, "object": "x"}}), 501),
         (httpx.post(f"{base}/v1/tuning/finetunes/{fid}/checkpoints/save"), 200),
         (httpx.delete(f"{base}/v1/tuning/finetunes/{fid}/checkpoints/9"), 404),
         (httpx.get(f"{base}/v1/tuning/finetunes/{fid}/checkpoints/9/download"), 404),

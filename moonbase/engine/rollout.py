@@ -85,8 +85,9 @@ class RolloutHeads:
         return bins, logp
 
     def commit(self, i: int, seq: Sequence, head: Head, then: Head | None) -> None:
-        """Record what row i's program consumed: `head` read this step, `then` = a coordinate read from the
-        same hidden state after a token (detect/point x after "go on", a coordinate token in a trace)."""
+        """Record what row i's program consumed: `head` read this step, `then` = a coordinate or size read from
+        the same hidden state after a token (detect/point x after "go on", a coord or size token in a trace or a
+        segment)."""
         rec = seq.record
         if rec is None:
             return
@@ -100,9 +101,10 @@ class RolloutHeads:
             rec.coord_bins.append(v["coord_bins"][i])
             if _samples_regions(seq):
                 rec.logprobs.append(v["coord_logp"][i])
-        if head is Head.SIZE:
+        if head is Head.SIZE or then is Head.SIZE:  # a box's size, or a size token's value (segment)
             rec.size_bins.append(tuple(v["size_bins"][i]))
-            rec.logprobs.append(v["size_logp"][i])
+            if _samples_regions(seq):
+                rec.logprobs.append(v["size_logp"][i])
 
 
 def _logp(logits: torch.Tensor, drawn: torch.Tensor, temps: list[float]) -> torch.Tensor:

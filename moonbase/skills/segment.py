@@ -11,20 +11,27 @@ command) keeps what parsed before it. `reference` gives Kestrel's output (parity
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import numpy as np
+
 from ..config import ModelConfig, TokenizerConfig
-from ..errors import SettingsError, SkillNotSupportedError
+from ..errors import SettingsError, SkillNotSupportedError, TuningError
+from ..metrics import box_mask, mask_iou, path_mask
+from ..model import region
 from ..tokenizer import Tokenizer
 from .base import Prompt, Settings, Skill, SkillRequest, spatial_prompt
-from .program import Output, TextProgram
+from .program import Feed, Head, Output, TextProgram
+from .training import Move, Rollout, Target, coord_value, parse_box, size_value, text_moves
 
 PATH_BOX = 960  # path coordinates are integers across the bbox
 SVG_COMMANDS = set("MmLlHhVvCcSsQqTtAaZz")
 FIRST_TEXT_ID = 21  # ids up to 20 are special tokens, never path text
+REWARD_GRID = 256  # pixels per side of the canvas rewards compare masks on
 
 
 class SegmentProgram(TextProgram):
@@ -74,7 +81,6 @@ class Segment(Skill):
     name, arg = "segment", "object"
     takes_spatial_refs = True
     greedy = True
-    tunable = False
 
     def supports(self, cfg: ModelConfig) -> bool:
         return bool(cfg.tokenizer.segment_prefix)
@@ -118,6 +124,59 @@ class Segment(Skill):
         }
         return {"segments": [segment | ({"parse_error": error} if error else {})]}
 
+    # --- fine-tuning: a target is the client's result, {"path", "bbox"}; the bbox is decoded greedily (as in
+    # inference), the path's tokens are sampled; RL scores the mask IoU against a path or a box ------------
+
+    def parse_target(self, d: dict[str, Any], where: str) -> Target:
+        """`bbox` (required) and `path` (image-normalized, as `render` returns it; optional for RL rewards)."""
+        if "bbox" not in d:
+            raise TuningError(f"{where}.bbox is required for segment")
+        path = d.get("path")
+        if path is not None and not isinstance(path, str):
+            raise TuningError(f"{where}.path must be an SVG path string")
+        return Target(answer=path, boxes=(parse_box(d["bbox"], f"{where}.bbox"),))
+
+    def teach(self, req: SkillRequest, target: Target, tokenizer: Tokenizer, cfg: ModelConfig) -> tuple[Prompt, list[Move]]:
+        if target.answer is None:
+            raise TuningError("a segment target needs its path to be taught (a bbox alone only scores rollouts)")
+        x0, y0, x1, y1 = target.boxes[0]
+        box = {"x_min": x0, "y_min": y0, "x_max": x1, "y_max": y1}
+        ids = [_one_token(tokenizer, t) for t in relative_tokens(target.answer, box)]
+        rc, tok = cfg.region, cfg.tokenizer
+        bins = [region.coord_to_bin((x0 + x1) / 2, rc), region.coord_to_bin((y0 + y1) / 2, rc)]
+        size = (region.size_to_bin(x1 - x0, rc), region.size_to_bin(y1 - y0, rc))
+        bbox = [m for b in bins for m in (Move(Head.LM, tok.coord_id), Move(Head.COORD, b, Feed(coord=coord_value(b, rc))))]
+        bbox += [Move(Head.LM, tok.size_id), Move(Head.SIZE, size, Feed(size=size_value(size, rc)))]
+        return self.prompt(req, tokenizer), bbox + text_moves(ids, (), tok.eos_id)
+
+    def replay(self, req: SkillRequest, r: Rollout, tokenizer: Tokenizer, cfg: ModelConfig) -> tuple[Prompt, list[Move]]:
+        """The sampled tokens in order; a coord or size token is followed by its greedy value (not an action)."""
+        tok, rc = cfg.tokenizer, cfg.region
+        coords, sizes, moves = iter(r.coords), iter(r.sizes), []
+        for t in r.answer_tokens:
+            if t == tok.coord_id:
+                b = next(coords)
+                moves += [Move(Head.LM, t), Move(Head.COORD, b, Feed(coord=coord_value(b, rc)), action=False)]
+            elif t == tok.size_id:
+                wh = next(sizes)
+                moves += [Move(Head.LM, t), Move(Head.SIZE, wh, Feed(size=size_value(wh, rc)), action=False)]
+            else:
+                moves.append(Move(Head.LM, t, Feed(token=t)))
+        if r.finish_reason == "stop":
+            moves.append(Move(Head.LM, tok.eos_id))
+        return self.prompt(req, tokenizer), moves
+
+    def check_rollout(self, r: Rollout, where: str) -> None:
+        if r.thinking_tokens or r.has_answer_separator:
+            raise TuningError(f"{where}: segment does not reason")
+
+    def reward(self, output: dict[str, Any], truth: Target) -> float:
+        """Mask IoU on a REWARD_GRID-square canvas against the true path, or its bbox when it has none."""
+        n = REWARD_GRID
+        pred = path_mask(output["path"], n, n) if output.get("path") else np.zeros((n, n), bool)
+        true = path_mask(truth.answer, n, n) if truth.answer else box_mask(truth.boxes[0], n, n)
+        return mask_iou(pred, true)
+
     def events(self, result: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """The streamed form (the official client's): the bbox, the path one command at a time, then the whole."""
         yield {"type": "bbox", "bbox": result["bbox"]}
@@ -159,10 +218,38 @@ def absolute_path(commands: list[Command], bbox: dict[str, float]) -> str:
     return " ".join(_svg(out, digits=4))
 
 
+def relative_tokens(path: str, bbox: dict[str, float]) -> list[str]:
+    """An image-normalized path (as `render` returns it) -> the model's path tokens: commands and integers in
+    960ths of the bbox, a negative number as `-` then its magnitude (the inverse of `absolute_path`)."""
+    w, h = max(bbox["x_max"] - bbox["x_min"], 1e-9), max(bbox["y_max"] - bbox["y_min"], 1e-9)
+    tokens: list[str] = []
+    cmd = ""
+    for part in re.findall(r"[A-Za-z]|-?\d*\.?\d+(?:e-?\d+)?", path):
+        if part in SVG_COMMANDS:
+            cmd, k = part, 0
+            tokens.append(part)
+            continue
+        if not cmd:
+            raise TuningError(f"segment path {path[:40]!r} must start with an SVG command")
+        scale, offset = (w, bbox["x_min"]) if k % 2 == 0 else (h, bbox["y_min"])
+        v = round((float(part) - (offset if cmd.isupper() else 0.0)) / scale * PATH_BOX)
+        tokens += ["-", str(-v)] if v < 0 else [str(v)]
+        k += 1
+    return tokens
+
+
 def svg_path(tokens: list[str]) -> tuple[str, str | None]:
     """Path tokens -> (bbox-relative path, parse error)."""
     commands, error = parse_path(tokens)
     return " ".join(_svg(commands)), error
+
+
+def _one_token(tokenizer: Tokenizer, text: str) -> int:
+    """The model's one id for a path token (Kestrel reads path tokens one id at a time)."""
+    for form in (text, " " + text):
+        if len(ids := tokenizer.encode(form)) == 1:
+            return ids[0]
+    raise TuningError(f"path token {text!r} is not a single token of this model's tokenizer")
 
 
 def _paired(commands: list[Command]) -> list[Command]:
