@@ -113,3 +113,28 @@ def test_sft_teaches_a_moondream3_to_segment(tiny3):
     got = vl.segment(image, "circle", settings={"variant": "seg", "max_tokens": 16})
     assert got["bbox"] == pytest.approx(bbox, abs=4 / 256)  # coordinate and size bins of this tiny config
     assert relative_tokens(got["path"], got["bbox"]) == tokens
+
+
+def test_segment_rows_in_a_data_file(tmp_path):
+    from moonbase.finetune.data import load_jsonl
+
+    render_scene(1).image.save(tmp_path / "a.png")
+    row = {"image": "a.png", "object": "star", "path": "M 0.1 0.1 L 0.2 0.1 Z", "bbox": [0.1, 0.1, 0.2, 0.2]}
+    (tmp_path / "d.jsonl").write_text(
+        json.dumps(row) + "\n" + json.dumps({"image": "a.png", "object": "x", "path": "M", "skill": "segment"})
+    )
+    with pytest.raises(TuningError, match=r"d.jsonl:2: .*bbox is required"):
+        load_jsonl(tmp_path / "d.jsonl")
+    (tmp_path / "d.jsonl").write_text(json.dumps(row))
+    (ex,) = load_jsonl(tmp_path / "d.jsonl")
+    assert ex.request.skill.name == "segment" and ex.target.answer == row["path"] and ex.target.boxes == ((0.1, 0.1, 0.2, 0.2),)
+
+
+def test_an_edited_segment_rollout_is_refused(tiny3):
+    from moonbase.skills import SkillRequest
+    from moonbase.skills.training import Rollout
+
+    req = SkillRequest("segment", None, object="x")
+    tok = tiny3.cfg.tokenizer
+    with pytest.raises(TuningError, match="one coords bin per coord token"):
+        req.skill.replay(req, Rollout(answer_tokens=(tok.coord_id, tok.coord_id, 50), coords=(3,)), tiny3.tokenizer, tiny3.cfg)

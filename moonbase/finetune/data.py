@@ -7,6 +7,7 @@ One row per example, keys by skill (image paths are relative to the JSONL file):
     {"image": "a.jpg", "object": "cat", "boxes": [[x_min, y_min, x_max, y_max]]}   detect
     {"image": "a.jpg", "object": "cat eye", "points": [[x, y]]}                    point
     {"image": "a.jpg", "object": "cat", "points": [], "boxes": [...], "skill": "point"}  point, scored by boxes
+    {"image": "a.jpg", "object": "cat", "path": "M 0.1 0.2 L ...", "bbox": {...}}     segment (Moondream 3)
 
 Optional: "skill" (overrides the inference from keys), "spatial_refs", "settings". Boxes may also be
 {"x_min", ...} objects and points {"x", "y"}. Errors name the file and line.
@@ -26,8 +27,8 @@ from ..skills import SkillRequest
 from ..skills.training import Target
 from .types import parse_target, parse_tuning_request
 
-SKILL_OF_KEY = {"question": "query", "points": "point", "boxes": "detect"}  # first key present wins
-TARGET_KEYS = ("answer", "reasoning", "boxes", "points")
+SKILL_OF_KEY = {"question": "query", "path": "segment", "points": "point", "boxes": "detect"}  # first key present wins
+TARGET_KEYS = ("answer", "reasoning", "boxes", "points", "path", "bbox")
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ def parse_row(row: Any, base_dir: Path | None, where: str) -> LabeledRequest:
             raise TuningError(f"a row must be a JSON object, got {type(row).__name__}")
         skill = row.get("skill") or next((s for k, s in SKILL_OF_KEY.items() if k in row), None)
         if skill is None:
-            raise TuningError("cannot tell the skill: give question+answer, object+boxes, object+points, or skill")
+            raise TuningError("cannot tell the skill: give question+answer, object+boxes, object+points, object+path, or skill")
         image = row.get("image")
         if image is None:
             raise TuningError("image is required")

@@ -16,7 +16,7 @@ from .training import Move, Target, text_moves
 class Caption(Skill):
     name, arg = "caption", "length"
     text_key = "caption"
-    tunable = False  # the tuning API trains query, point and detect
+    tunable = False  # the tuning API trains query, point, detect and segment
 
     def prompt(self, req: SkillRequest, tokenizer: Tokenizer) -> Prompt:
         templates = tokenizer.cfg.caption

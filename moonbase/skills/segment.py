@@ -152,6 +152,8 @@ class Segment(Skill):
     def replay(self, req: SkillRequest, r: Rollout, tokenizer: Tokenizer, cfg: ModelConfig) -> tuple[Prompt, list[Move]]:
         """The sampled tokens in order; a coord or size token is followed by its greedy value (not an action)."""
         tok, rc = cfg.tokenizer, cfg.region
+        if (r.answer_tokens.count(tok.coord_id), r.answer_tokens.count(tok.size_id)) != (len(r.coords), len(r.sizes)):
+            raise TuningError("a segment rollout needs one coords bin per coord token and one size per size token")
         coords, sizes, moves = iter(r.coords), iter(r.sizes), []
         for t in r.answer_tokens:
             if t == tok.coord_id:
