@@ -51,17 +51,25 @@ class SingleSequence:
 
 @torch.no_grad()
 def generate_text(
-    seq: SingleSequence, mask: tuple[int, ...], stop: tuple[int, ...], decode_coords: bool = False, decode_sizes: bool = False
+    seq: SingleSequence,
+    mask: tuple[int, ...],
+    stop: tuple[int, ...],
+    decode_coords: bool = False,
+    decode_sizes: bool = False,
+    opening: tuple[tuple[int, ...], ...] = (),
 ) -> TextRun:
     """Sample from the current logits until a stop id, max_tokens or the context end. The first token comes
     from the prefill logits unmasked; later steps mask the ids in `mask`. With `decode_coords`, a coord token
     is followed by the coordinate decoded from the hidden state that produced it, fed as its embedding; with
-    `decode_sizes`, a size token by the size."""
+    `decode_sizes`, a size token by the size. `opening[j]`: the only ids step j may choose among."""
     m, run = seq.m, TextRun()
     while run.stop_reason is None:
         logits = seq.logits.clone()
         if run.ids:
             logits[list(mask)] = float("-inf")
+        if len(run.ids) < len(opening):
+            keep = list(opening[len(run.ids)])
+            logits[[i for i in range(len(logits)) if i not in keep]] = float("-inf")
         token = seq.sample(logits)
         if token in stop:
             run.stop_reason = StopReason.STOP
@@ -152,6 +160,9 @@ _REFERENCE = {  # detect (boxes) and point are greedy whatever the settings, lik
 
 
 def _segment(seq: SingleSequence, req: SkillRequest) -> Output:
-    """Unconstrained: a coord token becomes a coordinate, a size token a size, anything else is path text."""
-    run = generate_text(seq, (), (seq.m.cfg.tokenizer.eos_id,), decode_coords=True, decode_sizes=True)
+    """The bbox first (an object or eos, then coord, then size), then the path: a coord token becomes a
+    coordinate, a size token a size, anything else is path text."""
+    tok = seq.m.cfg.tokenizer
+    opening = ((tok.coord_id, tok.eos_id), (tok.coord_id,), (tok.size_id,))
+    run = generate_text(seq, (), (tok.eos_id,), decode_coords=True, decode_sizes=True, opening=opening)
     return Output(run.stop_reason, text=run, subject=req.object)

@@ -210,3 +210,12 @@ def test_int8_decode_keeps_the_experts_and_tau_and_answers_close(tiny3):
     x = torch.randn(1, 5, tiny3.cfg.text.dim, generator=torch.Generator().manual_seed(0))
     want, got = (decoder(x, w, tiny3.cfg.text, tiny3.rope, torch.arange(5), None) for w in (tiny3.w.text, q))
     assert (got - want).abs().max() < 0.05 * want.abs().max()
+
+
+def test_segment_opens_with_its_bbox_or_nothing(tiny3, images):
+    """The bbox is decided like detect's first object: an object or none (eos), then coord, then size."""
+    vl, tok = VL(tiny3), tiny3.cfg.tokenizer
+    for image in images:
+        out = vl.wait([vl.submit(vl.prepare(SkillRequest.of("segment", image, "circle", settings={"max_tokens": 6})))])[0].output
+        assert out.text.ids[:3] in ([tok.coord_id, tok.coord_id, tok.size_id], [])
+        assert (len(out.text.coords) >= 2 and len(out.text.sizes) >= 1) or not out.text.ids

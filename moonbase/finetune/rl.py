@@ -114,9 +114,9 @@ def action_logprobs(policy: Moondream, rb: RLBatch, adapter: Adapter | None) -> 
     idx = torch.searchsorted(torch.unique(keys), keys).to(policy.device)
     temp = rb.temperature.clamp_min(1e-6).to(policy.device)
     out = torch.zeros(n, device=policy.device)
-    kinds: dict[tuple[Head, bool], list[int]] = {}  # actions by head, and whether a token chose among a few ids
+    kinds: dict[tuple[Head, int], list[int]] = {}  # actions by head, and how many ids a token chose among (0: all)
     for i, a in enumerate(rb.actions):
-        kinds.setdefault((a.head, bool(a.decisions)), []).append(i)
+        kinds.setdefault((a.head, len(a.decisions)), []).append(i)
     for (head, decide), which in kinds.items():
         at = torch.tensor(which, device=policy.device)
         hid, t = h[idx[at]], temp[at][:, None]

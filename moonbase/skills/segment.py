@@ -35,14 +35,28 @@ REWARD_GRID = 256  # pixels per side of the canvas rewards compare masks on
 
 
 class SegmentProgram(TextProgram):
+    """The bbox first, decided like detect's first object (an object, or eos for none; then the coord token,
+    then the size token), then the path's tokens, unconstrained."""
+
     def __init__(self, tok: TokenizerConfig, max_tokens: int, subject: str):
         super().__init__(tok, (), (tok.eos_id,), max_tokens, decode_coords=True, decode_sizes=True)
         self.subject = subject
+        self.opening = bbox_opening(tok)
+
+    @property
+    def allowed(self) -> tuple[int, ...]:  # type: ignore[override]
+        n = len(self.run.ids)
+        return self.opening[n] if n < len(self.opening) else ()
 
     def output(self) -> Output:
         out = super().output()
         out.subject = self.subject
         return out
+
+
+def bbox_opening(tok: TokenizerConfig) -> tuple[tuple[int, ...], ...]:
+    """The ids each of a segment's first three steps may choose among: an object (coord) or none (eos), coord, size."""
+    return (tok.coord_id, tok.eos_id), (tok.coord_id,), (tok.size_id,)
 
 
 @dataclass(frozen=True)
@@ -145,8 +159,13 @@ class Segment(Skill):
         rc, tok = cfg.region, cfg.tokenizer
         bins = [region.coord_to_bin((x0 + x1) / 2, rc), region.coord_to_bin((y0 + y1) / 2, rc)]
         size = (region.size_to_bin(x1 - x0, rc), region.size_to_bin(y1 - y0, rc))
-        bbox = [m for b in bins for m in (Move(Head.LM, tok.coord_id), Move(Head.COORD, b, Feed(coord=coord_value(b, rc))))]
-        bbox += [Move(Head.LM, tok.size_id), Move(Head.SIZE, size, Feed(size=size_value(size, rc)))]
+        opening = bbox_opening(tok)
+        bbox = [
+            m
+            for b, allowed in zip(bins, opening, strict=False)
+            for m in (Move(Head.LM, tok.coord_id, decisions=allowed), Move(Head.COORD, b, Feed(coord=coord_value(b, rc))))
+        ]
+        bbox += [Move(Head.LM, tok.size_id, decisions=opening[2]), Move(Head.SIZE, size, Feed(size=size_value(size, rc)))]
         return self.prompt(req, tokenizer), bbox + text_moves(ids, (), tok.eos_id)
 
     def replay(self, req: SkillRequest, r: Rollout, tokenizer: Tokenizer, cfg: ModelConfig) -> tuple[Prompt, list[Move]]:
@@ -154,18 +173,22 @@ class Segment(Skill):
         tok, rc = cfg.tokenizer, cfg.region
         if (r.answer_tokens.count(tok.coord_id), r.answer_tokens.count(tok.size_id)) != (len(r.coords), len(r.sizes)):
             raise TuningError("a segment rollout needs one coords bin per coord token and one size per size token")
+        opening = bbox_opening(tok)
         coords, sizes, moves = iter(r.coords), iter(r.sizes), []
-        for t in r.answer_tokens:
+        for j, t in enumerate(r.answer_tokens):
+            allowed = opening[j] if j < len(opening) else ()
+            if allowed and t not in allowed:
+                raise TuningError("a segment rollout opens with its bbox: coord, coord, size")
             if t == tok.coord_id:
                 b = next(coords)
-                moves += [Move(Head.LM, t), Move(Head.COORD, b, Feed(coord=coord_value(b, rc)), action=False)]
+                moves += [Move(Head.LM, t, decisions=allowed), Move(Head.COORD, b, Feed(coord=coord_value(b, rc)), action=False)]
             elif t == tok.size_id:
                 wh = next(sizes)
-                moves += [Move(Head.LM, t), Move(Head.SIZE, wh, Feed(size=size_value(wh, rc)), action=False)]
+                moves += [Move(Head.LM, t, decisions=allowed), Move(Head.SIZE, wh, Feed(size=size_value(wh, rc)), action=False)]
             else:
-                moves.append(Move(Head.LM, t, Feed(token=t)))
+                moves.append(Move(Head.LM, t, Feed(token=t), decisions=allowed))
         if r.finish_reason == "stop":
-            moves.append(Move(Head.LM, tok.eos_id))
+            moves.append(Move(Head.LM, tok.eos_id, decisions=opening[0] if not r.answer_tokens else ()))
         return self.prompt(req, tokenizer), moves
 
     def check_rollout(self, r: Rollout, where: str) -> None:
