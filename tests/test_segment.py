@@ -138,3 +138,24 @@ def test_an_edited_segment_rollout_is_refused(tiny3):
     tok = tiny3.cfg.tokenizer
     with pytest.raises(TuningError, match="one coords bin per coord token"):
         req.skill.replay(req, Rollout(answer_tokens=(tok.coord_id, tok.coord_id, 50), coords=(3,)), tiny3.tokenizer, tiny3.cfg)
+
+
+def test_outline_in_image_units_is_the_outline_mapped_through_its_box():
+    from moonbase.data.shapes import outline_in
+
+    box = (0.1, 0.2, 0.5, 0.8)
+    for kind in SHAPES:
+        mapped = absolute_path(parse_path(outline_path(kind).split(" "))[0], dict(zip(("x_min", "y_min", "x_max", "y_max"), box)))
+        assert mask_iou(path_mask(outline_in(kind, box), 200, 100), path_mask(mapped, 200, 100)) > 0.99
+
+
+def test_the_synthetic_suite_scores_segment_on_models_that_segment(tiny3, tiny):
+    from moonbase.api import VL
+    from moonbase.eval.synthetic import evaluate
+
+    small = {"n_scenes": 3, "n_captcha": 1, "n_text": 1, "progress": False, "max_tokens": 8, "max_objects": 2}
+    md3 = evaluate(VL(tiny3), seed=5, **small)
+    assert md3["n_examples"]["segment_miou"] >= 1 and 0.0 <= md3["segment_miou"] <= 1.0  # shapes with a unique label
+    assert 0.0 <= md3["segment_bbox_iou"] <= 1.0
+    md2 = evaluate(VL(tiny), seed=5, **small)
+    assert md2["segment_miou"] is None and md2["n_examples"].get("segment_miou", 0) == 0

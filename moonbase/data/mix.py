@@ -27,13 +27,15 @@ def synthetic_example(
     locate_tasks: int = 4,
     phrase_mix: tuple[float, ...] = PHRASE_MIX,
     drills: int = 0,
+    segment_tasks: int = 0,
 ) -> Example:
     """Example `index` of a stream; `max_objects` caps shape scenes (a training curriculum), `locate_tasks`
     sets how many detect/point tasks a shape scene carries, `phrase_mix` how their object phrases are drawn,
-    `drills` how many extra extremes and count questions it adds (training only)."""
+    `drills` how many extra extremes and count questions it adds (training only), `segment_tasks` how many
+    outlines."""
     s = example_seed(split, seed, index)
     if source is None:
         source = random.Random(s).choices(list(SOURCES), weights=[weight for _, weight in SOURCES.values()])[0]
     if source == "shapes":
-        return scene_example(s, max_objects, locate_tasks, phrase_mix, drills)
+        return scene_example(s, max_objects, locate_tasks, phrase_mix, drills, segment_tasks)
     return SOURCES[source][0](s)

@@ -7,7 +7,7 @@ import random
 
 import numpy as np
 
-from .shapes import COLORS, SHAPES, Scene, Shape, render_scene
+from .shapes import COLORS, SHAPES, Scene, Shape, outline_in, render_scene
 from .tasks import Example, Task, canonical
 
 NUMBERS = ["no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -129,11 +129,16 @@ def _drills(scene: Scene, rng: random.Random, n: int) -> list[Task]:
 
 
 def scene_example(
-    seed: int, max_objects: int = 8, locate_tasks: int = 4, phrase_mix: tuple[float, ...] = PHRASE_MIX, drills: int = 0
+    seed: int,
+    max_objects: int = 8,
+    locate_tasks: int = 4,
+    phrase_mix: tuple[float, ...] = PHRASE_MIX,
+    drills: int = 0,
+    segment_tasks: int = 0,
 ) -> Example:
     """A scene with a count question, one other question, a caption (half the time), `locate_tasks` detect/point
-    tasks, alternating, and `drills` extra questions (training only, see `_drills`); `phrase_mix` weighs the kinds
-    of object phrase (see PHRASE_MIX)."""
+    tasks, alternating, `drills` extra questions (training only, see `_drills`) and `segment_tasks` outlines of
+    shapes whose label is unique in the scene; `phrase_mix` weighs the kinds of object phrase (see PHRASE_MIX)."""
     rng = random.Random(f"scene-tasks-{seed}")  # independent of the stream that drew the scene
     scene = render_scene(seed, max_objects=max_objects)
     caps = captions(scene)
@@ -149,5 +154,8 @@ def scene_example(
         phrase, hits = _phrases(scene, rng, phrase_mix)
         tasks.append(Task(skill, phrase, boxes=canonical([s.box for s in hits]), kind=skill))
     tasks += _drills(scene, rng, drills)  # drawn last: streams without drills are unchanged
+    unique = [s for s in scene.shapes if sum(o.label == s.label for o in scene.shapes) == 1]
+    for s in rng.sample(unique, min(segment_tasks, len(unique))):  # after the drills, for the same reason
+        tasks.append(Task("segment", s.label, outline_in(s.kind, s.box), boxes=(s.box,), kind="segment"))
     regions = tuple((SHAPES.index(s.kind), list(COLORS).index(s.color), s.box) for s in scene.shapes)
     return Example(np.asarray(scene.image), tuple(tasks), "shapes", regions)

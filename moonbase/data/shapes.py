@@ -94,6 +94,21 @@ def outline_path(kind: str, box: int = 960) -> str:
     return "M " + " L ".join(points) + " Z"
 
 
+def outline_in(kind: str, box: tuple[float, float, float, float]) -> str:
+    """The shape's outline as an SVG path in image-normalized units (segment's `path`): `outline_path` mapped
+    through its box (every command there is absolute, so each (x, y) pair maps to x_min + x/960 · width, ...)."""
+    x0, y0, x1, y1 = box
+    out, k = [], 0
+    for part in outline_path(kind).split(" "):
+        if part.isalpha():
+            out.append(part)
+            continue
+        lo, span = (x0, x1 - x0) if k % 2 == 0 else (y0, y1 - y0)
+        out.append(f"{lo + int(part) / 960 * span:.4f}".rstrip("0").rstrip("."))
+        k += 1
+    return " ".join(out)
+
+
 def _draw(d: ImageDraw.ImageDraw, kind: str, x0: float, y0: float, x1: float, y1: float, fill: tuple[int, int, int]) -> None:
     if kind == "circle":
         d.ellipse((x0, y0, x1, y1), fill=fill)

@@ -11,11 +11,11 @@ Box = tuple[float, float, float, float]  # x_min, y_min, x_max, y_max, normalize
 
 @dataclass(frozen=True)
 class Task:
-    skill: str  # "caption" | "query" | "detect" | "point"
+    skill: str  # "caption" | "query" | "detect" | "point" | "segment"
     arg: str  # caption length, question, or object phrase
-    answer: str = ""  # caption or query answer
+    answer: str = ""  # caption or query answer; segment: the outline as a path in image-normalized units
     boxes: tuple[Box, ...] = ()  # detect/point targets in canonical (left-to-right) order
-    kind: str = ""  # evaluation bucket: caption, qa, count, captcha, text, detect, point
+    kind: str = ""  # evaluation bucket: caption, qa, count, captcha, text, detect, point, segment
     grounding: tuple[Box, ...] = ()  # regions a query's answer is about (training signal, not asked for)
 
     @property

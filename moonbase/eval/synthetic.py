@@ -11,11 +11,12 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from ..api import VL
 from ..data.mix import synthetic_example
-from ..metrics import Counts, exact_match, match_boxes, match_points, parse_count, token_f1
+from ..metrics import Counts, exact_match, iou, mask_iou, match_boxes, match_points, parse_count, path_mask, token_f1
 from ..skills import SkillRequest
 
 GREEDY = {"temperature": 0.0, "top_p": 1.0}
@@ -34,7 +35,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Score `vl` on held-out examples of seed `seed`. Greedy decoding, so the numbers do not depend on
     `concurrency` (images evaluated at once; the engine batches them)."""
-    examples = [synthetic_example("eval", seed, i, "shapes") for i in range(n_scenes)]
+    examples = [synthetic_example("eval", seed, i, "shapes", segment_tasks=1) for i in range(n_scenes)]
     examples += [synthetic_example("eval", seed, n_scenes + i, "captcha") for i in range(n_captcha)]
     examples += [synthetic_example("eval", seed, n_scenes + n_captcha + i, "text") for i in range(n_text)]
     scores: dict[str, list[float]] = defaultdict(list)
@@ -59,11 +60,24 @@ def evaluate(
             points.add(match_points(pts, list(task.boxes)), len(pts), len(task.boxes))
         scores[f"{task.kind}_queries"].append(1.0)
 
+    def segmented(task, out, image) -> None:
+        h, w = image.shape[:2]
+        pred = path_mask(out["path"], w, h) if out["path"] else np.zeros((h, w), bool)
+        scores["segment_miou"].append(mask_iou(pred, path_mask(task.answer, w, h)))
+        box = out.get("bbox")
+        scores["segment_bbox_iou"].append(iou(tuple(box.values()) if box else (0, 0, 0, 0), task.boxes[0]))
+
     def score(ex) -> None:  # one image's tasks, in order; several images run at once and batch in the engine
         for task in ex.tasks:  # the engine caches the image prefix: only the first task pays for vision
-            out = vl.run(SkillRequest.of(task.skill, ex.image, task.arg, settings=settings))
+            req = SkillRequest.of(task.skill, ex.image, task.arg, settings=settings)
+            if not req.skill.supports(vl.model.cfg):
+                continue  # segment on a model without a segmentation head: reported as None
+            out = vl.run(req)
             with lock:
-                (located if "objects" in out or "points" in out else text)(task, out)
+                if "path" in out:
+                    segmented(task, out, ex.image)
+                else:
+                    (located if "objects" in out or "points" in out else text)(task, out)
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
@@ -80,6 +94,8 @@ def evaluate(
         "caption_f1": mean(scores["caption"]),
         "captcha_accuracy": mean(scores["captcha"]),
         "text_accuracy": mean(scores["text"]),
+        "segment_miou": mean(scores["segment_miou"]),  # mask IoU of the rasterized paths (models that segment)
+        "segment_bbox_iou": mean(scores["segment_bbox_iou"]),
         "n_examples": {"images": len(examples), **{k: len(v) for k, v in scores.items()}},
         "detect_counts": vars(boxes),
         "point_counts": vars(points),

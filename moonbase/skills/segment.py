@@ -1,8 +1,9 @@
 """segment(image, object, spatial_refs): the object's outline as an SVG path (Moondream 3; spec §8.6).
 
 The model writes a bounding box as coord (centre x), coord (centre y), size (w, h), then the path as text
-tokens in a 960 x 960 box spanning that bbox, then eos. Decoding is greedy and unconstrained: a coord token
-becomes the coordinate decoded from the hidden state that produced it, a size token the size.
+tokens in a 960 x 960 box spanning that bbox, then eos. Decoding is greedy; the bbox steps are held to it (an
+object or none, coord, size), the path is free. A coord token becomes the coordinate decoded from the hidden
+state that produced it, a size token the size.
 
 `render` gives what the official client reads: `{"path", "bbox"}`, the path in image-normalized [0, 1] units
 (the bbox-relative numbers mapped through the bbox). A path that stops parsing (a stray token, a truncated
