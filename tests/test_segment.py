@@ -145,7 +145,9 @@ def test_outline_in_image_units_is_the_outline_mapped_through_its_box():
 
     box = (0.1, 0.2, 0.5, 0.8)
     for kind in SHAPES:
-        mapped = absolute_path(parse_path(outline_path(kind).split(" "))[0], dict(zip(("x_min", "y_min", "x_max", "y_max"), box)))
+        mapped = absolute_path(
+            parse_path(outline_path(kind).split(" "))[0], dict(zip(("x_min", "y_min", "x_max", "y_max"), box, strict=True))
+        )
         assert mask_iou(path_mask(outline_in(kind, box), 200, 100), path_mask(mapped, 200, 100)) > 0.99
 
 
