@@ -79,17 +79,34 @@ SPECIAL_TOKENS = ["<|endoftext|>"] + [f"<|md_reserved_{i}|>" for i in range(9)] 
 TASK_TOKENS = ["<|caption|>", "<|short|>", "<|normal|>", "<|long|>", "<|query|>", "<|detect|>", "<|point|>"]
 
 
+SEGMENT_TOKEN = "<|segment|>"  # a tokenizer that has it gets a segment template (nano trained to segment)
+
+
+def add_path_numbers(tok: HFTokenizer, step: int = 30) -> HFTokenizer:
+    """Segment path numbers as single tokens (" 0", " 30", ... " 960"), matched before any digit split: Moondream
+    3 reads a path one token at a time, and a tokenizer that splits digits (nano's) could not write 480 in one.
+    `Segment.teach` snaps a target's numbers to the nearest one the tokenizer has."""
+    from tokenizers import AddedToken
+
+    tok.add_tokens([AddedToken(f" {v}", normalized=False) for v in range(0, 961, step)])
+    return tok
+
+
 def task_token_templates(tok: HFTokenizer) -> TokenizerConfig:
-    """Templates of the MD2 shape (`<md0> task <md1> ... <md2>`) over a tokenizer that has TASK_TOKENS."""
+    """Templates of the MD2 shape (`<md0> task <md1> ... <md2>`) over a tokenizer that has TASK_TOKENS (and a
+    segment template when it has SEGMENT_TOKEN)."""
     t = {name: tok.token_to_id(name) for name in TASK_TOKENS}
     missing = [name for name, i in t.items() if i is None]
     if missing:
         raise CheckpointError(f"tokenizer lacks the task tokens {missing}")
+    segment = tok.token_to_id(SEGMENT_TOKEN)
     return TokenizerConfig(
         caption={k: (1, t["<|caption|>"], 2, t[f"<|{k}|>"], 3) for k in ("short", "normal", "long")},
         query_prefix=(1, t["<|query|>"], 2),
         detect_prefix=(1, t["<|detect|>"], 2),
         point_prefix=(1, t["<|point|>"], 2),
+        segment_prefix=() if segment is None else (1, segment, 2),
+        segment_suffix=() if segment is None else (3,),
     )
 
 

@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 
 from moonbase import VL
 from moonbase.eval.synthetic import evaluate
-from moonbase.hub import ASSETS, nano
+from moonbase.hub import ASSETS, load_dir, nano
+from moonbase.skills import REGISTRY
 from moonbase.train.nano import TrainArgs, build_tokenizer, train
 
 
@@ -68,3 +69,32 @@ def test_shipped_nano_scores_near_its_model_card():
     assert result["count_accuracy"] >= 0.72
     assert result["qa_accuracy"] >= 0.85
     assert result["caption_f1"] >= 0.79
+
+
+def test_a_segment_recipe_tokenizer_writes_path_numbers_in_one_token(tmp_path):
+    from moonbase.tokenizer import Tokenizer
+    from moonbase.train.batch import render_task
+    from moonbase.train.nano import nano_config
+
+    tok = build_tokenizer(n_examples=50, segment=True)
+    assert all(len(tok.encode(f" {v}").ids) == 1 for v in range(0, 961, 30))
+    assert len(tok.encode("4821").ids) == 4  # digits in ordinary text stay single tokens
+    cfg = nano_config(tok)
+    assert cfg.tokenizer.segment_prefix == (1, tok.token_to_id("<|segment|>"), 2)
+    # a scene's outline task is taught with its numbers snapped to the tokenizer's (multiples of 30)
+    from moonbase.data.mix import synthetic_example
+
+    task = next(
+        t for i in range(20) for t in synthetic_example("train", 0, i, "shapes", segment_tasks=1).tasks if t.skill == "segment"
+    )
+    seg = render_task(task, Tokenizer(tok, cfg.tokenizer), cfg)
+    numbers = [tok.id_to_token(i) for i in seg.ids if tok.id_to_token(i).lstrip("Ġ ").isdigit()]
+    assert numbers and all(int(n.lstrip("Ġ ")) % 30 == 0 for n in numbers)
+
+
+def test_tiny_smoke_run_with_segment_tasks(tmp_path):
+    args = TrainArgs(
+        out=str(tmp_path), model="tiny", steps=1, batch_images=4, vision_steps=0, curriculum=0, warmup=1, segment_tasks=1
+    )
+    m = load_dir(train(args))
+    assert m.cfg.tokenizer.segment_prefix and "segment" in [n for n, k in REGISTRY.items() if k.supports(m.cfg)]

@@ -12,6 +12,7 @@ command) keeps what parsed before it. `reference` gives Kestrel's output (parity
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ PATH_BOX = 960  # path coordinates are integers across the bbox
 SVG_COMMANDS = set("MmLlHhVvCcSsQqTtAaZz")
 FIRST_TEXT_ID = 21  # ids up to 20 are special tokens, never path text
 REWARD_GRID = 256  # pixels per side of the canvas rewards compare masks on
+SNAP = 19  # a target's path number may move this far (2% of the bbox) to one the tokenizer writes as one token
 
 
 class SegmentProgram(TextProgram):
@@ -156,7 +158,7 @@ class Segment(Skill):
             raise TuningError("a segment target needs its path to be taught (a bbox alone only scores rollouts)")
         x0, y0, x1, y1 = target.boxes[0]
         box = {"x_min": x0, "y_min": y0, "x_max": x1, "y_max": y1}
-        ids = [_one_token(tokenizer, t) for t in relative_tokens(target.answer, box)]
+        ids = [_path_token(tokenizer, t) for t in relative_tokens(target.answer, box)]
         rc, tok = cfg.region, cfg.tokenizer
         bins = [region.coord_to_bin((x0 + x1) / 2, rc), region.coord_to_bin((y0 + y1) / 2, rc)]
         size = (region.size_to_bin(x1 - x0, rc), region.size_to_bin(y1 - y0, rc))
@@ -270,12 +272,29 @@ def svg_path(tokens: list[str]) -> tuple[str, str | None]:
     return " ".join(_svg(commands)), error
 
 
-def _one_token(tokenizer: Tokenizer, text: str) -> int:
-    """The model's one id for a path token (Kestrel reads path tokens one id at a time)."""
+def _path_token(tokenizer: Tokenizer, text: str) -> int:
+    """The model's one id for a path token (Kestrel reads path tokens one id at a time). A number the tokenizer
+    cannot write as one token is snapped to the nearest one it can within SNAP (nano writes multiples of 30)."""
+    if text.isdigit():
+        numbers = _number_ids(tokenizer)
+        near = min(numbers, key=lambda k: abs(k - int(text)), default=None)
+        if near is not None and abs(near - int(text)) <= SNAP:
+            return numbers[near]
+        raise TuningError(f"path number {text} has no single token of this model's tokenizer within {SNAP} of it")
     for form in (text, " " + text):
         if len(ids := tokenizer.encode(form)) == 1:
             return ids[0]
     raise TuningError(f"path token {text!r} is not a single token of this model's tokenizer")
+
+
+@functools.lru_cache(maxsize=8)
+def _number_ids(tokenizer: Tokenizer) -> dict[int, int]:
+    """Path numbers (0..960) the tokenizer writes as one token, bare or after a space -> that token's id."""
+    out = {}
+    for v in range(PATH_BOX + 1):
+        if (ids := next((i for form in (str(v), f" {v}") if len(i := tokenizer.encode(form)) == 1), None)) is not None:
+            out[v] = ids[0]
+    return out
 
 
 def _paired(commands: list[Command]) -> list[Command]:

@@ -37,6 +37,8 @@ class TrainArgs:
     # scenes._drills: an extremes question and a count over a kind or colour of the scene's own shapes, which one
     # question per scene asks too rarely (MODEL_CARD: "Drill questions")
     drills: int = flag(2, "extra extremes and count questions per shape scene; 0: none")
+    # >0 also gives a new tokenizer the segment token and the path numbers (train/nano.py: build_tokenizer)
+    segment_tasks: int = flag(0, "segment tasks (outlines of shapes with a unique label) per shape scene")
     # in the order of scenes.PHRASE_MIX: more colour-only and kind-only phrases than the eval stream, which finding a
     # shape by colour alone needed (MODEL_CARD: "Colour-only phrases")
     phrase_mix: tuple[float, ...] = flag(

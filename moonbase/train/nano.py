@@ -27,7 +27,15 @@ from ..device import pick_device
 from ..hub import save_dir, tiny_config
 from ..model.init import init_weights
 from ..model.moondream import Moondream, build_model
-from ..tokenizer import SPECIAL_TOKENS, TASK_TOKENS, Tokenizer, byte_level_tokenizer, task_token_templates
+from ..tokenizer import (
+    SEGMENT_TOKEN,
+    SPECIAL_TOKENS,
+    TASK_TOKENS,
+    Tokenizer,
+    add_path_numbers,
+    byte_level_tokenizer,
+    task_token_templates,
+)
 from .args import TrainArgs
 from .batch import make_batch
 from .feed import prefetch
@@ -43,8 +51,9 @@ def corpus(n_examples: int, seed: int) -> Iterator[str]:
                 yield task.answer
 
 
-def build_tokenizer(vocab_size: int = 1024, n_examples: int = 4000, seed: int = 0) -> HFTokenizer:
-    """Byte-level BPE over the synthetic texts; digits stay single tokens (captchas are read digit by digit)."""
+def build_tokenizer(vocab_size: int = 1024, n_examples: int = 4000, seed: int = 0, segment: bool = False) -> HFTokenizer:
+    """Byte-level BPE over the synthetic texts; digits stay single tokens (captchas are read digit by digit). With
+    `segment`: the segment task token, and the path numbers as whole tokens (`path_number_tokens`)."""
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
@@ -52,12 +61,12 @@ def build_tokenizer(vocab_size: int = 1024, n_examples: int = 4000, seed: int = 
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS + TASK_TOKENS,
+        special_tokens=SPECIAL_TOKENS + TASK_TOKENS + ([SEGMENT_TOKEN] if segment else []),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(corpus(n_examples, seed), trainer=trainer)
-    return tok
+    return add_path_numbers(tok) if segment else tok
 
 
 def nano_config(tok: HFTokenizer) -> ModelConfig:
@@ -95,7 +104,9 @@ def render_step(step: int, a: TrainArgs, tokenizer: Tokenizer, cfg: ModelConfig)
         return make_batch([dataclasses.replace(ex, tasks=()) for ex in scenes], tokenizer, cfg)
     step -= a.vision_steps
     cap = 8 if a.curriculum <= 0 else min(8, 3 + int(6 * step / (a.curriculum * a.steps)))
-    recipe = dict(max_objects=cap, locate_tasks=a.locate_tasks, phrase_mix=a.phrase_mix, drills=a.drills)
+    recipe = dict(
+        max_objects=cap, locate_tasks=a.locate_tasks, phrase_mix=a.phrase_mix, drills=a.drills, segment_tasks=a.segment_tasks
+    )
     examples = [synthetic_example("train", a.seed, step * a.batch_images + i, **recipe) for i in range(a.batch_images)]
     return make_batch(examples, tokenizer, cfg)
 
@@ -136,11 +147,12 @@ def _train(a: TrainArgs) -> Path:
         if state["args"] != dataclasses.asdict(a) | {"resume": state["args"]["resume"]}:
             print(f"note: resuming with changed arguments (checkpoint had {state['args']})")
     elif a.model == "tiny":
-        hf_tok = byte_level_tokenizer(TASK_TOKENS)
+        hf_tok = byte_level_tokenizer(TASK_TOKENS + [SEGMENT_TOKEN] * (a.segment_tasks > 0))
+        hf_tok = add_path_numbers(hf_tok) if a.segment_tasks > 0 else hf_tok
         # byte-level ids make a shape scene's packed row (eight locate tasks, drills) up to ~830 tokens long
         cfg = tiny_config(task_token_templates(hf_tok), hf_tok.get_vocab_size(), max_context=1024)
     else:
-        hf_tok = build_tokenizer(seed=a.seed)
+        hf_tok = build_tokenizer(seed=a.seed, segment=a.segment_tasks > 0)
         cfg = nano_config(hf_tok)
     device = pick_device(a.device)
     weights = build_model(cfg)
