@@ -117,16 +117,15 @@ class Segment(Skill):
     def render(self, out: Output, tokenizer: Tokenizer, clip: bool = True) -> dict[str, Any]:
         o = Outline.of(out, tokenizer)
         bbox = o.bbox
-        commands = parse_path(o.path_tokens)[0] if bbox is not None else []
-        return {"path": absolute_path(commands, bbox) if bbox is not None else "", "bbox": bbox}
+        return {"path": "" if bbox is None else absolute_path(parse_path(o.path_tokens)[0], bbox), "bbox": bbox}
 
     def reference(self, out: Output, tokenizer: Tokenizer) -> dict[str, Any]:
         """Kestrel's `{"segments": [...]}`: the bbox-relative path, or "" and `parse_error` when it does not parse."""
         o = Outline.of(out, tokenizer)
-        commands, error = parse_path(o.path_tokens)
+        path, error = svg_path(o.path_tokens)
         if o.bbox is None:
             error = "no bounding box (coord, coord, size) came first"
-        path = "" if error else " ".join(_svg(commands))
+        path = "" if error else path
         segment = {
             "object": out.subject,
             "text": tokenizer.decode(o.text_ids).strip(),
