@@ -14,21 +14,24 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from .device import release_cpu_threads
 from .engine.engine import Engine, EngineConfig
 from .engine.handle import Handle, Result
-from .errors import RequestTimeoutError
+from .errors import RequestTimeoutError, SettingsError
 from .image import ImageInput
 from .model.moondream import Moondream
 from .model.text import EncodedImage
 from .skills import ImageLimits, Request, SkillRequest, prepare, resolve_settings
+from .skills.program import StreamItem
 from .tokenizer import TextStream
+
+T = TypeVar("T")
 
 
 class VL:
@@ -90,17 +93,33 @@ class VL:
         field is an iterator of pieces, and a skill that streams events (segment) is an iterator of the client's
         stream items; `stats`, if given, is filled with token counts and timings."""
         req, tok = req.with_defaults(self.model.cfg.defaults), self.model.tokenizer
-        skill, timeout = req.skill, self.timeout if timeout is None else timeout
+        skill = req.skill
+        if stream and skill.event_stream(tok) is not None:
+            return map(_client_item, self.events(req, stats, timeout))  # type: ignore[return-value]
         handle = self.submit(self.prepare(req))
         if not (stream and skill.text_key):
             result = self.wait([handle], timeout)[0]
             _record(stats, result)
-            rendered = skill.render(result.output, tok, self.clip)
-            events = skill.events(rendered) if stream else None
-            return rendered if events is None else map(_client_item, events)  # type: ignore[return-value]
+            return skill.render(result.output, tok, self.clip)
         head = skill.render(self.wait([handle], timeout)[0].output, tok, self.clip) if req.reasoning else {}
-        deadline = None if timeout is None else time.perf_counter() + timeout
-        return head | {skill.text_key: _stream(handle, TextStream(tok), stats, deadline)}
+        text = TextStream(tok)
+        push = lambda t: [piece] if (piece := text.push(t)) else []  # noqa: E731
+        tail = lambda _: [piece] if (piece := text.flush()) else []  # noqa: E731
+        return head | {skill.text_key: _stream(handle, push, tail, stats, self._deadline(timeout))}
+
+    def events(self, req: SkillRequest, stats: dict | None = None, timeout: float | None = None) -> Iterator[dict[str, Any]]:
+        """A request of a skill that streams events (segment), as its typed wire events while it decodes; the
+        request is validated and submitted before this returns."""
+        req, tok = req.with_defaults(self.model.cfg.defaults), self.model.tokenizer
+        if (events := req.skill.event_stream(tok)) is None:
+            raise SettingsError(f"{req.skill.name} streams text, not events")
+        handle = self.submit(self.prepare(req))
+        finish = lambda result: events.finish(req.skill.render(result.output, tok, self.clip))  # noqa: E731
+        return _stream(handle, events.push, finish, stats, self._deadline(timeout))
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        timeout = self.timeout if timeout is None else timeout
+        return None if timeout is None else time.perf_counter() + timeout
 
     @contextmanager
     def cancel_scope(self, scope: CancelScope) -> Iterator[CancelScope]:
@@ -224,14 +243,20 @@ def _client_item(event: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in event.items() if k != "type" and (kind == "final" or k != "completed")}
 
 
-def _stream(handle: Handle, stream: TextStream, stats: dict | None, deadline: float | None) -> Iterator[str]:
+def _stream(
+    handle: Handle,
+    push: Callable[[StreamItem], list[T]],
+    finish: Callable[[Result], list[T]],
+    stats: dict | None,
+    deadline: float | None,
+) -> Iterator[T]:
+    """What `push` makes of each item the run streams, then what `finish` makes of its result."""
     try:
-        for t in handle.tokens(deadline):
-            if piece := stream.push(t):
-                yield piece
-        _record(stats, handle.result())  # raises if the request failed
-        if tail := stream.flush():
-            yield tail
+        for item in handle.tokens(deadline):
+            yield from push(item)
+        result = handle.result()  # raises if the request failed
+        _record(stats, result)
+        yield from finish(result)
     finally:
         if not handle.done:  # the consumer stopped reading, or the deadline passed: free the sequence
             handle.cancel()

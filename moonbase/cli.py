@@ -125,6 +125,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     """The main job: every skill on one image, results as JSON, boxes and points drawn into a PNG."""
     from .data.shapes import render_scene
     from .draw import annotate
+    from .skills import REGISTRY
 
     model = vl_from_args(a)
     if (image := a.image) is None:
@@ -145,10 +146,13 @@ def cmd_demo(a: argparse.Namespace) -> int:
         "objects": model.detect(encoded, a.object, {"max_objects": 20})["objects"],
         "points": model.point(encoded, a.object, {"max_objects": 20})["points"],
     }
+    if REGISTRY["segment"].supports(model.model.cfg):  # nano and Moondream 3; Moondream 2 does not segment
+        result["segment"] = model.segment(encoded, a.object)
     result["seconds"] = round(time.perf_counter() - t0, 3)
     print(json.dumps(result, indent=2))
-    annotate(image, result["objects"], result["points"], a.out)
-    print(f"wrote {a.out} (boxes in magenta, points in cyan)", file=sys.stderr)
+    paths = [result["segment"]["path"]] if result.get("segment", {}).get("path") else []
+    annotate(image, result["objects"], result["points"], a.out, paths=paths)
+    print(f"wrote {a.out} (boxes in magenta, points in cyan{', the mask filled' if paths else ''})", file=sys.stderr)
     return 0
 
 
@@ -241,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="caption, query, detect and point on one image; writes an annotated PNG")
+    p = sub.add_parser("demo", help="caption, query, detect, point (and segment) on one image; writes an annotated PNG")
     p.add_argument("image", nargs="?", default=None, help="image file (default: a rendered sample scene)")
     p.add_argument("--question", default="How many circles are there?")
     p.add_argument("--object", default="circle")

@@ -131,6 +131,22 @@ def test_segment_result_is_the_clients_path_in_image_units(tiny3):
     assert result == {"path": "M 0.25 0.375 L 0.2547 0.3766", "bbox": pytest.approx(bbox)}
 
 
+def test_segment_streams_each_command_as_soon_as_the_next_one_begins(tiny3):
+    words = ["M", "0", "0", "L", "9", "6", "Z", "-", "x", "L", "1", "1"]  # a stray token ends the path after Z
+    out, ids = _segment_output(tiny3, words, (0.5, 0.5), (0.5, 0.25))
+    skill, tok = SkillRequest("segment").skill, tiny3.cfg.tokenizer
+    stream = skill.event_stream(tiny3.tokenizer)
+    items = [tok.coord_id, 0.5, tok.coord_id, 0.5, tok.size_id, (0.5, 0.25), *ids]
+    steps = [stream.push(item) for item in items]
+    assert steps[5] == [{"type": "bbox", "bbox": pytest.approx({"x_min": 0.25, "y_min": 0.375, "x_max": 0.75, "y_max": 0.625})}]
+    chunks = {i - 6: [e["chunk"] for e in step] for i, step in enumerate(steps) if i > 5 and step}
+    assert chunks == {3: ["M 0.25 0.375"], 6: [" L 0.2547 0.3766"], 8: [" Z"]}  # "L" closes "M ..."; "x" closes "Z"
+    result = skill.render(out, tiny3.tokenizer)
+    tail = stream.finish(result)
+    assert tail == [{"type": "final", "path": result["path"], "bbox": result["bbox"], "completed": True}]
+    assert "".join(c for cs in chunks.values() for c in cs) == result["path"] == "M 0.25 0.375 L 0.2547 0.3766 Z"
+
+
 def test_segment_reference_clamps_its_bbox_and_keeps_the_model_tokens(tiny3):
     out, ids = _segment_output(tiny3, ["M", "0", "L"])
     seg = SkillRequest("segment").skill.reference(out, tiny3.tokenizer)["segments"][0]

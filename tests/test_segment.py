@@ -161,3 +161,17 @@ def test_the_synthetic_suite_scores_segment_on_models_that_segment(tiny3, tiny):
     assert 0.0 <= md3["segment_bbox_iou"] <= 1.0
     md2 = evaluate(VL(tiny), seed=5, **small)
     assert md2["segment_miou"] is None and md2["n_examples"].get("segment_miou", 0) == 0
+
+
+def test_segment_tasks_name_one_shape_by_label_kind_or_colour():
+    from moonbase.data.scenes import matches, scene_example
+
+    phrases = []
+    for seed in range(60):
+        ex = scene_example(seed, segment_tasks=1)
+        shapes = render_scene(seed).shapes
+        for task in (t for t in ex.tasks if t.skill == "segment"):
+            hits = [s for s in shapes if matches(s, task.arg)]
+            assert len(hits) == 1 and task.boxes == (hits[0].box,), task.arg
+            phrases.append(len(task.arg.split()) == 1 or task.arg.endswith(" shape"))
+    assert len(phrases) >= 50 and 0.2 < sum(phrases) / len(phrases) < 0.9  # kinds and colours alone, not only labels

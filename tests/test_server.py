@@ -135,6 +135,7 @@ BAD = [  # (path, body, status): every one must get this 4xx JSON error, never a
     ("/v1/point", {"image_url": "IMG", "object": "x", "settings": {"max_objects": 0}}, 400),
     ("/v1/point", {"image_url": "IMG", "object": "x", "spatial_refs": [[0.1, 0.2, 0.3]]}, 400),
     ("/v1/segment", {"image_url": "IMG", "object": "cat"}, 501),
+    ("/v1/segment", {"image_url": "IMG", "object": "cat", "stream": True}, 501),
     ("/v1/chat/completions", {}, 400),
     ("/v1/chat/completions", {"messages": []}, 400),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400),

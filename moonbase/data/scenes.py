@@ -63,6 +63,17 @@ def _phrases(scene: Scene, rng: random.Random, mix: tuple[float, ...], present: 
     return phrase, [s for s in scene.shapes if matches(s, phrase)]
 
 
+def _segment_phrases(scene: Scene, rng: random.Random, n: int) -> list[tuple[str, Shape]]:
+    """`n` shapes that one phrase names alone, each with one such phrase drawn from its label, its kind and
+    "<colour> shape" (segment outlines one object: the phrase must pick out exactly one)."""
+    named = [
+        (s, [p for p in (s.label, s.kind, f"{s.color} shape") if sum(matches(o, p) for o in scene.shapes) == 1])
+        for s in scene.shapes
+    ]
+    named = [(s, phrases) for s, phrases in named if phrases]
+    return [(rng.choice(phrases), s) for s, phrases in rng.sample(named, min(n, len(named)))]
+
+
 def matches(s: Shape, phrase: str) -> bool:
     words = phrase.split()
     if words[-1] == "shape":
@@ -154,8 +165,7 @@ def scene_example(
         phrase, hits = _phrases(scene, rng, phrase_mix)
         tasks.append(Task(skill, phrase, boxes=canonical([s.box for s in hits]), kind=skill))
     tasks += _drills(scene, rng, drills)  # drawn last: streams without drills are unchanged
-    unique = [s for s in scene.shapes if sum(o.label == s.label for o in scene.shapes) == 1]
-    for s in rng.sample(unique, min(segment_tasks, len(unique))):  # after the drills, for the same reason
-        tasks.append(Task("segment", s.label, outline_in(s.kind, s.box), boxes=(s.box,), kind="segment"))
+    for phrase, s in _segment_phrases(scene, rng, segment_tasks):  # after the drills, for the same reason
+        tasks.append(Task("segment", phrase, outline_in(s.kind, s.box), boxes=(s.box,), kind="segment"))
     regions = tuple((SHAPES.index(s.kind), list(COLORS).index(s.color), s.box) for s in scene.shapes)
     return Example(np.asarray(scene.image), tuple(tasks), "shapes", regions)

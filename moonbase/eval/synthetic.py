@@ -40,6 +40,7 @@ def evaluate(
     examples += [synthetic_example("eval", seed, n_scenes + n_captcha + i, "text") for i in range(n_text)]
     scores: dict[str, list[float]] = defaultdict(list)
     boxes, points = Counts(), Counts()
+    multi_boxes = Counts()  # detect queries whose phrase matches two or more shapes: the "another object?" decisions
     settings = {**GREEDY, "max_tokens": max_tokens, "max_objects": max_objects}
     lock = threading.Lock()
 
@@ -54,7 +55,10 @@ def evaluate(
     def located(task, out) -> None:
         if "objects" in out:
             pred = [(o["x_min"], o["y_min"], o["x_max"], o["y_max"]) for o in out["objects"]]
-            boxes.add(match_boxes(pred, list(task.boxes)), len(pred), len(task.boxes))
+            tp = match_boxes(pred, list(task.boxes))
+            boxes.add(tp, len(pred), len(task.boxes))
+            if len(task.boxes) >= 2:
+                multi_boxes.add(tp, len(pred), len(task.boxes))
         else:
             pts = [(p["x"], p["y"]) for p in out["points"]]
             points.add(match_points(pts, list(task.boxes)), len(pts), len(task.boxes))
@@ -88,6 +92,7 @@ def evaluate(
         "seed": seed,
         "model": vl.model.name,
         "detect_f1": round(boxes.f1, 4),
+        "detect_multi_f1": round(multi_boxes.f1, 4),
         "point_accuracy": round(points.f1, 4),
         "count_accuracy": mean(scores["count"]),
         "qa_accuracy": mean(scores["qa"]),
@@ -98,6 +103,7 @@ def evaluate(
         "segment_bbox_iou": mean(scores["segment_bbox_iou"]),
         "n_examples": {"images": len(examples), **{k: len(v) for k, v in scores.items()}},
         "detect_counts": vars(boxes),
+        "detect_multi_counts": vars(multi_boxes),
         "point_counts": vars(points),
         "seconds": round(time.perf_counter() - t0, 1),
     }

@@ -106,17 +106,20 @@ def _skill_route(skill: Skill, select: Callable[..., Selection], image_of: Calla
         if not isinstance(stream, bool):
             raise SettingsError("stream must be a boolean")
 
-        def run() -> dict[str, Any]:
+        streams_events = stream and skill.event_stream(sel.vl.model.tokenizer) is not None
+
+        def run() -> dict[str, Any] | Iterator[dict[str, Any]]:
             req = skills.parse_request(body, image_of, skill.name, where="body")
             if sel.adapter is not None:
                 req = dataclasses.replace(req, settings=req.settings_dict | {"variant": sel.adapter})
-            return sel.vl.run(req, stream and skill.text_key is not None, stats, timeout)  # events come from the result
+            if streams_events:  # validated and submitted here, so bad input still gets its 4xx
+                return sel.vl.events(req, stats, timeout)
+            return sel.vl.run(req, stream and skill.text_key is not None, stats, timeout)
 
         out = await cancellable(request, sel.vl, run)
         rid = uuid.uuid4().hex
-        if stream and not skill.text_key and (events := skill.events(out)) is not None:
-            typed = ({**e, "request_id": rid} for e in events)  # the result is complete: nothing can fail after it
-            return StreamingResponse(map(_event, typed), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        if streams_events:
+            return StreamingResponse(_typed_sse(out, rid), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         if not (stream and skill.text_key):
             count = {"count": len(out["points"])} if "points" in out else {}  # Station adds it; the client ignores it
             return out | count | {"request_id": rid, "_stats": stats}
@@ -147,6 +150,16 @@ def _sse(pieces: Iterator[str], rid: str, stats: dict, extra: dict[str, Any]) ->
         yield _event({"chunk": "", "completed": True, "error": errors.error_body(e), "request_id": rid})
         return
     yield _event({"chunk": "", "completed": True, "request_id": rid, **extra, "_stats": stats})
+
+
+def _typed_sse(events: Iterator[dict[str, Any]], rid: str) -> Iterator[str]:
+    """Typed events (segment's), each with the request id; a failure after the 200 header ends the stream with an
+    `error` event carrying the error body a non-streaming request would have got."""
+    try:
+        for e in events:
+            yield _event({**e, "request_id": rid})
+    except Exception as e:
+        yield _event({"type": "error", "completed": True, "error": errors.error_body(e), "request_id": rid})
 
 
 def _event(payload: dict[str, Any]) -> str:

@@ -6,14 +6,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from ..config import Defaults, ModelConfig, TokenizerConfig
 from ..errors import SettingsError, TuningError
 from ..tokenizer import Tokenizer
-from .program import Feed, Output, Program
+from .program import Feed, Output, Program, StreamItem
 from .training import Move, Rollout, Target
 
 SETTING_KEYS = ("temperature", "top_p", "max_tokens", "max_objects", "seed", "variant")
@@ -147,6 +147,13 @@ class SkillRequest:
         return dataclasses.replace(self, reasoning=self.skill.can_reason and defaults.reasoning)
 
 
+class EventStream(Protocol):
+    """A run's stream items (its program's `new_tokens`, in order) in, the typed wire events out."""
+
+    def push(self, item: StreamItem) -> list[dict[str, Any]]: ...
+    def finish(self, result: dict[str, Any]) -> list[dict[str, Any]]: ...  # the rendered result, once the run ends
+
+
 class Skill(ABC):
     """One skill: it checks its arguments, builds its prompt, creates its engine program and renders what
     the program produced; for fine-tuning it parses targets, turns a target or a rollout into the moves that
@@ -188,8 +195,8 @@ class Skill(ABC):
         """The result as the reference implementation returns it (parity): unclipped, in its own format."""
         return self.render(out, tokenizer, clip=False)
 
-    def events(self, result: dict[str, Any]) -> Iterator[dict[str, Any]] | None:
-        """A rendered result as the typed events a non-text skill streams (segment); None: it does not stream."""
+    def event_stream(self, tokenizer: Tokenizer) -> EventStream | None:
+        """How a non-text skill streams (segment): typed events as its program decodes; None: it does not stream."""
         return None
 
     # --- fine-tuning --------------------------------------------------------------------------------

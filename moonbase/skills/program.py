@@ -78,10 +78,13 @@ class Output:
     subject: str | None = None  # what was asked for, for skills whose result names it (segment)
 
 
+StreamItem = int | float | tuple[float, float]  # a token id, a decoded coordinate, a decoded (w, h) size
+
+
 class Program(Protocol):
     done: bool
     feed: Feed | None  # the next input, once the program has seen this step's values
-    new_tokens: list[int]  # answer tokens the last step produced, for streaming
+    new_tokens: list[StreamItem]  # what the last step produced, for streaming: answer tokens (segment: region values too)
     decisions: tuple[int, ...]  # ids a sampled LM step chooses among (rollouts); () = the whole vocabulary
     allowed: tuple[int, ...]  # ids this step's token may be, whoever samples it (every other id is -inf); () = any
     samples_regions: bool  # rollouts sample its coordinates and sizes (else they stay greedy)

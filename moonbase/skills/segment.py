@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -27,7 +26,7 @@ from ..metrics import box_mask, mask_iou, path_mask
 from ..model import region
 from ..tokenizer import Tokenizer
 from .base import Prompt, Settings, Skill, SkillRequest, spatial_prompt
-from .program import Feed, Head, Output, TextProgram
+from .program import Feed, Head, Output, StreamItem, TextProgram
 from .training import Move, Rollout, Target, coord_value, parse_box, size_value, text_moves
 
 PATH_BOX = 960  # path coordinates are integers across the bbox
@@ -50,6 +49,10 @@ class SegmentProgram(TextProgram):
     def allowed(self) -> tuple[int, ...]:  # type: ignore[override]
         n = len(self.run.ids)
         return self.opening[n] if n < len(self.opening) else ()
+
+    def on_region(self, value: float | tuple[float, float]) -> None:
+        super().on_region(value)
+        self.new_tokens = [value]  # streamed too: the bbox event goes out as soon as its size is decoded
 
     def output(self) -> Output:
         out = super().output()
@@ -76,22 +79,77 @@ class Outline:
         assert out.text is not None
         run, tok = out.text, tokenizer.cfg
         text_ids = [t for t in run.ids if t not in (tok.coord_id, tok.size_id)]
-        tokens = [p for t in text_ids if t >= FIRST_TEXT_ID and (p := tokenizer.decode([t]).strip())]
+        tokens = [p for t in text_ids if (p := path_text(t, tokenizer))]
         sizes = [(_unit(w), _unit(h)) for _, (w, h) in sorted(run.sizes.items())]
         return cls([_unit(v) for _, v in sorted(run.coords.items())], sizes, text_ids, tokens)
 
     @property
     def bbox(self) -> dict[str, float] | None:
-        """Centre (the first two coordinates) ± the first size / 2, within the image."""
-        if len(self.coords) < 2 or not self.sizes:
-            return None
-        (cx, cy), (w, h) = self.coords[:2], self.sizes[0]
-        return {
-            "x_min": max(cx - w / 2, 0.0),
-            "y_min": max(cy - h / 2, 0.0),
-            "x_max": min(cx + w / 2, 1.0),
-            "y_max": min(cy + h / 2, 1.0),
-        }
+        return _bbox(self.coords, self.sizes)
+
+
+def path_text(token: int, tokenizer: Tokenizer) -> str:
+    """A token's path text (a command letter, an integer, `-`); "" for special tokens and whitespace."""
+    tok = tokenizer.cfg
+    return tokenizer.decode([token]).strip() if token >= FIRST_TEXT_ID and token not in (tok.coord_id, tok.size_id) else ""
+
+
+def _bbox(coords: list[float], sizes: list[tuple[float, float]]) -> dict[str, float] | None:
+    """Centre (the first two coordinates) ± the first size / 2, within the image."""
+    if len(coords) < 2 or not sizes:
+        return None
+    (cx, cy), (w, h) = coords[:2], sizes[0]
+    return {
+        "x_min": max(cx - w / 2, 0.0),
+        "y_min": max(cy - h / 2, 0.0),
+        "x_max": min(cx + w / 2, 1.0),
+        "y_max": min(cy + h / 2, 1.0),
+    }
+
+
+class SegmentStream:
+    """The official client's stream, as the run decodes: the bbox once its size is decoded, each path command
+    (image-normalized) once the token after it shows it is complete, then the final result. The chunks join
+    into the final path: commands after the first start with a space."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.coords: list[float] = []
+        self.sizes: list[tuple[float, float]] = []
+        self.tokens: list[str] = []
+        self.bbox: dict[str, float] | None = None
+        self.sent = 0  # path commands streamed
+        self.bbox_sent = False
+
+    def push(self, item: StreamItem) -> list[dict[str, Any]]:
+        if isinstance(item, tuple):
+            self.sizes.append((_unit(item[0]), _unit(item[1])))
+            if self.bbox_sent or (bbox := _bbox(self.coords, self.sizes)) is None:
+                return []
+            self.bbox, self.bbox_sent = bbox, True
+            return [{"type": "bbox", "bbox": bbox}]
+        if isinstance(item, float):
+            self.coords.append(_unit(item))
+            return []
+        if not (text := path_text(item, self.tokenizer)) or self.bbox is None:
+            return []
+        self.tokens.append(text)
+        if text.isdigit() or text == "-":
+            return []  # the command being read may still grow
+        commands, error = parse_path(self.tokens)
+        return self._chunks(commands if error else commands[:-1], self.bbox)
+
+    def finish(self, result: dict[str, Any]) -> list[dict[str, Any]]:
+        head = [] if self.bbox_sent else [{"type": "bbox", "bbox": result["bbox"]}]
+        tail = self._chunks(parse_path(self.tokens)[0], result["bbox"]) if result["bbox"] else []
+        return head + tail + [{"type": "final", "path": result["path"], "bbox": result["bbox"], "completed": True}]
+
+    def _chunks(self, commands: list[Command], bbox: dict[str, float]) -> list[dict[str, Any]]:
+        start, self.sent = self.sent, max(self.sent, len(commands))
+        return [
+            {"type": "path_delta", "chunk": (" " if start + i else "") + absolute_path([c], bbox), "completed": False}
+            for i, c in enumerate(commands[start:])
+        ]
 
 
 class Segment(Skill):
@@ -204,12 +262,8 @@ class Segment(Skill):
         true = path_mask(truth.answer, n, n) if truth.answer else box_mask(truth.boxes[0], n, n)
         return mask_iou(pred, true)
 
-    def events(self, result: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        """The streamed form (the official client's): the bbox, the path one command at a time, then the whole."""
-        yield {"type": "bbox", "bbox": result["bbox"]}
-        for piece in _commands_of(result["path"]):
-            yield {"type": "path_delta", "chunk": piece, "completed": False}
-        yield {"type": "final", "path": result["path"], "bbox": result["bbox"], "completed": True}
+    def event_stream(self, tokenizer: Tokenizer) -> SegmentStream:
+        return SegmentStream(tokenizer)
 
 
 Command = tuple[str, list[float]]  # an SVG command and its numbers, in bbox-relative units (0..1 across the box)
@@ -302,17 +356,6 @@ def _paired(commands: list[Command]) -> list[Command]:
 
 def _svg(commands: list[Command], digits: int = 3) -> list[str]:
     return [" ".join([cmd, *(_number(v, digits) for v in nums)]) for cmd, nums in commands]
-
-
-def _commands_of(path: str) -> list[str]:
-    """A path split before each command letter (the streamed pieces)."""
-    pieces: list[str] = []
-    for part in path.split(" "):
-        if part in SVG_COMMANDS or not pieces:
-            pieces.append(part)
-        else:
-            pieces[-1] += " " + part
-    return [p + " " if i < len(pieces) - 1 else p for i, p in enumerate(pieces)] if path else []
 
 
 def _number(v: float, digits: int) -> str:

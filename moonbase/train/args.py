@@ -17,7 +17,8 @@ class TrainArgs:
     steps: int = flag(2600, "steps of the full model, after the vision ones")
     batch_images: int = flag(16, "images (packed rows) per step of the full model")
     lr: float = flag(1e-3, "peak learning rate of the full model")
-    warmup: int = 100
+    # a longer warm-up let the segment recipe ground where 100 steps did not (MODEL_CARD: "Segment tasks")
+    warmup: int = flag(400, "warm-up steps of the full model's learning rate")
     weight_decay: float = 0.05
     label_sigma: tuple[float, float] = (8.0, 1.5)  # soft bin labels, annealed linearly from first to second
     attn_weight: float = 1.0  # grounding attention supervision
@@ -38,7 +39,7 @@ class TrainArgs:
     # question per scene asks too rarely (MODEL_CARD: "Drill questions")
     drills: int = flag(2, "extra extremes and count questions per shape scene; 0: none")
     # >0 also gives a new tokenizer the segment token and the path numbers (train/nano.py: build_tokenizer)
-    segment_tasks: int = flag(0, "segment tasks (outlines of shapes with a unique label) per shape scene")
+    segment_tasks: int = flag(1, "segment tasks (outlines of shapes one phrase names alone) per shape scene; 0: none")
     # in the order of scenes.PHRASE_MIX: more colour-only and kind-only phrases than the eval stream, which finding a
     # shape by colour alone needed (MODEL_CARD: "Colour-only phrases")
     phrase_mix: tuple[float, ...] = flag(
