@@ -103,8 +103,14 @@ def test_query_prompt_and_defaults_follow_moondream3(tiny3, images):
 
 
 def test_segment_needs_a_model_that_segments(tiny, images):
-    with pytest.raises(SkillNotSupportedError, match="segmentation"):
-        VL(tiny).segment(images[0], "circle")
+    from moonbase.finetune.types import parse_group
+
+    with pytest.raises(SkillNotSupportedError, match=f"model '{tiny.name}' cannot segment: it has no segmentation head"):
+        VL(tiny).segment(images[0], "circle", stream=True)
+    group = {"mode": "sft", "request": {"skill": "segment", "image": images[0], "object": "circle"}}
+    group["target"] = {"path": "M 0 0 L 1 1 Z", "bbox": {"x_min": 0, "y_min": 0, "x_max": 1, "y_max": 1}}
+    with pytest.raises(SkillNotSupportedError, match="groups.0: this model cannot segment"):
+        parse_group(group, lambda x: x, tiny.cfg, "groups.0")  # fine-tuning refuses it before teaching anything
 
 
 def test_svg_path_tokens_become_a_bbox_relative_path():
@@ -185,6 +191,30 @@ def test_official_client_against_a_moondream3_server(md3_server, tiny3, images):
     items = list(client.segment(image, "circle", stream=True, settings=greedy))
     assert items[-1] == {"path": whole["path"], "bbox": whole.get("bbox"), "completed": True}
     assert "".join(i["chunk"] for i in items if "chunk" in i) == whole["path"]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"object": ["circle"]},
+        {"object": {"name": "circle"}},
+        {"object": 7},
+        {"object": "  "},
+        {},
+        {"object": "circle", "spatial_refs": [[1.5, 0.5]]},
+        {"object": "circle", "spatial_refs": [[0.5]]},
+        {"object": "circle", "spatial_refs": [[0.6, 0.6, 0.2, 0.2]]},
+        {"object": "circle", "stream": "yes"},
+        {"object": "circle", "settings": {"max_tokens": 0}},
+    ],
+)
+def test_bad_segment_requests_get_a_400_naming_the_field(md3_server, images, bad):
+    url = "data:image/png;base64," + base64.b64encode(_png(Image.fromarray(images[0]))).decode()
+    for stream in (False, True):
+        body = {"image_url": url, "stream": stream} | bad
+        r = httpx.post(md3_server + "/v1/segment", json=body, timeout=60)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["message"]
 
 
 def test_finetuning_a_moondream3_through_the_official_client(md3_server, images):

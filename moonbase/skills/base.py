@@ -168,6 +168,8 @@ class Skill(ABC):
     text_key: str | None = None  # the output field that streams as text
     tunable = True  # the tuning API trains it (SFT targets, rollouts)
 
+    unsupported = ""  # why a model that `supports` refuses cannot run it
+
     def supports(self, cfg: ModelConfig) -> bool:
         """Whether a model with this configuration can run the skill (segment needs a segment template)."""
         return True

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..config import ModelConfig, TokenizerConfig
-from ..errors import SettingsError, SkillNotSupportedError, TuningError
+from ..errors import SettingsError, TuningError
 from ..metrics import box_mask, mask_iou, path_mask
 from ..model import region
 from ..tokenizer import Tokenizer
@@ -156,14 +156,13 @@ class Segment(Skill):
     name, arg = "segment", "object"
     takes_spatial_refs = True
     greedy = True
+    unsupported = "it has no segmentation head (no segment template; Moondream 2 does not segment)"
 
     def supports(self, cfg: ModelConfig) -> bool:
         return bool(cfg.tokenizer.segment_prefix)
 
     def prompt(self, req: SkillRequest, tokenizer: Tokenizer) -> Prompt:
         tok = tokenizer.cfg
-        if not tok.segment_prefix:
-            raise SkillNotSupportedError("this model has no segmentation head (Moondream 2 does not segment)")
         if not isinstance(req.object, str) or not req.object.strip():
             raise SettingsError("object must be a non-empty string")
         text = tuple(tokenizer.encode(req.object.strip())) + tok.segment_suffix
