@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-_LAZY = {"VL": "api", "load": "hub", "EncodedImage": "model.text", "SkillRequest": "skills"}
+_LAZY = {"VL": "api", "load": "hub", "EncodedImage": "model.text", "SkillRequest": "skills", "batch": "jobs"}
 
 
 def vl(

@@ -16,6 +16,7 @@ from typing import Any
 from .errors import MoonbaseError
 from .finetune.cli import DEFAULT_STORE
 from .finetune.cli import add_parser as add_finetune_parser
+from .jobs.cli import add_parser as add_batch_parser
 
 NOTES = {
     "tiny-random": "note: tiny-random is a randomly initialized model for tests; its answers are meaningless "
@@ -308,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_serve)
 
     add_finetune_parser(sub, _model_args)
+
+    add_batch_parser(sub, _model_args)
 
     p = sub.add_parser("eval", help="evaluate a model on a held-out synthetic suite")
     p.add_argument("--suite", default="synthetic", choices=("synthetic",))
