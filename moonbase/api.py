@@ -131,6 +131,24 @@ class VL:
         finally:
             self._scopes.current = previous
 
+    def video(
+        self,
+        source: str | int,
+        tasks: list[SkillRequest],
+        every: float | None = None,
+        fps: float | None = None,
+        keyframes: bool = False,
+        settings: dict[str, Any] | None = None,
+        stats: Any = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Timeline rows `{"t", "frame", "task", "result"}` in time order: `tasks` (request templates without an
+        image, e.g. `SkillRequest("detect", None, object="car")`) on frames of a video file, stream URL or webcam
+        index, sampled one every `every` seconds (default 1), `fps` a second, or at every keyframe (PyAV)."""
+        from .jobs.video import Sampling, run_video
+
+        sampling = Sampling(every if every or fps or keyframes else 1.0, fps, keyframes)
+        return run_video(self, source, tuple(tasks), sampling, settings, progress=False, stats=stats)
+
     # --- the client's methods -----------------------------------------------------------------------
 
     def encode_image(self, image: ImageInput | EncodedImage, settings: dict[str, Any] | None = None) -> EncodedImage:

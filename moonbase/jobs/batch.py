@@ -71,7 +71,7 @@ def run_batch(
                 if len(in_flight) >= concurrency:
                     finished, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
                     yield from _collect(finished, journal, bar)
-                in_flight.add(pool.submit(_run_item, vl, item, todo, settings or {}))
+                in_flight.add(pool.submit(run_item, vl, item.key, item.source, todo, settings or {}))
             while in_flight:
                 finished, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
                 yield from _collect(finished, journal, bar)
@@ -94,21 +94,22 @@ def _collect_rows(rows: list[Row], journal: Journal | None, bar: tqdm) -> Iterat
     bar.update(1)
 
 
-def _run_item(vl, item: Item, reqs: list[SkillRequest], settings: dict[str, Any]) -> list[Row]:
+def run_item(vl, key: str, source: Any, reqs: list[SkillRequest], settings: dict[str, Any]) -> list[Row]:
+    """One image's rows: its tasks one after the other (the first prefills the image, the rest reuse it)."""
     labels = [task_label(r) for r in reqs]
-    if isinstance(item.source, Exception):
-        return [_error(item.key, label, item.source) for label in labels]
+    if isinstance(source, Exception):
+        return [_error(key, label, source) for label in labels]
     try:
-        image = load_image(item.source, vl.limits.max_pixels)
+        image = load_image(source, vl.limits.max_pixels)
     except (OSError, ValueError) as e:  # ImageError is a ValueError
-        return [_error(item.key, label, e) for label in labels]
+        return [_error(key, label, e) for label in labels]
     rows = []
     for req, label in zip(reqs, labels, strict=True):
         req = SkillRequest(req.skill, image, **_fields(req), settings=settings | req.settings_dict)
         try:
-            rows.append({"image": item.key, "task": label, "result": vl.run(req)})
+            rows.append({"image": key, "task": label, "result": vl.run(req)})
         except Exception as e:  # one failed task is one error row; the job goes on
-            rows.append(_error(item.key, label, e))
+            rows.append(_error(key, label, e))
     return rows
 
 

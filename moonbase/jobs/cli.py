@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -18,19 +19,56 @@ def add_parser(sub, model_args: Callable[[argparse.ArgumentParser], None]) -> No
     )
     p.add_argument("input", help="a folder, a glob ('imgs/*.jpg'), a .txt of paths, a .jsonl of requests, a .parquet")
     p.add_argument("-o", "--output", help="output .jsonl or .parquet (default: JSONL rows on stdout, not resumable)")
-    tasks = p.add_argument_group("tasks", "applied to every image, in this order (repeat a flag for several)")
+    _task_args(p, "image")
+    p.add_argument("--image-column", help="Parquet: the column of image paths or bytes (default: image, image_path, ...)")
+    p.add_argument("--concurrency", type=int, default=32, help="images in flight at once (default 32)")
+    model_args(p)
+    p.set_defaults(fn=cmd_batch)
+
+    p = sub.add_parser(
+        "video",
+        help="run tasks on sampled frames of a video file or live source; JSONL timeline, annotated video",
+        description="Decode with PyAV, sample frames, run every task on each (a frame's tasks share its image prefix).",
+    )
+    p.add_argument("input", nargs="?", help="a video file (anything FFmpeg reads)")
+    p.add_argument("--source", help="a live source instead: a stream URL (rtsp://...) or a webcam index (0)")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--every", type=_seconds, metavar="SECONDS", help="one frame every SECONDS (0.5 or 0.5s; default 1s)")
+    when.add_argument("--fps", type=float, help="this many frames a second")
+    when.add_argument("--keyframes", action="store_true", help="every keyframe (fast: the other frames are not decoded)")
+    p.add_argument("-o", "--output", help="the timeline as JSONL (default: stdout)")
+    p.add_argument("--draw", metavar="OUT.mp4", help="write the video with each frame's latest results drawn (files only)")
+    p.add_argument("--summary", metavar="PATH", help="write the per-task summary (first and last seen) as JSON")
+    _task_args(p, "frame")
+    p.add_argument("--concurrency", type=int, default=8, help="frames in flight at once (default 8)")
+    model_args(p)
+    p.set_defaults(fn=cmd_video)
+
+
+def _task_args(p: argparse.ArgumentParser, what: str) -> None:
+    tasks = p.add_argument_group("tasks", f"applied to every {what}, in this order (repeat a flag for several)")
     tasks.add_argument("--caption", action="append", default=[], nargs="?", const="normal", metavar="LENGTH")
     tasks.add_argument("--query", action="append", default=[], metavar="QUESTION")
     tasks.add_argument("--detect", action="append", default=[], metavar="OBJECT")
     tasks.add_argument("--point", action="append", default=[], metavar="OBJECT")
     tasks.add_argument("--segment", action="append", default=[], metavar="OBJECT")
-    p.add_argument("--image-column", help="Parquet: the column of image paths or bytes (default: image, image_path, ...)")
-    p.add_argument("--concurrency", type=int, default=32, help="images in flight at once (default 32)")
     p.add_argument("--temperature", type=float)
     p.add_argument("--max-tokens", type=int)
     p.add_argument("--max-objects", type=int)
-    model_args(p)
-    p.set_defaults(fn=cmd_batch)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text.removesuffix("s"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds like 0.5 or 0.5s, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _settings(a: argparse.Namespace) -> dict:
+    return {k: v for k in ("temperature", "max_tokens", "max_objects") if (v := getattr(a, k)) is not None}
 
 
 def cmd_batch(a: argparse.Namespace) -> int:
@@ -46,7 +84,7 @@ def cmd_batch(a: argparse.Namespace) -> int:
         raise SettingsError("no task: give --caption, --query, --detect, --point or --segment")
     if total == 0:
         raise SettingsError(f"no images in {a.input}")
-    settings = {k: v for k in ("temperature", "max_tokens", "max_objects") if (v := getattr(a, k)) is not None}
+    settings = _settings(a)
     vl = vl_from_args(a)
     journal = Journal(a.output) if a.output else None
     skipped = len(journal.done) if journal else 0
@@ -64,3 +102,35 @@ def cmd_batch(a: argparse.Namespace) -> int:
     summary = counts | {"skipped_done": skipped, "images": total, "seconds": round(seconds, 1)}
     print(json.dumps(summary), file=sys.stderr)
     return 1 if counts["rows"] and counts["rows"] == counts["errors"] else 0  # non-zero only if nothing could run
+
+
+def cmd_video(a: argparse.Namespace) -> int:
+    from ..atomic import atomic_path
+    from ..cli import vl_from_args
+    from ..errors import SettingsError
+    from .batch import parse_tasks
+    from .video import Sampling, Stats, draw_video, run_video
+
+    if (a.input is None) == (a.source is None):
+        raise SettingsError("give a video file or --source (not both)")
+    if a.draw and a.source is not None:
+        raise SettingsError("--draw needs a video file (a live source is not read twice)")
+    source = a.input if a.source is None else a.source
+    sampling = Sampling(every=a.every, fps=a.fps, keyframes=a.keyframes) if a.every or a.fps or a.keyframes else Sampling(1.0)
+    tasks = parse_tasks(a.caption, a.query, a.detect, a.point, a.segment)
+    stats, timeline = Stats(), []
+    rows = run_video(vl_from_args(a), source, tasks, sampling, _settings(a), a.concurrency, stats=stats)
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(open(stack.enter_context(atomic_path(a.output)), "w")) if a.output else sys.stdout
+        for row in rows:
+            timeline.append(row)
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            out.flush()
+    summary = {"frames": stats.sampled, "dropped": stats.dropped, "tasks": stats.seen}
+    if a.draw:
+        summary["drawn_frames"] = draw_video(source, timeline, a.draw)
+    if a.summary:
+        with atomic_path(a.summary) as tmp:
+            tmp.write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary), file=sys.stderr)
+    return 0 if stats.sampled else 1
