@@ -67,13 +67,19 @@ def _settings(a: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(a, k) for k in keys if getattr(a, k, None) is not None}
 
 
+def engine_args(a: argparse.Namespace) -> dict[str, Any]:
+    """The command line's device, dtype and engine knobs, as `moonbase.vl` keywords (Ray actors and replicas
+    load their own model with them)."""
+    knobs = dict(device=a.device, dtype=a.dtype, kv_memory_mb=a.kv_memory, prefix_cache_mb=a.prefix_cache)
+    knobs |= dict(max_batch=a.max_batch, max_step_tokens=a.max_step_tokens, max_crops=a.max_crops)
+    return knobs | dict(pipeline=a.pipeline, int8_decode=a.int8_decode)
+
+
 def vl_from_args(a: argparse.Namespace):
     """The model the command line names, with its engine knobs."""
     from . import vl
 
-    knobs = dict(kv_memory_mb=a.kv_memory, prefix_cache_mb=a.prefix_cache, max_batch=a.max_batch)
-    knobs |= dict(max_step_tokens=a.max_step_tokens, max_crops=a.max_crops, pipeline=a.pipeline, int8_decode=a.int8_decode)
-    model = vl(a.model, a.device, a.dtype, **knobs)
+    model = vl(a.model, **engine_args(a))
     if model.model.name in NOTES:
         print(NOTES[model.model.name], file=sys.stderr)
     return model
@@ -217,9 +223,8 @@ def cmd_pull(a: argparse.Namespace) -> int:
 def cmd_serve(a: argparse.Namespace) -> int:
     from .finetune.store import FinetuneStore
     from .server.app import ServerConfig
-    from .server.run import serve
+    from .server.run import DEFAULT_PORT, serve
 
-    vl = vl_from_args(a)
     cfg = ServerConfig(
         allow_remote_images=a.allow_remote_images,
         allow_file_images=a.allow_file_images,
@@ -229,6 +234,13 @@ def cmd_serve(a: argparse.Namespace) -> int:
         max_in_flight=a.max_in_flight,
         timeout_s=a.timeout,
     )
+    if a.ray:
+        from .server.ray_serve import serve_ray
+
+        address = None if a.ray == "local" else a.ray
+        serve_ray(a.model, engine_args(a), cfg, a.host, a.port or DEFAULT_PORT, a.replicas, address)
+        return 0
+    vl = vl_from_args(a)
     serve(vl, vl.model.name, a.host, a.port, cfg, None if a.finetunes == "none" else FinetuneStore(a.finetunes))
     return 0
 
@@ -305,6 +317,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-in-flight", type=int, default=256, help="more concurrent requests get 429")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request before 504")
     p.add_argument("--finetunes", default=DEFAULT_STORE, help="finetune store for /v1/tuning (default %(default)s; none = off)")
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="deploy as a Ray Serve application (a local Ray instance, or the cluster at ADDRESS); no tuning API",
+    )
+    p.add_argument("--replicas", type=_positive, help="with --ray: model replicas (default: one per GPU, else one)")
     _model_args(p)
     p.set_defaults(fn=cmd_serve)
 

@@ -151,3 +151,20 @@ def test_journal_cuts_a_torn_line(tmp_path):
         assert j.done == {("a", "t")}
         j.write({"image": "b", "task": "t", "result": 2})
     assert _rows(path) == [{"image": "a", "task": "t", "result": 1}, {"image": "b", "task": "t", "result": 2}]
+
+
+@pytest.fixture
+def local_ray():
+    ray = pytest.importorskip("ray", reason="Ray is an optional extra (moonbase[ray]); the test extras install it")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_the_same_job_on_a_local_ray_cluster_gives_the_same_rows(folder, clean_run, tmp_path, local_ray):
+    out = tmp_path / "ray.jsonl"
+    argv = ["batch", str(folder), "--caption", "short", "--detect", "circle", "-o", str(out), "--model", "nano", "--ray"]
+    assert main(argv + ["--concurrency", "16"]) == 0
+    rows = _rows(out)
+    assert sorted(rows, key=lambda r: (r["image"], r["task"])) == sorted(clean_run, key=lambda r: (r["image"], r["task"]))
+    assert main(argv) == 0 and len(_rows(out)) == len(rows)  # resumable the same way: a rerun has nothing left to do

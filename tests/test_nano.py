@@ -98,3 +98,30 @@ def test_tiny_smoke_run_with_segment_tasks(tmp_path):
     )
     m = load_dir(train(args))
     assert m.cfg.tokenizer.segment_prefix and "segment" in [n for n, k in REGISTRY.items() if k.supports(m.cfg)]
+
+
+def _client_segment_iou(model: str, tmp_path) -> list[float]:
+    """`moonbase serve --model MODEL` in its own process; the official client segments one shape of the demo's
+    sample scene (not streamed, then streamed); the mask IoU of each returned path against the true outline."""
+    import moondream as md
+
+    from moonbase.data.shapes import outline_in, render_scene
+    from moonbase.metrics import mask_iou, path_mask
+
+    from .serving import serve_processes
+
+    scene = render_scene(seed=7, n_objects=4, size=(384, 384))  # the README's first command renders this scene
+    shape = next(s for s in scene.shapes if s.kind == "circle")
+    true = path_mask(outline_in(shape.kind, shape.box), *scene.image.size)
+    with serve_processes([[]], tmp_path, 24040, model=model) as (url,):
+        client = md.vl(endpoint=url + "/v1")
+        whole = client.segment(scene.image, shape.label)
+        items = list(client.segment(scene.image, shape.label, stream=True))
+    assert items[0] == {"bbox": whole["bbox"]} and items[-1] == {"path": whole["path"], "bbox": whole["bbox"], "completed": True}
+    assert "".join(i["chunk"] for i in items if "chunk" in i) == whole["path"]
+    return [mask_iou(path_mask(r["path"], *scene.image.size), true) for r in (whole, items[-1])]
+
+
+@pytest.mark.skipif(not (ASSETS / "nano" / "model.safetensors").is_file(), reason="nano weights not built into this checkout")
+def test_the_official_client_segments_a_shape_with_nano(tmp_path):
+    assert min(_client_segment_iou("nano", tmp_path)) >= 0.7

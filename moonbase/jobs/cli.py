@@ -21,7 +21,15 @@ def add_parser(sub, model_args: Callable[[argparse.ArgumentParser], None]) -> No
     p.add_argument("-o", "--output", help="output .jsonl or .parquet (default: JSONL rows on stdout, not resumable)")
     _task_args(p, "image")
     p.add_argument("--image-column", help="Parquet: the column of image paths or bytes (default: image, image_path, ...)")
-    p.add_argument("--concurrency", type=int, default=32, help="images in flight at once (default 32)")
+    p.add_argument("--concurrency", type=int, default=32, help="images in flight at once (default 32; with --ray: per actor)")
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="run as a Ray Data pipeline: on a local Ray instance, or the cluster at ADDRESS (ray://head:10001, auto)",
+    )
+    p.add_argument("--actors", type=int, help="with --ray: engines (default: one per GPU, else one)")
     model_args(p)
     p.set_defaults(fn=cmd_batch)
 
@@ -85,12 +93,22 @@ def cmd_batch(a: argparse.Namespace) -> int:
     if total == 0:
         raise SettingsError(f"no images in {a.input}")
     settings = _settings(a)
-    vl = vl_from_args(a)
     journal = Journal(a.output) if a.output else None
     skipped = len(journal.done) if journal else 0
     counts, t0 = {"rows": 0, "errors": 0}, time.perf_counter()
+    items = read_inputs(a.input, a.image_column)
+    if a.ray:
+        from ..cli import engine_args
+        from .distributed import run_batch_ray
+
+        address = None if a.ray == "local" else a.ray
+        rows = run_batch_ray(
+            items, tasks, a.model, engine_args(a), journal, settings, address, a.actors, a.concurrency, total=total
+        )
+    else:
+        rows = run_batch(vl_from_args(a), items, tasks, journal, settings, a.concurrency, total=total)
     try:
-        for row in run_batch(vl, read_inputs(a.input, a.image_column), tasks, journal, settings, a.concurrency, total=total):
+        for row in rows:
             counts["rows"] += 1
             counts["errors"] += "error" in row
             if journal is None:

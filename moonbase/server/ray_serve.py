@@ -1,0 +1,59 @@
+"""`moonbase serve --ray`: the same HTTP API as a Ray Serve application, one model and engine per replica.
+
+Ray Serve's proxy spreads requests over the replicas (each batches its own concurrent requests); the routes,
+errors and streaming are the single-process server's, since each replica builds the same ASGI app. The
+tuning API is not served here: a finetune trains in one process, and replicas do not share one."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import SettingsError
+from .app import ServerConfig, create_app
+from .models import ServedModels
+
+
+def app_builder(model: str | None, engine: dict[str, Any], cfg: ServerConfig) -> Callable[[], Any]:
+    """What each replica runs when it starts: load the model, build the app."""
+
+    def build() -> Any:
+        import moonbase
+
+        vl = moonbase.vl(model, **engine)
+        return create_app(ServedModels({vl.model.name: vl}, vl.model.name), cfg)
+
+    return build
+
+
+def serve_ray(
+    model: str | None,
+    engine: dict[str, Any],
+    cfg: ServerConfig,
+    host: str,
+    port: int,
+    replicas: int | None = None,
+    address: str | None = None,
+    blocking: bool = True,
+) -> None:
+    """Deploy on the Ray cluster at `address` (a local instance when None): `replicas` copies (default: one
+    per GPU, else one), each with one GPU when the cluster has them."""
+    try:
+        import ray
+        from ray import serve
+    except ImportError as e:
+        raise SettingsError("serve --ray needs Ray Serve: pip install 'moonbase[ray]'") from e
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    replicas = replicas or max(gpus, 1)
+    serve.start(http_options={"host": host, "port": port})
+    deployment = serve.deployment(
+        serve.ingress(app_builder(model, engine, cfg))(),
+        name="moonbase",
+        num_replicas=replicas,
+        ray_actor_options={"num_gpus": 1 if gpus else 0, "num_cpus": 0 if gpus else 1},
+    )
+    print(f"moonbase on Ray Serve: {replicas} replica(s) on http://{host}:{port}/v1", file=sys.stderr)
+    serve.run(deployment.bind(), name="moonbase", route_prefix="/", blocking=blocking)
