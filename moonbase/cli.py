@@ -241,7 +241,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         serve_ray(a.model, engine_args(a), cfg, a.host, a.port or DEFAULT_PORT, a.replicas, address)
         return 0
     vl = vl_from_args(a)
-    serve(vl, vl.model.name, a.host, a.port, cfg, None if a.finetunes == "none" else FinetuneStore(a.finetunes))
+    finetunes = None if a.finetunes == "none" else FinetuneStore(a.finetunes)
+    serve(vl, vl.model.name, a.host, a.port, cfg, finetunes, a.root_path)
     return 0
 
 
@@ -317,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-in-flight", type=int, default=256, help="more concurrent requests get 429")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request before 504")
     p.add_argument("--finetunes", default=DEFAULT_STORE, help="finetune store for /v1/tuning (default %(default)s; none = off)")
+    p.add_argument("--root-path", default="", help="the path prefix a reverse proxy serves moonbase under (e.g. /moonbase)")
     p.add_argument(
         "--ray",
         nargs="?",

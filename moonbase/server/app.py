@@ -32,6 +32,7 @@ from .gate import Gate
 from .images import decode_image_url
 from .models import Selection, ServedModels, checked_adapter
 from .ops import add_ops_routes
+from .page import add_page_routes
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,8 @@ def create_app(served: ServedModels, cfg: ServerConfig = ServerConfig(), finetun
 
         base = served.models[served.default]
         add_tuning_routes(app, TuningService(base, finetunes, served.default, image_of, timeout=cfg.timeout_s))
+
+    add_page_routes(app)
 
     @app.get("/health")
     def health() -> dict[str, Any]:

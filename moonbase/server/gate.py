@@ -17,6 +17,12 @@ from .errors import error_response, exception_response
 access_log = logging.getLogger("moonbase.access")
 
 
+def route_path(scope: Scope) -> str:
+    """The path the routes see: behind `--root-path` servers put the prefix in front of the request's path."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
 class Gate:
     def __init__(self, app: ASGIApp, api_key: str | None, max_body: int, max_in_flight: int):
         self.app, self.api_key, self.max_body, self.max_in_flight = app, api_key, max_body, max_in_flight
@@ -25,7 +31,7 @@ class Gate:
         self._lock = threading.Lock()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http" or not route_path(scope).startswith("/v1/"):
             await self.app(scope, receive, send)
             return
         started = [False]
@@ -58,7 +64,7 @@ class Gate:
                 self.in_flight -= 1
 
     def _counted(self, scope: Scope, send: Send, started: list[bool]) -> Send:
-        path, start = scope["path"], time.perf_counter()
+        path, start = route_path(scope), time.perf_counter()
         client = (scope.get("client") or ("-", 0))[0]
 
         async def wrapped(message: Message) -> None:

@@ -31,17 +31,26 @@ def free_port(host: str, start: int, tries: int = 50) -> int:
 
 
 def serve(
-    vl: VL, name: str, host: str = "127.0.0.1", port: int | None = None, cfg: ServerConfig = ServerConfig(), finetunes=None
+    vl: VL,
+    name: str,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    cfg: ServerConfig = ServerConfig(),
+    finetunes=None,
+    root_path: str = "",
 ) -> None:
+    """`root_path`: the path prefix a reverse proxy serves the app under (and strips before forwarding)."""
     chosen = port if port is not None else free_port(host, DEFAULT_PORT)
     if port is None and chosen != DEFAULT_PORT:
         print(f"port {DEFAULT_PORT} is busy; using {chosen}", file=sys.stderr)
     app = create_app(ServedModels({name: vl}, name), cfg, finetunes)
-    print(f"moonbase serving {name} on http://{host}:{chosen}/v1", file=sys.stderr)
+    print(f"moonbase serving {name} on http://{host}:{chosen}/v1 (playground: http://{host}:{chosen}/)", file=sys.stderr)
     print(f"engine: {json.dumps(vl.engine.effective_config)}", file=sys.stderr)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s access %(message)s"))
     access_log.addHandler(handler)  # one JSON line per request
     access_log.setLevel(logging.INFO)
     access_log.propagate = False
-    uvicorn.run(app, host=host, port=chosen, log_level="info", access_log=False, timeout_graceful_shutdown=30)
+    uvicorn.run(
+        app, host=host, port=chosen, root_path=root_path, log_level="info", access_log=False, timeout_graceful_shutdown=30
+    )
