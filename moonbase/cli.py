@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MoonbaseError
+from .eval.cli import add_parser as add_eval_parser
 from .finetune.cli import DEFAULT_STORE
 from .finetune.cli import add_parser as add_finetune_parser
 from .jobs.cli import add_parser as add_batch_parser
@@ -246,14 +247,6 @@ def cmd_serve(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(a: argparse.Namespace) -> int:
-    from .eval.synthetic import evaluate
-
-    result = evaluate(vl_from_args(a), a.seed, a.scenes, a.captchas, a.texts, progress=not a.json)
-    print(json.dumps(result, indent=None if a.json else 2))
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moonbase", description="Run Moondream vision-language models locally.")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -334,13 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_batch_parser(sub, _model_args)
 
-    p = sub.add_parser("eval", help="evaluate a model on a held-out synthetic suite")
-    p.add_argument("--suite", default="synthetic", choices=("synthetic",))
-    for flag, default in (("--seed", 1), ("--scenes", 150), ("--captchas", 60), ("--texts", 60)):
-        p.add_argument(flag, type=int, default=default)
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    _model_args(p)
-    p.set_defaults(fn=cmd_eval)
+    add_eval_parser(sub, _model_args)
 
     sub.add_parser("bench", help="engine throughput and latency vs the single-request path (see bench --help)")
 
