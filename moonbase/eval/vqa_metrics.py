@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from rapidfuzz.distance import Levenshtein
+from ..errors import SettingsError
 
 ANLS_TAU = 0.5
 RELAXED_TOLERANCE = 0.05
@@ -36,6 +36,10 @@ def relaxed_accuracy(prediction: str, target: str, tolerance: float = RELAXED_TO
 
 
 def anls(prediction: str, answers: list[str], tau: float = ANLS_TAU) -> float:
+    try:
+        from rapidfuzz.distance import Levenshtein
+    except ImportError as e:
+        raise SettingsError("ANLS needs rapidfuzz: pip install 'moonbase[eval]'") from e
     best = 0.0
     p = prediction.strip().lower()
     for answer in answers:
