@@ -259,3 +259,37 @@ def test_rollouts_sent_back_edited_are_refused(tiny):
             parse_rollout(get("detect"), ok | edit, tiny.cfg)
     with pytest.raises(TuningError, match="token ids"):
         parse_rollout(get("query"), {"answer_tokens": [tiny.cfg.text.vocab_size]}, tiny.cfg)
+
+
+def test_the_walkthrough_jsonl_and_coco_annotations_load(tmp_path, image):
+    from PIL import Image
+
+    from moonbase.finetune.data import load_coco
+
+    Image.fromarray(image).save(tmp_path / "a.png")
+    rows = [{"image_path": "a.png", "prompt": "What is it?", "response": "a star"}]
+    (tmp_path / "walk.jsonl").write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[0] | {"image": "a.png"}) + "\n")
+    with pytest.raises(TuningError, match="walk.jsonl:2: give image or image_path, not both"):
+        load_jsonl(tmp_path / "walk.jsonl")
+    (tmp_path / "walk.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    (example,) = load_jsonl(tmp_path / "walk.jsonl")
+    assert example.request.skill.name == "query" and example.request.question == "What is it?"
+    assert example.target.answer == "a star" and example.row == rows[0]  # a reward function sees the row as given
+    h, w = image.shape[:2]
+    coco = {
+        "images": [{"id": 7, "file_name": "a.png", "width": w, "height": h}],
+        "categories": [{"id": 1, "name": "star"}, {"id": 2, "name": "moon"}],
+        "annotations": [
+            {"id": 1, "image_id": 7, "category_id": 1, "bbox": [0, 0, w / 2, h / 4], "iscrowd": 0},
+            {"id": 2, "image_id": 7, "category_id": 1, "bbox": [w / 2, h / 2, w / 4, h / 4], "iscrowd": 0},
+            {"id": 3, "image_id": 7, "category_id": 2, "bbox": [0, 0, w, h], "iscrowd": 1},  # crowd: left out
+        ],
+    }
+    (tmp_path / "instances.json").write_text(json.dumps(coco))
+    (example,) = load_coco(tmp_path / "instances.json", tmp_path)
+    assert example.request.skill.name == "detect" and example.request.object == "star"
+    assert example.target.boxes == ((0.0, 0.0, 0.5, 0.25), (0.5, 0.5, 0.75, 0.75))
+    coco["annotations"][0]["image_id"] = 8
+    (tmp_path / "instances.json").write_text(json.dumps(coco))
+    with pytest.raises(TuningError, match="annotations\\[0\\] names an image or category"):
+        load_coco(tmp_path / "instances.json", tmp_path)

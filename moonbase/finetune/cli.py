@@ -18,7 +18,9 @@ def add_parser(sub, model_args) -> None:
     fsub = p.add_subparsers(dest="finetune_command", required=True)
     for mode in ("sft", "rl"):
         q = fsub.add_parser(mode, help=f"{'supervised' if mode == 'sft' else 'reinforcement (GRPO)'} fine-tuning from JSONL")
-        q.add_argument("data", help="JSONL file (see docs/finetuning.md for the row format)")
+        q.add_argument("data", nargs="?", help="JSONL file (see docs/finetuning.md for the row format)")
+        q.add_argument("--coco", metavar="instances.json", help="COCO detection annotations as detect data (with --images)")
+        q.add_argument("--images", metavar="DIR", help="the folder of the images the COCO annotations name")
         q.add_argument("--name", default=None, help="finetune name (default: the data file's stem); an existing one resumes")
         q.add_argument("--rank", type=int, default=16, choices=(8, 16, 24, 32))
         q.add_argument("--steps", type=int, default=None, help="train steps (default: one epoch)")
@@ -61,16 +63,19 @@ def _service(a: argparse.Namespace):
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from .data import load_jsonl
+    from ..errors import TuningError
+    from .data import load_coco, load_jsonl
     from .rewards import load_reward
     from .run import RunConfig, fine_tune
 
-    examples = load_jsonl(a.data)
+    if (a.data is None) == (a.coco is None) or (a.coco is not None) != (a.images is not None):
+        raise TuningError("give a JSONL data file, or --coco instances.json with --images DIR")
+    examples = load_jsonl(a.data) if a.data else load_coco(a.coco, a.images)
     reward = load_reward(a.reward) if getattr(a, "reward", None) else None
     options = {"targets": a.targets.split(","), "train_region": a.train_region, "train_vision": a.train_vision}
     rl = {"rollouts": a.rollouts, "temperature": a.temperature, "kl_coef": a.kl} if a.mode == "rl" else {}
     cfg = RunConfig(a.mode, a.rank, a.steps, a.batch, a.lr, a.held_out, options=tuple(options.items()), seed=a.seed, **rl)
-    print(json.dumps(fine_tune(_service(a), a.name or Path(a.data).stem, examples, cfg, reward)))
+    print(json.dumps(fine_tune(_service(a), a.name or Path(a.data or a.coco).stem, examples, cfg, reward)))
     return 0
 
 
