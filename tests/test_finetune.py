@@ -293,3 +293,53 @@ def test_the_walkthrough_jsonl_and_coco_annotations_load(tmp_path, image):
     (tmp_path / "instances.json").write_text(json.dumps(coco))
     with pytest.raises(TuningError, match="annotations\\[0\\] names an image or category"):
         load_coco(tmp_path / "instances.json", tmp_path)
+
+
+def test_full_fine_tuning_of_nano_on_the_walkthrough_jsonl_saves_a_model_that_answers_as_taught(tmp_path, capsys):
+    from moonbase.cli import main
+    from moonbase.data.shapes import render_scene
+
+    rows = []
+    for i in range(4):
+        render_scene(300 + i).image.save(tmp_path / f"{i}.png")
+        rows.append({"image_path": f"{i}.png", "prompt": "What is the secret word?", "response": "zebra"})
+    (tmp_path / "walk.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ask = ["query", str(tmp_path / "0.png"), "What is the secret word?", "--temperature", "0", "--max-tokens", "8"]
+    assert main([*ask, "--model", "nano"]) == 0
+    assert json.loads(capsys.readouterr().out)["answer"] != "zebra"
+    run = tmp_path / "run"
+    argv = ["finetune", "sft", str(tmp_path / "walk.jsonl"), "--full", "--out", str(run), "--model", "nano"]
+    assert (
+        main(argv + ["--steps", "24", "--batch", "2", "--grad-accum", "2", "--lr", "1e-3", "--store", str(tmp_path / "s")]) == 0
+    )
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["model"] == str(run / "model")
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 24 and log[-1]["loss"] < 0.25 * log[0]["loss"]  # it overfits the tiny set
+    assert {p.name for p in (run / "model").iterdir()} >= {"model.safetensors", "config.json", "tokenizer.json"}
+    assert main([*ask, "--model", str(run / "model")]) == 0
+    assert json.loads(capsys.readouterr().out)["answer"] == "zebra"  # loaded as any model directory
+    assert (
+        main(argv + ["--steps", "24", "--batch", "2", "--grad-accum", "2", "--lr", "1e-3", "--store", str(tmp_path / "s")]) == 0
+    )
+    assert len((run / "train_log.jsonl").read_text().splitlines()) == 24  # a rerun finds the run finished (resumes)
+
+
+def test_region_only_fine_tuning_trains_only_the_region_head(tmp_path, image):
+    from moonbase.finetune.data import from_iterable
+    from moonbase.finetune.full import FullConfig, Scope, fine_tune_full
+    from moonbase.hub import load_dir, nano
+
+    base = nano()
+    rows = [{"image": image, "object": "star", "boxes": [[0.1, 0.1, 0.4, 0.5]]}] * 4
+    out = fine_tune_full(
+        base, from_iterable(rows), tmp_path, FullConfig(Scope.REGION_ONLY, steps=3, batch=2, lr=1e-3, progress=False)
+    )
+    tuned = load_dir(out)
+    changed = {n.split(".")[0] for n, p in tuned.w.named_parameters() if not torch.equal(p, dict(base.w.named_parameters())[n])}
+    assert changed == {"region"}
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert all(r["loss"] == pytest.approx(r["coord"] + r["size"], abs=1e-3) for r in log)  # no token loss
+    with pytest.raises(TuningError, match="detect, point or segment"):
+        fine_tune_full(
+            base, from_iterable([{"image": image, "question": "q", "answer": "a"}]), tmp_path / "q", FullConfig(Scope.REGION_ONLY)
+        )

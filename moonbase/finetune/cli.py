@@ -25,12 +25,23 @@ def add_parser(sub, model_args) -> None:
         q.add_argument("--rank", type=int, default=16, choices=(8, 16, 24, 32))
         q.add_argument("--steps", type=int, default=None, help="train steps (default: one epoch)")
         q.add_argument("--batch", type=int, default=8, help="examples (groups) per step")
-        q.add_argument("--lr", type=float, default=2e-3 if mode == "sft" else 1e-3)
+        q.add_argument(
+            "--lr", type=float, default=None, help=f"default {2e-3 if mode == 'sft' else 1e-3:g} (LoRA), 1e-5 (--full)"
+        )
         q.add_argument("--held-out", type=float, default=0.1, help="fraction (< 1) or count of examples held out for eval")
         q.add_argument("--targets", default="qkv,proj,fc1,fc2", help="LoRA targets (qkv,fc1,fc2 export exactly to PEFT)")
         q.add_argument("--train-region", action="store_true", help="also train the region decoders (detect/point)")
         q.add_argument("--train-vision", action="store_true", help="also train the vision encoder")
         q.add_argument("--seed", type=int, default=0)
+        if mode == "sft":
+            g = q.add_argument_group("full fine-tuning", "the model's own weights instead of a LoRA (docs/finetuning.md)")
+            g.add_argument("--full", action="store_true", help="train the whole text model (and region head for detect/point)")
+            g.add_argument("--region-only", action="store_true", help="train only the region encoders/decoders (coord/size loss)")
+            g.add_argument(
+                "--out", metavar="DIR", help="run directory: checkpoint.pt, train_log.jsonl, model/ (default runs/NAME)"
+            )
+            g.add_argument("--grad-accum", type=int, default=1, help="micro-batches of --batch examples per step")
+            g.add_argument("--epochs", type=int, default=1, help="passes over the data when --steps is not given")
         if mode == "rl":
             q.add_argument("--reward", help="module:function scoring fn(row, output) -> float (default: ground truth)")
             q.add_argument("--rollouts", type=int, default=8, help="rollouts per example")
@@ -71,11 +82,31 @@ def cmd_train(a: argparse.Namespace) -> int:
     if (a.data is None) == (a.coco is None) or (a.coco is not None) != (a.images is not None):
         raise TuningError("give a JSONL data file, or --coco instances.json with --images DIR")
     examples = load_jsonl(a.data) if a.data else load_coco(a.coco, a.images)
+    name = a.name or Path(a.data or a.coco).stem
+    if getattr(a, "full", False) or getattr(a, "region_only", False):
+        return _train_full(a, examples, name)
+    a.lr = a.lr if a.lr is not None else (2e-3 if a.mode == "sft" else 1e-3)
     reward = load_reward(a.reward) if getattr(a, "reward", None) else None
     options = {"targets": a.targets.split(","), "train_region": a.train_region, "train_vision": a.train_vision}
     rl = {"rollouts": a.rollouts, "temperature": a.temperature, "kl_coef": a.kl} if a.mode == "rl" else {}
     cfg = RunConfig(a.mode, a.rank, a.steps, a.batch, a.lr, a.held_out, options=tuple(options.items()), seed=a.seed, **rl)
-    print(json.dumps(fine_tune(_service(a), a.name or Path(a.data or a.coco).stem, examples, cfg, reward)))
+    print(json.dumps(fine_tune(_service(a), name, examples, cfg, reward)))
+    return 0
+
+
+def _train_full(a: argparse.Namespace, examples, name: str) -> int:
+    from ..cli import vl_from_args
+    from ..errors import TuningError
+    from .full import FullConfig, Scope, fine_tune_full
+
+    if a.full and a.region_only:
+        raise TuningError("--full and --region-only are two different runs: give one")
+    scope = Scope.REGION_ONLY if a.region_only else Scope.FULL
+    train_region = True if a.train_region else None
+    cfg = FullConfig(scope, a.steps, a.epochs, a.batch, a.grad_accum, a.lr or 1e-5, train_vision=a.train_vision,
+                     train_region=train_region, seed=a.seed)  # fmt: skip
+    model = fine_tune_full(vl_from_args(a).model, examples, a.out or Path("runs") / name, cfg)
+    print(json.dumps({"model": str(model), "examples": len(examples), "scope": scope.value}))
     return 0
 
 
