@@ -10,7 +10,9 @@ Examples are taught exactly as LoRA SFT teaches them (`Skill.teach`, packed by t
 train/losses.py); gradients accumulate over `grad_accum` micro-batches of `batch` examples; AdamW with a
 linear warm-up and cosine decay; gradient clipping at 1.0. The run directory holds `checkpoint.pt` (written
 atomically every `checkpoint_every` steps: a rerun resumes from it) and `train_log.jsonl`; the model
-directory is written (atomically, file by file) at the end. On CUDA the forward runs under bf16 autocast."""
+directory is written (atomically, file by file, in the base's dtype) at the end. Training keeps float32 weights
+and optimizer state (bf16 weights would swallow updates this small); on CUDA the forward runs under bf16
+autocast."""
 
 from __future__ import annotations
 
@@ -82,7 +84,8 @@ def fine_tune_full(base: Moondream, examples: list[LabeledRequest], run_dir: str
     )
     if cfg.scope is Scope.REGION_ONLY and not any(e.request.skill.name in ("detect", "point", "segment") for e in examples):
         raise TuningError("--region-only trains on detect, point or segment examples; the data has none")
-    m = Moondream(base.cfg, copy.deepcopy(base.w), base.tokenizer, base.name)  # the base keeps serving unchanged
+    # a float32 copy: the base keeps serving unchanged, and updates of lr ~1e-5 would vanish in bf16 weights
+    m = Moondream(base.cfg, copy.deepcopy(base.w).float(), base.tokenizer, base.name)
     params = trainable(m.w, cfg, regions)
     for _, p in params:
         p.requires_grad_(True)
@@ -137,7 +140,7 @@ def fine_tune_full(base: Moondream, examples: list[LabeledRequest], run_dir: str
         bar.close()
         log.close()
     m.w.requires_grad_(False)
-    return save_dir(m, run_dir / "model")
+    return save_dir(Moondream(m.cfg, m.w.to(base.dtype), m.tokenizer, m.name), run_dir / "model")  # the base's dtype
 
 
 def _losses(m: Moondream, examples: list[LabeledRequest], cfg: FullConfig) -> dict[str, torch.Tensor]:
