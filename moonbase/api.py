@@ -12,6 +12,7 @@ renders the result."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -50,6 +51,7 @@ class VL:
         clip: bool = True,
     ):
         self.model, self.engine_config, self.limits, self.timeout, self.clip = model, engine_config, limits, timeout, clip
+        self.variant: str | None = None  # the adapter of every request that names none (`--model base/<finetune>@<step>`)
         self._engine = engine
         release_cpu_threads()  # the loading thread's: the engine thread computes from now on
         self._engine_lock = threading.Lock()
@@ -67,6 +69,8 @@ class VL:
     # --- the one request path -----------------------------------------------------------------------
 
     def prepare(self, req: SkillRequest, rollout: bool = False) -> Request:
+        if self.variant is not None and "variant" not in req.settings_dict:
+            req = dataclasses.replace(req, settings=req.settings_dict | {"variant": self.variant})
         return prepare(self.model, req, self.engine.adapters.get, self.limits, rollout)
 
     def submit(self, request: Request) -> Handle:

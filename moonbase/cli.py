@@ -77,10 +77,19 @@ def engine_args(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def vl_from_args(a: argparse.Namespace):
-    """The model the command line names, with its engine knobs."""
+    """The model the command line names, with its engine knobs; `<base>/<finetune_id>@<step>` serves that
+    finetune checkpoint (from $MOONBASE_FINETUNES, default ~/.cache/moonbase/finetunes) on every request."""
     from . import vl
+    from .finetune.store import split_checkpoint
 
-    model = vl(a.model, **engine_args(a))
+    base, checkpoint = split_checkpoint(a.model) if a.model else (a.model, None)
+    model = vl(base, **engine_args(a))
+    if checkpoint is not None:
+        from .finetune.service import TuningService
+        from .finetune.store import FinetuneStore
+
+        TuningService(model, FinetuneStore(os.environ.get("MOONBASE_FINETUNES", DEFAULT_STORE)), model.model.name)
+        model.variant = checkpoint
     if model.model.name in NOTES:
         print(NOTES[model.model.name], file=sys.stderr)
     return model

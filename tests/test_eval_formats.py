@@ -131,3 +131,20 @@ def test_bad_eval_input_names_file_and_line(tmp_path, capsys):
     assert "rows.jsonl:2" in capsys.readouterr().err
     assert main(["eval", "--suite", "coco", "--model", "nano"]) == 2
     assert "--annotations and --images" in capsys.readouterr().err
+
+
+def test_a_finetune_and_its_base_compare_in_two_commands(tmp_path, capsys, monkeypatch):
+    rows = []
+    for i in range(4):
+        render_scene(700 + i).image.save(tmp_path / f"{i}.png")
+        rows.append({"image": f"{i}.png", "question": "What is the secret word?", "answer": "zebra"})
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    store = tmp_path / "store"
+    argv = ["finetune", "sft", str(tmp_path / "rows.jsonl"), "--store", str(store), "--model", "nano"]
+    assert main(argv + ["--steps", "30", "--batch", "4", "--lr", "1e-2", "--held-out", "0"]) == 0
+    model = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["model"]  # nano/<finetune_id>@<step>
+    monkeypatch.setenv("MOONBASE_FINETUNES", str(store))
+    data = ["--suite", "vqa", "--data", str(tmp_path / "rows.jsonl"), "--metric", "exact", "--no-prompt"]
+    assert _eval(data, capsys)["score"] == 0.0
+    assert main(["eval", *data, "--json", "--model", model]) == 0
+    assert json.loads(capsys.readouterr().out)["score"] == 1.0

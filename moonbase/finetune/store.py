@@ -23,6 +23,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -40,6 +41,15 @@ from ..atomic import atomic_path
 from ..errors import FinetuneConflictError, FinetuneNotFoundError, TuningError
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+CHECKPOINT = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}@\d+")  # <finetune_id (a ULID)>@<step>
+
+
+def split_checkpoint(model: str) -> tuple[str, str | None]:
+    """`<base>/<finetune_id>@<step>` -> (base, "<finetune_id>@<step>"); any other name -> (name, None)."""
+    base, _, last = model.rpartition("/")
+    return (base, last) if base and CHECKPOINT.fullmatch(last) else (model, None)
+
+
 crash_at: str | None = None  # tests: SIGKILL this process at the named write point (see `_point`)
 
 

@@ -8,15 +8,14 @@ its choosing, and the refusal says nothing about the filesystem."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..api import VL
 from ..errors import AdapterNotFoundError, ModelNotFoundError, SettingsError
+from ..finetune.store import CHECKPOINT
 
 ALIASES = ("moondream3-preview", "moondream3", "moondream2", "moondream-2", "moondream")
-CHECKPOINT = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}@\d+")  # <finetune_id (a ULID)>@<step>
 
 
 @dataclass(frozen=True)
