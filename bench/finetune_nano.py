@@ -3,6 +3,7 @@ engine-sampled rollouts, checkpoints, and greedy evaluation of the served checkp
 (`model=<base>/<finetune_id>@<step>`). Prints one JSON object per demo.
 
 python bench/finetune_nano.py --demo sft-captcha   # SFT: read digit captchas (nano's baseline is ~0)
+python bench/finetune_nano.py --demo captcha-lora-vs-full   # the walkthrough's captcha experiment: LoRA vs --full
 python bench/finetune_nano.py --demo rl-largest    # RL: "point to the largest shape", rewarded by ground truth
 """
 
@@ -99,6 +100,25 @@ def sft_captcha(svc: TuningService, a: argparse.Namespace) -> dict:
     }
 
 
+def captcha_lora_vs_full(svc: TuningService, a: argparse.Namespace) -> dict:
+    """The same captchas, steps and batch through a LoRA (`--lr`) and a full fine-tune (`--full-lr`), side by side."""
+    from moonbase.finetune.full import FullConfig, fine_tune_full
+    from moonbase.hub import load_dir
+
+    lora = sft_captcha(svc, a)
+    train = [captcha(1_000_000 + i) for i in range(a.train_examples)]
+    held = [captcha(2_000_000 + i) for i in range(a.eval_examples)]
+    cfg = FullConfig(steps=a.steps, batch=a.batch, lr=a.full_lr, train_vision=a.train_vision, progress=False)
+    t0, w0 = time.process_time(), time.perf_counter()
+    with tempfile.TemporaryDirectory() as run:
+        tuned = TuningService(VL(load_dir(fine_tune_full(svc.vl.model, train, run, cfg))), svc.store, "nano")
+        cpu, wall = time.process_time() - t0, time.perf_counter() - w0
+        after = {"exact_match": evaluate(tuned, held, None, max_tokens=8), "char_accuracy": char_accuracy(tuned, held, None)}
+    full = {"settings": {"steps": a.steps, "batch": a.batch, "lr": a.full_lr}, "before": lora["before"], "after": after}
+    full |= {"train_cpu_s": round(cpu, 1), "train_wall_s": round(wall, 1)}
+    return {"demo": "captcha-lora-vs-full", "data": lora["data"], "lora": lora, "full": full}
+
+
 def rl_largest(svc: TuningService, a: argparse.Namespace) -> dict:
     train, held = scenes(3_000_000, a.train_examples), scenes(4_000_000, a.eval_examples)
     fid = svc.create("largest-rl", a.rank, {"train_region": a.train_region})["finetune_id"]
@@ -139,7 +159,8 @@ def rl_largest(svc: TuningService, a: argparse.Namespace) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--demo", required=True, choices=("sft-captcha", "rl-largest"))
+    p.add_argument("--demo", required=True, choices=("sft-captcha", "captcha-lora-vs-full", "rl-largest"))
+    p.add_argument("--full-lr", type=float, default=1e-4, help="captcha-lora-vs-full: the full fine-tune's learning rate")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
@@ -151,7 +172,7 @@ def main() -> None:
     p.add_argument("--eval-examples", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
-    sft = a.demo == "sft-captcha"
+    sft = a.demo != "rl-largest"
     defaults = {"steps": 1200 if sft else 40, "batch": 16 if sft else 8, "lr": 2e-3 if sft else 1e-3}
     defaults |= {"train_examples": 4000 if sft else 400, "eval_examples": 200 if sft else 100}
     for k, v in defaults.items():
@@ -162,7 +183,8 @@ def main() -> None:
     vl = VL(m)
     with tempfile.TemporaryDirectory() as root:
         svc = TuningService(vl, FinetuneStore(root), "nano")
-        result = sft_captcha(svc, a) if sft else rl_largest(svc, a)
+        demos = {"sft-captcha": sft_captcha, "captcha-lora-vs-full": captcha_lora_vs_full, "rl-largest": rl_largest}
+        result = demos[a.demo](svc, a)
     print(json.dumps(result | {"model": "nano", "device": "cpu", "machine": machine(torch.device("cpu"))}))
 
 
