@@ -122,7 +122,7 @@ def test_vqa_points_and_segment_suites_on_synthetic_rows(tmp_path, capsys):
     result = _eval(["--suite", "points", "--data", str(tmp_path / "points.jsonl")], capsys)
     assert result["n"] == 8 and result["point_f1"] >= 0.7
     result = _eval(["--suite", "segment", "--data", str(tmp_path / "seg.jsonl"), "--limit", "3"], capsys)
-    assert result["n"] == 3 and 0.0 <= result["mask_iou"] <= 1.0  # the shipped nano may not segment: then 0
+    assert result["n"] == 3 and result["mask_iou"] >= 0.6  # nano outlines its shapes
 
 
 def test_bad_eval_input_names_file_and_line(tmp_path, capsys):
