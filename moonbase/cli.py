@@ -18,6 +18,7 @@ from .eval.cli import add_parser as add_eval_parser
 from .finetune.cli import DEFAULT_STORE
 from .finetune.cli import add_parser as add_finetune_parser
 from .jobs.cli import add_parser as add_batch_parser
+from .jobs.cli import ray_flags
 
 NOTES = {
     "tiny-random": "note: tiny-random is a randomly initialized model for tests; its answers are meaningless "
@@ -321,14 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request before 504")
     p.add_argument("--finetunes", default=DEFAULT_STORE, help="finetune store for /v1/tuning (default %(default)s; none = off)")
     p.add_argument("--root-path", default="", help="the path prefix a reverse proxy serves moonbase under (e.g. /moonbase)")
-    p.add_argument(
-        "--ray",
-        nargs="?",
-        const="local",
-        metavar="ADDRESS",
-        help="deploy as a Ray Serve application (a local Ray instance, or the cluster at ADDRESS); no tuning API",
-    )
-    p.add_argument("--replicas", type=_positive, help="with --ray: model replicas (default: one per GPU, else one)")
+    ray_flags(p, "deploy as a Ray Serve application (no tuning API)", "--replicas", "model replicas")
     _model_args(p)
     p.set_defaults(fn=cmd_serve)
 

@@ -26,6 +26,7 @@ import numpy as np
 from ..errors import SettingsError
 from ..image import load_image
 from ..jobs import Item, run_batch
+from ..jsonl import jsonl_rows
 from ..metrics import Counts, box_mask, mask_iou, match_points, path_mask
 from ..skills import SkillRequest
 from .vqa_metrics import anls, exact_match, relaxed_accuracy, vqa_score
@@ -60,20 +61,13 @@ PROMPTS = {
 
 def _rows(path: Path, limit: int | None, need: tuple[str, ...]) -> list[dict[str, Any]]:
     rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SettingsError(f"{path}:{n}: not JSON ({e.msg})") from None
-            missing = [k for k in need if not any(alt in row for alt in k.split("|"))] if isinstance(row, dict) else need
-            if missing:
-                raise SettingsError(f"{path}:{n}: each row needs {', '.join(need)} (missing {', '.join(missing)})")
-            rows.append(row | {"_where": f"{path.name}:{n}"})
-            if limit is not None and len(rows) >= limit:
-                break
+    for n, row in jsonl_rows(path):
+        missing = [k for k in need if not any(alt in row for alt in k.split("|"))] if isinstance(row, dict) else need
+        if missing:
+            raise SettingsError(f"{path}:{n}: each row needs {', '.join(need)} (missing {', '.join(missing)})")
+        rows.append(row | {"_where": f"{path.name}:{n}"})
+        if limit is not None and len(rows) >= limit:
+            break
     if not rows:
         raise SettingsError(f"{path}: no rows")
     return rows

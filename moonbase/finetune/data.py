@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TuningError
+from ..jsonl import jsonl_rows
 from ..skills import SkillRequest
 from ..skills.training import Target
 from .types import parse_target, parse_tuning_request
@@ -81,15 +82,7 @@ def load_jsonl(path: str | Path) -> list[LabeledRequest]:
     path = Path(path)
     if not path.is_file():
         raise TuningError(f"no such data file: {path}")
-    out = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TuningError(f"{path}:{n}: not JSON ({e.msg})") from None
-        out.append(parse_row(row, path.parent, f"{path}:{n}"))
+    out = [parse_row(row, path.parent, f"{path}:{n}") for n, row in jsonl_rows(path, TuningError)]
     if not out:
         raise TuningError(f"{path} holds no examples")
     return out

@@ -22,14 +22,7 @@ def add_parser(sub, model_args: Callable[[argparse.ArgumentParser], None]) -> No
     _task_args(p, "image")
     p.add_argument("--image-column", help="Parquet: the column of image paths or bytes (default: image, image_path, ...)")
     p.add_argument("--concurrency", type=int, default=32, help="images in flight at once (default 32; with --ray: per actor)")
-    p.add_argument(
-        "--ray",
-        nargs="?",
-        const="local",
-        metavar="ADDRESS",
-        help="run as a Ray Data pipeline: on a local Ray instance, or the cluster at ADDRESS (ray://head:10001, auto)",
-    )
-    p.add_argument("--actors", type=int, help="with --ray: engines (default: one per GPU, else one)")
+    ray_flags(p, "run as a Ray Data pipeline", "--actors", "engines")
     model_args(p)
     p.set_defaults(fn=cmd_batch)
 
@@ -51,6 +44,13 @@ def add_parser(sub, model_args: Callable[[argparse.ArgumentParser], None]) -> No
     p.add_argument("--concurrency", type=int, default=8, help="frames in flight at once (default 8)")
     model_args(p)
     p.set_defaults(fn=cmd_video)
+
+
+def ray_flags(p: argparse.ArgumentParser, what: str, count: str, counted: str) -> None:
+    """--ray [ADDRESS] and how many copies of the model it starts (batch's actors, serve's replicas)."""
+    help = f"{what}: on a local Ray instance, or the cluster at ADDRESS (ray://head:10001, auto)"
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS", help=help)
+    p.add_argument(count, type=int, help=f"with --ray: {counted} (default: one per GPU, else one)")
 
 
 def _task_args(p: argparse.ArgumentParser, what: str) -> None:
