@@ -343,3 +343,24 @@ def test_region_only_fine_tuning_trains_only_the_region_head(tmp_path, image):
         fine_tune_full(
             base, from_iterable([{"image": image, "question": "q", "answer": "a"}]), tmp_path / "q", FullConfig(Scope.REGION_ONLY)
         )
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny, image):
+    from moonbase.finetune.data import from_iterable
+    from moonbase.finetune.full import FullConfig, _losses
+
+    examples = from_iterable([{"image": image, "question": "What is it?", "answer": "a star"}] * 2)
+    tiny.w.requires_grad_(True)
+    try:
+        grads = []
+        for recompute in (False, True):
+            tiny.w.zero_grad(set_to_none=True)
+            loss = _losses(tiny, examples, FullConfig(gradient_checkpointing=recompute))["loss"]
+            loss.backward()
+            grads.append((loss.detach(), [p.grad.clone() for p in tiny.w.text.parameters() if p.grad is not None]))
+    finally:
+        tiny.w.requires_grad_(False)
+        tiny.w.zero_grad(set_to_none=True)
+    (l0, g0), (l1, g1) = grads
+    assert torch.equal(l0, l1) and len(g0) == len(g1) > 0
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g0, g1, strict=True))

@@ -12,7 +12,7 @@ linear warm-up and cosine decay; gradient clipping at 1.0. The run directory hol
 atomically every `checkpoint_every` steps: a rerun resumes from it) and `train_log.jsonl`; the model
 directory is written (atomically, file by file, in the base's dtype) at the end. Training keeps float32 weights
 and optimizer state (bf16 weights would swallow updates this small); on CUDA the forward runs under bf16
-autocast."""
+autocast with gradient checkpointing of the decoder blocks (each block recomputed in the backward pass)."""
 
 from __future__ import annotations
 
@@ -59,6 +59,7 @@ class FullConfig:
     train_vision: bool = False
     train_region: bool | None = None  # None: when the data has detect or point examples
     checkpoint_every: int = 50
+    gradient_checkpointing: bool | None = None  # None: on CUDA (memory), off on the CPU (speed)
     seed: int = 0
     max_pixels: int = 64_000_000
     progress: bool = True
@@ -152,7 +153,8 @@ def _losses(m: Moondream, examples: list[LabeledRequest], cfg: FullConfig) -> di
         batch = pack_rows([group_image(e.request, cfg.max_pixels) for e in examples], rows, m.cfg)
     except ValueError as err:
         raise TuningError(f"a target is too long: {err}") from err
-    parts = losses(m, batch)
+    recompute = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else m.device.type == "cuda"
+    parts = losses(m, batch, checkpoint=recompute)
     if cfg.scope is Scope.REGION_ONLY:  # the loss on the coordinate and size bins alone
         zero = parts["token"] * 0.0
         parts["loss"] = parts.get("coord", zero) + parts.get("size", zero)

@@ -10,6 +10,7 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from ..config import TextConfig
@@ -124,6 +125,7 @@ def decoder(
     lora: LoraBatch | None = None,
     kv_only: bool = False,
     routes: list[torch.Tensor] | None = None,
+    checkpoint: bool = False,
 ) -> torch.Tensor | None:
     """The decoder blocks over input embeddings; returns pre-`post_ln` hidden states (B, T, D).
 
@@ -133,8 +135,11 @@ def decoder(
     each layer's post-RoPE (q, k), `routes` each MoE layer's router logits (B, T, E). `lora` adds each row's
     adapter to qkv, proj, fc1 and fc2. With `kv_only` (an image prefix: only its cached K/V are ever read) the
     last layer stops once its K/V are stored (a fifth of nano's prefix work, 3% of Moondream 2's) and nothing
-    is returned.
+    is returned. With `checkpoint` (training: no cache, taps or routes), each block's activations are recomputed
+    in the backward pass instead of kept (gradient checkpointing).
     """
+    if checkpoint and (cache is not None or taps is not None or routes is not None):
+        raise ValueError("gradient checkpointing is for training forwards without a cache, taps or routes")
     b, t, _ = x_BTC.shape
     cos, sin = rope_rows(rope[0][pos], rope[1][pos])
     if pos.dim() == 2:
@@ -143,7 +148,8 @@ def decoder(
         mask = mask[:, None]
     hd, nq, nkv = cfg.hd, cfg.n_heads, cfg.n_kv_heads
     x = x_BTC
-    for i, block in enumerate(w.blocks):
+
+    def layer(i: int, block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         h = layer_norm(x, block["ln"])
         qkv = _adapted(linear(h, block["attn"]["qkv"]), lora, i, "qkv", h)
         if cfg.tau_attn:
@@ -164,7 +170,13 @@ def decoder(
         else:
             g = gelu(_adapted(linear(h, block["mlp"]["fc1"]), lora, i, "fc1", h))
             ffn_out = _adapted(linear(g, block["mlp"]["fc2"]), lora, i, "fc2", g)
-        x = x + attn_out + ffn_out
+        return x + attn_out + ffn_out
+
+    for i, block in enumerate(w.blocks):
+        if checkpoint:  # recompute the block in the backward pass instead of keeping its activations
+            x = torch.utils.checkpoint.checkpoint(layer, i, block, x, use_reentrant=False)
+        elif (x := layer(i, block, x)) is None:
+            return None
     return x
 
 

@@ -103,11 +103,12 @@ def losses(
     adapter: Adapter | None = None,
     probe: torch.nn.Module | None = None,
     probe_weight: float = 1.0,
+    checkpoint: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Mean token, coordinate and size losses (and the grounding attention loss when `attn_weight` > 0), plus
     the token loss of each skill for logging. `adapter`: a LoRA on the text decoder (fine-tuning). `probe`
     (training only): a linear map from each image token to the kind and colour of the object under it, a
-    dense signal for the vision encoder."""
+    dense signal for the vision encoder. `checkpoint`: gradient checkpointing of the decoder blocks (no `attn_weight`)."""
     dev = m.device
     x = embed_inputs(m, b)
     probe_loss = None
@@ -123,7 +124,9 @@ def losses(
         mask = segment_mask(seg)
         taps: list | None = [] if attn_weight > 0 else None
         lora = LoraBatch.single(adapter, len(rows), dev)
-        hidden = decoder(x[rows.to(dev), :t], m.w.text, m.cfg.text, m.rope, pos, mask, taps=taps, lora=lora)
+        hidden = decoder(
+            x[rows.to(dev), :t], m.w.text, m.cfg.text, m.rope, pos, mask, taps=taps, lora=lora, checkpoint=checkpoint
+        )
         if taps:
             attn_parts += attention_loss(taps, b.attend[rows, :t].to(dev), mask)
         for key, labels in (("tok", b.token_label), ("coord", b.coord_label), ("size", b.size_label)):
