@@ -13,12 +13,12 @@ ROOT = Path(moonbase.__file__).parent
 # Top-level modules and packages, lowest first; a module may import only from its own layer or lower ones.
 # (Imports inside functions are deferred on purpose, e.g. the CLI's, and are not import-time edges.)
 LAYERS = [
-    {"errors", "atomic", "device", "config", "metrics"},
+    {"errors", "atomic", "device", "config", "metrics", "jsonl"},
     {"tokenizer", "image", "weights"},
     {"model"},
     {"data", "skills"},
     {"simple", "engine", "train", "hub"},
-    {"api", "draw", "eval"},
+    {"api", "draw", "eval", "jobs"},
     {"finetune", "bench"},
     {"server"},
     {"cli", "__main__", "__init__"},
