@@ -90,7 +90,7 @@ def test_submitting_thread_and_idle_engine_thread_give_their_cpu_threads_back(ti
     monkeypatch.setattr(engine_module, "release_cpu_threads", record)
     vl = VL(tiny, engine=Engine(tiny, EngineConfig(kv_memory_mb=8)))
     vl.caption(images[0], "short", settings=GREEDY)
-    assert calls[0] == threading.current_thread().name  # at submit, before the engine thread ran
+    assert threading.current_thread().name in calls  # at submit (the idle engine thread may have been first)
     assert idle.wait(timeout=5.0)  # and the engine thread, once it had nothing to do
     vl.engine.close()
 
