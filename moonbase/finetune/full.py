@@ -57,7 +57,7 @@ class FullConfig:
     warmup: float = 0.1  # fraction of the steps
     weight_decay: float = 0.0
     train_vision: bool = False
-    train_region: bool | None = None  # None: when the data has detect or point examples
+    train_region: bool | None = None  # None: when the data has examples that locate (detect, point, segment)
     checkpoint_every: int = 50
     gradient_checkpointing: bool | None = None  # None: on CUDA (memory), off on the CPU (speed)
     seed: int = 0
@@ -80,10 +80,9 @@ def fine_tune_full(base: Moondream, examples: list[LabeledRequest], run_dir: str
         raise TuningError("no examples to train on")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    regions = (
-        cfg.train_region if cfg.train_region is not None else any(e.request.skill.name in ("detect", "point") for e in examples)
-    )
-    if cfg.scope is Scope.REGION_ONLY and not any(e.request.skill.name in ("detect", "point", "segment") for e in examples):
+    locating = any(e.request.skill.locates for e in examples)
+    regions = cfg.train_region if cfg.train_region is not None else locating
+    if cfg.scope is Scope.REGION_ONLY and not locating:
         raise TuningError("--region-only trains on detect, point or segment examples; the data has none")
     # a float32 copy: the base keeps serving unchanged, and updates of lr ~1e-5 would vanish in bf16 weights
     m = Moondream(base.cfg, copy.deepcopy(base.w).float(), base.tokenizer, base.name)

@@ -1,7 +1,27 @@
-"""Jobs over many images: `moonbase batch` (folders, lists, JSONL, Parquet; resumable JSONL/Parquet output)."""
+"""Jobs over many images: `moonbase batch` (folders, lists, JSONL, Parquet; resumable JSONL/Parquet output) and
+`moonbase video`. Imported lazily, so that the command line's parser stays free of torch."""
 
-from .batch import batch, parse_tasks, run_batch, task_label
-from .inputs import Item, count_inputs, read_inputs
-from .journal import Journal
+from __future__ import annotations
 
-__all__ = ["batch", "parse_tasks", "run_batch", "task_label", "Item", "count_inputs", "read_inputs", "Journal"]
+import importlib
+from typing import Any
+
+_LAZY = {
+    "batch": "run",
+    "parse_tasks": "run",
+    "run_batch": "run",
+    "task_label": "run",
+    "Item": "inputs",
+    "count_inputs": "inputs",
+    "read_inputs": "inputs",
+    "Journal": "journal",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'moonbase.jobs' has no attribute {name!r}")
+
+
+__all__ = list(_LAZY)

@@ -82,9 +82,9 @@ def _settings(a: argparse.Namespace) -> dict:
 def cmd_batch(a: argparse.Namespace) -> int:
     from ..cli import vl_from_args
     from ..errors import SettingsError
-    from .batch import parse_tasks, run_batch
     from .inputs import count_inputs, read_inputs
     from .journal import Journal
+    from .run import parse_tasks, run_batch
 
     tasks = parse_tasks(a.caption, a.query, a.detect, a.point, a.segment)
     total = count_inputs(a.input, a.image_column)
@@ -126,7 +126,7 @@ def cmd_video(a: argparse.Namespace) -> int:
     from ..atomic import atomic_path
     from ..cli import vl_from_args
     from ..errors import SettingsError
-    from .batch import parse_tasks
+    from .run import parse_tasks
     from .video import Sampling, Stats, draw_video, run_video
 
     if (a.input is None) == (a.source is None):

@@ -18,9 +18,9 @@ from tqdm import tqdm
 
 from ..errors import SettingsError
 from ..skills import SkillRequest
-from .batch import Row, run_item, task_label
 from .inputs import Item
 from .journal import Journal
+from .run import Row, run_item, task_label
 
 REQUEST_FIELDS = ("question", "object", "length", "reasoning", "spatial_refs")
 

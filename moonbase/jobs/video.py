@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ..errors import SettingsError
 from ..skills import SkillRequest
-from .batch import Row, check_tasks, run_item
+from .run import Row, check_tasks, run_item
 
 LIVE_PREFIXES = ("rtsp://", "rtmp://", "http://", "https://", "udp://", "tcp://", "srt://")
 

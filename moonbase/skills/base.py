@@ -165,6 +165,7 @@ class Skill(ABC):
     takes_spatial_refs = False
     can_reason = False
     greedy = False  # decoded greedily whatever the temperature (rollouts still sample)
+    locates = False  # its answer goes through the region head (coordinates and sizes): detect, point, segment
     text_key: str | None = None  # the output field that streams as text
     tunable = True  # the tuning API trains it (SFT targets, rollouts)
 

@@ -23,6 +23,7 @@ from .training import Move, Rollout, Target, items, parse_box, parse_point, regi
 class Locate(Skill):
     arg = "object"
     greedy = True
+    locates = True
     with_size: bool
 
     @abstractmethod

@@ -156,6 +156,7 @@ class Segment(Skill):
     name, arg = "segment", "object"
     takes_spatial_refs = True
     greedy = True
+    locates = True
     unsupported = "it has no segmentation head (no segment template; Moondream 2 does not segment)"
 
     def supports(self, cfg: ModelConfig) -> bool:
