@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import ModelConfig, RegionConfig
-from ..errors import SettingsError, SkillNotSupportedError, TuningError
+from ..errors import SettingsError, TuningError
 from ..model import region
 from ..skills import REGISTRY, Skill, SkillRequest, parse_request
 from ..skills.training import Rollout, Target, items, number, obj
@@ -100,8 +100,7 @@ def parse_group(d: Any, image_of: Callable[[Any], Any], cfg: ModelConfig, where:
     d = obj(d, where)
     mode = d.get("mode")
     request = parse_tuning_request(d.get("request"), image_of, f"{where}.request")
-    if not request.skill.supports(cfg):
-        raise SkillNotSupportedError(f"{where}: this model cannot {request.skill.name}: {request.skill.unsupported}")
+    request.skill.require(cfg, f"{where}: this model")
     if mode == "sft":
         return SFTGroup(request, parse_target(request, d.get("target"), f"{where}.target"))
     if mode != "rl":

@@ -11,7 +11,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ..errors import SettingsError, SkillNotSupportedError
+from ..errors import SettingsError
 from ..image import load_image
 from ..skills import SkillRequest
 from .inputs import Item, read_inputs
@@ -34,8 +34,7 @@ def check_tasks(vl, tasks: tuple[SkillRequest, ...]) -> None:
     """Fail before any image is read: a skill the model lacks, or a bad argument (an empty object...)."""
     m = vl.model
     for t in tasks:
-        if not t.skill.supports(m.cfg):
-            raise SkillNotSupportedError(f"model {m.name!r} cannot {t.skill.name}: {t.skill.unsupported}")
+        t.skill.require(m.cfg, f"model {m.name!r}")
         t.skill.prompt(t.with_defaults(m.cfg.defaults), m.tokenizer)
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..config import Defaults, ModelConfig, TokenizerConfig
-from ..errors import SettingsError, TuningError
+from ..errors import SettingsError, SkillNotSupportedError, TuningError
 from ..tokenizer import Tokenizer
 from .program import Feed, Output, Program, StreamItem
 from .training import Move, Rollout, Target
@@ -174,6 +174,11 @@ class Skill(ABC):
     def supports(self, cfg: ModelConfig) -> bool:
         """Whether a model with this configuration can run the skill (segment needs a segment template)."""
         return True
+
+    def require(self, cfg: ModelConfig, model: str) -> None:
+        """SkillNotSupportedError naming `model` (a name, or where the request came from) when it cannot run this."""
+        if not self.supports(cfg):
+            raise SkillNotSupportedError(f"{model} cannot {self.name}: {self.unsupported}")
 
     def check(self, req: SkillRequest) -> None:
         if self.needs_image and req.image is None:

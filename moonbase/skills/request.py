@@ -11,7 +11,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import AdapterNotFoundError, ConfigError, SettingsError, SkillNotSupportedError
+from ..errors import AdapterNotFoundError, ConfigError, SettingsError
 from ..image import DEFAULT_MAX_PIXELS, Crops, load_image, overlap_crops
 from ..model.lora import Adapter
 from ..model.moondream import Moondream
@@ -68,8 +68,7 @@ def prepare(
 ) -> Request:
     req, tok = req.with_defaults(m.cfg.defaults), m.cfg.tokenizer
     skill, s = req.skill, resolve_settings(req.settings_dict, m.cfg.defaults)
-    if not skill.supports(m.cfg):
-        raise SkillNotSupportedError(f"model {m.name!r} cannot {skill.name}: {skill.unsupported}")
+    skill.require(m.cfg, f"model {m.name!r}")
     skill.check(req)
     prompt = skill.prompt(req, m.tokenizer)
     adapter = None
