@@ -20,14 +20,11 @@ from ..errors import SettingsError
 from ..skills import SkillRequest
 from .inputs import Item
 from .journal import Journal
-from .run import Row, run_item, task_label
-
-REQUEST_FIELDS = ("question", "object", "length", "reasoning", "spatial_refs")
+from .run import Row, request_fields, run_item, task_label
 
 
 def _request_dict(req: SkillRequest) -> dict[str, Any]:
-    fields = {k: getattr(req, k) for k in REQUEST_FIELDS if getattr(req, k) is not None}
-    return {"skill": req.skill.name, "settings": req.settings_dict, **fields}
+    return {"skill": req.skill.name, "settings": req.settings_dict, **request_fields(req)}
 
 
 def _request(d: dict[str, Any]) -> SkillRequest:
@@ -38,15 +35,14 @@ def _decode(record: dict[str, Any]) -> dict[str, Any]:
     """CPU workers: the image decoded to RGB pixels, or the error that stops it (reported per task)."""
     from ..image import load_image
 
-    source = record.pop("source")
+    source, max_pixels = record.pop("source"), record.pop("max_pixels")
     try:
         if record["error"]:
             raise SettingsError(record["error"])
-        record["pixels"] = load_image(source, record.pop("max_pixels"))
+        record["pixels"] = load_image(source, max_pixels)
     except (OSError, ValueError) as e:
         record["error"] = json.dumps({"type": type(e).__name__, "message": str(e)})
         record["pixels"] = np.zeros((1, 1, 3), np.uint8)
-    record.pop("max_pixels", None)
     return record
 
 

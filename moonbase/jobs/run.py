@@ -104,7 +104,7 @@ def run_item(vl, key: str, source: Any, reqs: list[SkillRequest], settings: dict
         return [_error(key, label, e) for label in labels]
     rows = []
     for req, label in zip(reqs, labels, strict=True):
-        req = SkillRequest(req.skill, image, **_fields(req), settings=settings | req.settings_dict)
+        req = SkillRequest(req.skill, image, **request_fields(req), settings=settings | req.settings_dict)
         try:
             rows.append({"image": key, "task": label, "result": vl.run(req)})
         except Exception as e:  # one failed task is one error row; the job goes on
@@ -112,7 +112,8 @@ def run_item(vl, key: str, source: Any, reqs: list[SkillRequest], settings: dict
     return rows
 
 
-def _fields(req: SkillRequest) -> dict[str, Any]:
+def request_fields(req: SkillRequest) -> dict[str, Any]:
+    """A request's arguments besides its skill, image and settings (those given)."""
     keys = ("question", "object", "length", "reasoning", "spatial_refs")
     return {k: getattr(req, k) for k in keys if getattr(req, k) is not None}
 
