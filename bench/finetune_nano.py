@@ -14,6 +14,7 @@ import json
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -101,22 +102,29 @@ def sft_captcha(svc: TuningService, a: argparse.Namespace) -> dict:
 
 
 def captcha_lora_vs_full(svc: TuningService, a: argparse.Namespace) -> dict:
-    """The same captchas, steps and batch through a LoRA (`--lr`) and a full fine-tune (`--full-lr`), side by side."""
-    from moonbase.finetune.full import FullConfig, fine_tune_full
-    from moonbase.hub import load_dir
-
+    """The same captchas, steps and batch through a LoRA (`--lr`) and full fine-tunes (each `--full-lr`), side by side."""
     lora = sft_captcha(svc, a)
     train = [captcha(1_000_000 + i) for i in range(a.train_examples)]
     held = [captcha(2_000_000 + i) for i in range(a.eval_examples)]
-    cfg = FullConfig(steps=a.steps, batch=a.batch, lr=a.full_lr, train_vision=a.train_vision, progress=False)
+    full = [full_captcha(svc, train, held, a, lr) | {"before": lora["before"]} for lr in a.full_lr]
+    return {"demo": "captcha-lora-vs-full", "data": lora["data"], "lora": lora, "full": full}
+
+
+def full_captcha(svc: TuningService, train: list[LabeledRequest], held: list[LabeledRequest], a, lr: float) -> dict:
+    from moonbase.finetune.full import FullConfig, fine_tune_full
+    from moonbase.hub import load_dir
+
+    cfg = FullConfig(steps=a.steps, batch=a.batch, lr=lr, train_vision=a.train_vision, progress=False)
     t0, w0 = time.process_time(), time.perf_counter()
     with tempfile.TemporaryDirectory() as run:
         tuned = TuningService(VL(load_dir(fine_tune_full(svc.vl.model, train, run, cfg))), svc.store, "nano")
         cpu, wall = time.process_time() - t0, time.perf_counter() - w0
+        records = [json.loads(line) for line in open(Path(run) / "train_log.jsonl")]
         after = {"exact_match": evaluate(tuned, held, None, max_tokens=8), "char_accuracy": char_accuracy(tuned, held, None)}
-    full = {"settings": {"steps": a.steps, "batch": a.batch, "lr": a.full_lr}, "before": lora["before"], "after": after}
-    full |= {"train_cpu_s": round(cpu, 1), "train_wall_s": round(wall, 1)}
-    return {"demo": "captcha-lora-vs-full", "data": lora["data"], "lora": lora, "full": full}
+    log = [{"step": r["step"], "sft_loss": r["loss"], "wall_s": r["seconds"]} for r in records if r["step"] % 100 == 0]
+    print(json.dumps({"full_lr": lr, "after": after}), flush=True)
+    settings = {"steps": a.steps, "batch": a.batch, "lr": lr, "warmup": cfg.warmup, "train_vision": a.train_vision}
+    return {"settings": settings, "after": after, "train_cpu_s": round(cpu, 1), "train_wall_s": round(wall, 1), "loss_log": log}
 
 
 def rl_largest(svc: TuningService, a: argparse.Namespace) -> dict:
@@ -160,7 +168,7 @@ def rl_largest(svc: TuningService, a: argparse.Namespace) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--demo", required=True, choices=("sft-captcha", "captcha-lora-vs-full", "rl-largest"))
-    p.add_argument("--full-lr", type=float, default=1e-4, help="captcha-lora-vs-full: the full fine-tune's learning rate")
+    p.add_argument("--full-lr", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3], help="captcha-lora-vs-full: full runs' lrs")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
