@@ -54,7 +54,8 @@ def _cpus_per_actor(ray, actors: int) -> int:
 
 
 def _overlapping_calls(ray) -> dict[str, Any]:
-    """Two batches in an actor at once, so the next joins the engine while the last drains (Ray >= 2.5x)."""
+    """Two batches in an actor at once, so the next joins the engine while the last drains (a Ray without the
+    option runs one batch at a time)."""
     import inspect
 
     params = inspect.signature(ray.data.ActorPoolStrategy).parameters
