@@ -59,3 +59,17 @@ def _omp_pause() -> Callable[[int], int] | None:
         return None
     fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
     return fn
+
+
+def ray_copies(ray, copies: int | None) -> tuple[int, dict[str, float]]:
+    """How many copies of the model a Ray cluster runs (batch actors, Serve replicas) and each one's resources.
+
+    Default: one per GPU, each holding its GPU; else one. On CPUs a copy holds its share of the cores: Ray sets
+    a worker's OMP_NUM_THREADS to its `num_cpus`, so a copy reserving one CPU would run torch on one thread."""
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    copies = copies or max(gpus, 1)
+    if gpus:
+        return copies, {"num_gpus": 1, "num_cpus": 0}
+    nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]]
+    share = max(1, min(int(sum(nodes) // copies), int(max(nodes, default=1))))
+    return copies, {"num_gpus": 0, "num_cpus": share}

@@ -1,4 +1,5 @@
-"""CPU thread teams: a thread that hands its compute to the engine gives its OpenMP workers back."""
+"""CPU thread teams: a thread that hands its compute to the engine gives its OpenMP workers back; a Ray copy of the
+model gets its share of the cores."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from moonbase.device import _omp_pause, release_cpu_threads
+from moonbase.device import _omp_pause, ray_copies, release_cpu_threads
 
 
 def _os_threads() -> int:
@@ -35,3 +36,28 @@ def test_release_cpu_threads_lets_this_threads_workers_exit():
     with_team, released, again = counts
     assert released <= with_team - (torch.get_num_threads() - 1)
     assert again <= released  # other threads (idle engines of earlier tests) may give theirs back meanwhile
+
+
+class _Cluster:
+    """What `ray_copies` reads of a Ray cluster: its total resources and its nodes."""
+
+    def __init__(self, node_cpus: list[int], gpus: int = 0):
+        self.node_cpus, self.gpus = node_cpus, gpus
+
+    def cluster_resources(self) -> dict[str, float]:
+        return {"CPU": float(sum(self.node_cpus))} | ({"GPU": float(self.gpus)} if self.gpus else {})
+
+    def nodes(self) -> list[dict]:
+        return [{"Alive": True, "Resources": {"CPU": float(c)}} for c in self.node_cpus] + [
+            {"Alive": False, "Resources": {"CPU": 64.0}}
+        ]
+
+
+def test_ray_copies_give_each_cpu_copy_its_share_of_the_cores_and_each_gpu_copy_one_gpu():
+    assert ray_copies(_Cluster([2]), None) == (1, {"num_gpus": 0, "num_cpus": 2})  # not 1: that is one torch thread
+    assert ray_copies(_Cluster([2]), 2) == (2, {"num_gpus": 0, "num_cpus": 1})
+    assert ray_copies(_Cluster([2]), 3) == (3, {"num_gpus": 0, "num_cpus": 1})  # never below one
+    assert ray_copies(_Cluster([8, 8]), 2) == (2, {"num_gpus": 0, "num_cpus": 8})
+    assert ray_copies(_Cluster([8, 4]), 1) == (1, {"num_gpus": 0, "num_cpus": 8})  # no more than a live node has
+    assert ray_copies(_Cluster([16], gpus=4), None) == (4, {"num_gpus": 1, "num_cpus": 0})
+    assert ray_copies(_Cluster([16], gpus=4), 2) == (2, {"num_gpus": 1, "num_cpus": 0})

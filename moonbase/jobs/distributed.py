@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from ..device import ray_copies
 from ..errors import SettingsError
 from ..skills import SkillRequest
 from .inputs import Item
@@ -44,13 +45,6 @@ def _decode(record: dict[str, Any]) -> dict[str, Any]:
         record["error"] = json.dumps({"type": type(e).__name__, "message": str(e)})
         record["pixels"] = np.zeros((1, 1, 3), np.uint8)
     return record
-
-
-def _cpus_per_actor(ray, actors: int) -> int:
-    """On CPUs an actor's share of the cluster: Ray gives it that many torch threads (OMP_NUM_THREADS)."""
-    nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]]
-    share = int(sum(nodes) // actors)
-    return max(1, min(share, int(max(nodes, default=1))))
 
 
 def _overlapping_calls(ray) -> dict[str, Any]:
@@ -121,19 +115,16 @@ def run_batch_ray(
             records[-1]["tasks"] = json.dumps([_request_dict(r) for r in reqs])
     if not records:
         return
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    actors = actors or max(gpus, 1)
-    # On GPUs, decoding runs as CPU tasks beside the engines; on CPUs, in the engine actors (same resources, so Ray
-    # fuses the two steps): an actor holds its share of the cores, and Ray gives it that many torch threads.
-    cpus = 1 if gpus else _cpus_per_actor(ray, actors)
-    ds = ray.data.from_items(records).map(_decode, num_cpus=cpus)
+    actors, resources = ray_copies(ray, actors)
+    # On GPUs, decoding runs as CPU tasks beside the engines; on CPUs, inside the engine actors: given the same
+    # resources, Ray fuses the two steps (with fewer, decode tasks would wait for cores the actors hold).
+    ds = ray.data.from_items(records).map(_decode, num_cpus=resources["num_cpus"] or 1)
     ds = ds.map_batches(
         EngineActor,
         fn_constructor_args=(model, engine or {}, settings or {}, batch_size),
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=actors, **_overlapping_calls(ray)),
-        num_gpus=1 if gpus else 0,
-        num_cpus=0 if gpus else cpus,
+        **resources,
     )
     bar = tqdm(total=total, initial=(total or 0) - len(records), desc="batch (ray)", unit="image", disable=not progress)
     seen: set[str] = set()

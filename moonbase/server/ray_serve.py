@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from ..device import ray_copies
 from ..errors import SettingsError
 from .app import ServerConfig, create_app
 from .models import ServedModels
@@ -38,7 +39,7 @@ def serve_ray(
     blocking: bool = True,
 ) -> None:
     """Deploy on the Ray cluster at `address` (a local instance when None): `replicas` copies (default: one
-    per GPU, else one), each with one GPU when the cluster has them."""
+    per GPU, else one), each holding one GPU when the cluster has them, else its share of the cores."""
     try:
         import ray
         from ray import serve
@@ -46,14 +47,13 @@ def serve_ray(
         raise SettingsError("serve --ray needs Ray Serve: pip install 'moonbase[ray]'") from e
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False)
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    replicas = replicas or max(gpus, 1)
+    replicas, resources = ray_copies(ray, replicas)
     serve.start(http_options={"host": host, "port": port})
     deployment = serve.deployment(
         serve.ingress(app_builder(model, engine, cfg))(),
         name="moonbase",
         num_replicas=replicas,
-        ray_actor_options={"num_gpus": 1 if gpus else 0, "num_cpus": 0 if gpus else 1},
+        ray_actor_options=resources,
     )
     print(f"moonbase on Ray Serve: {replicas} replica(s) on http://{host}:{port}/v1", file=sys.stderr)
     serve.run(deployment.bind(), name="moonbase", route_prefix="/", blocking=blocking)
