@@ -31,3 +31,9 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
             os.close(dir_fd)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def write_text_atomic(target: str | Path, text: str) -> None:
+    """`target` holds `text`, or (after a crash) what it held before: never a part."""
+    with atomic_path(target) as tmp:
+        tmp.write_text(text)

@@ -205,7 +205,7 @@ def save_dir(m: Moondream, directory: str | Path) -> Path:
     """Write a model directory (Hugging Face key layout, our config.json, tokenizer.json), each file atomically."""
     from safetensors.torch import save_file
 
-    from .atomic import atomic_path
+    from .atomic import atomic_path, write_text_atomic
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -213,6 +213,5 @@ def save_dir(m: Moondream, directory: str | Path) -> Path:
     with atomic_path(directory / "model.safetensors") as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
     for name, text in (("config.json", json.dumps(m.cfg.to_dict(), indent=2)), ("tokenizer.json", m.tokenizer.to_str())):
-        with atomic_path(directory / name) as tmp:
-            tmp.write_text(text)
+        write_text_atomic(directory / name, text)
     return directory

@@ -22,8 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from ..atomic import write_text_atomic
 from ..errors import SettingsError
 from ..jobs import Item, run_batch
+from ..jsonl import write_jsonl
 from ..skills import SkillRequest
 
 
@@ -74,9 +76,9 @@ def evaluate_coco(
                 {"image_id": int(row["image"]), "category_id": cat, "bbox": [round(v, 2) for v in box], "score": score}
             )
     if predictions is not None:
-        Path(predictions).write_text(json.dumps(results))
+        write_text_atomic(predictions, json.dumps(results))
     if details is not None:
-        Path(details).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_jsonl(details, rows)
     out = _scores(gt, results, image_ids, scoring, COCOeval)
     errors = [r for r in rows if "error" in r]
     return out | {

@@ -14,7 +14,6 @@ written with `--details`."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from enum import Enum
@@ -26,7 +25,7 @@ import numpy as np
 from ..errors import SettingsError
 from ..image import load_image
 from ..jobs import Item, run_batch
-from ..jsonl import jsonl_rows
+from ..jsonl import jsonl_rows, write_jsonl
 from ..metrics import Counts, box_mask, mask_iou, match_points, path_mask
 from ..skills import SkillRequest
 from .vqa_metrics import anls, exact_match, relaxed_accuracy, vqa_score
@@ -58,6 +57,14 @@ PROMPTS = {
     ),
 }
 
+# a prediction against a row's accepted answers (one, or a benchmark's several)
+SCORES: dict[VqaMetric, Callable[[str, list[str]], float]] = {
+    VqaMetric.RELAXED: lambda pred, answers: max(relaxed_accuracy(pred, a) for a in answers),
+    VqaMetric.ANLS: anls,
+    VqaMetric.VQA: vqa_score,
+    VqaMetric.EXACT: lambda pred, answers: max(exact_match(pred, a) for a in answers),
+}
+
 
 def _rows(path: Path, limit: int | None, need: tuple[str, ...]) -> list[dict[str, Any]]:
     rows = []
@@ -80,7 +87,7 @@ def _run(vl, path: Path, rows, request: Callable[[dict], SkillRequest], concurre
 
 def _finish(suite: str, vl, scores: list[float], details: list[dict], out_path, t0: float, **extra) -> dict[str, Any]:
     if out_path is not None:
-        Path(out_path).write_text("".join(json.dumps(d) + "\n" for d in details))
+        write_jsonl(out_path, details)
     return {
         "suite": suite,
         "model": vl.model.name,
@@ -103,14 +110,7 @@ def evaluate_vqa(vl, data, metric=VqaMetric.EXACT, prompt=True, limit=None, deta
         res = out[r["_where"]]
         answers = r["answers"] if "answers" in r else [r["answer"]]
         pred = res["result"]["answer"] if "result" in res else ""
-        if metric is VqaMetric.RELAXED:
-            score = max(relaxed_accuracy(pred, a) for a in answers)
-        elif metric is VqaMetric.ANLS:
-            score = anls(pred, answers)
-        elif metric is VqaMetric.VQA:
-            score = vqa_score(pred, answers)
-        else:
-            score = max(exact_match(pred, a) for a in answers)
+        score = SCORES[metric](pred, answers)
         scores.append(score)
         kept.append({"row": r["_where"], "question": r["question"], "prediction": pred, "answers": answers, "score": score}
                     | ({"error": res["error"]} if "error" in res else {}))  # fmt: skip

@@ -32,7 +32,7 @@ def relaxed_accuracy(prediction: str, target: str, tolerance: float = RELAXED_TO
     p, t = _number(prediction), _number(target)
     if p is not None and t:  # a zero target has no relative error: it falls through to exact match
         return float(abs(p - t) / abs(t) <= tolerance)
-    return float(prediction.strip().lower() == target.strip().lower())
+    return exact_match(prediction, target)
 
 
 def anls(prediction: str, answers: list[str], tau: float = ANLS_TAU) -> float:

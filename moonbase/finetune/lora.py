@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, write_text_atomic
 from ..config import TextConfig
 from ..errors import CheckpointError
 from ..model.lora import TARGETS, Adapter, n_experts, target_shapes
@@ -136,8 +136,7 @@ def export_peft(variant: dict[str, torch.Tensor], cfg: LoraConfig, directory: Pa
     readme = f"# LoRA adapter for {base_model}\n\nExported by moonbase. Targets: {', '.join(sorted(cfg.targets))}.\n"
     readme += "proj adapts the attention input (Moondream variant convention), not proj's own input.\n"
     for file, text in (("adapter_config.json", json.dumps(config, indent=2)), ("README.md", readme)):
-        with atomic_path(directory / file) as tmp:
-            tmp.write_text(text)
+        write_text_atomic(directory / file, text)
     return directory
 
 

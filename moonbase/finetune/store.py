@@ -37,7 +37,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, write_text_atomic
 from ..errors import FinetuneConflictError, FinetuneNotFoundError, TuningError
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -127,8 +127,7 @@ class FinetuneStore:
         return self.root / fid
 
     def _write_json(self, path: Path, value: Any) -> None:
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(value, indent=1))
+        write_text_atomic(path, json.dumps(value, indent=1))
 
     def get(self, fid: str, deleted_ok: bool = False) -> FinetuneInfo:
         path = self._dir(fid) / "meta.json"

@@ -123,7 +123,7 @@ def cmd_batch(a: argparse.Namespace) -> int:
 
 
 def cmd_video(a: argparse.Namespace) -> int:
-    from ..atomic import atomic_path
+    from ..atomic import atomic_path, write_text_atomic
     from ..cli import vl_from_args
     from ..errors import SettingsError
     from .run import parse_tasks
@@ -148,7 +148,6 @@ def cmd_video(a: argparse.Namespace) -> int:
     if a.draw:
         summary["drawn_frames"] = draw_video(source, timeline, a.draw)
     if a.summary:
-        with atomic_path(a.summary) as tmp:
-            tmp.write_text(json.dumps(summary, indent=2))
+        write_text_atomic(a.summary, json.dumps(summary, indent=2))
     print(json.dumps(summary), file=sys.stderr)
     return 0 if stats.sampled else 1
