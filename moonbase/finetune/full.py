@@ -37,6 +37,7 @@ from ..hub import save_dir
 from ..model.moondream import Moondream
 from ..train.batch import SKILLS, pack_rows, transcript
 from ..train.losses import losses
+from ..train.schedule import warmup_cosine
 from .data import LabeledRequest
 from .sft import group_image
 
@@ -171,11 +172,7 @@ def _order(n: int, needed: int, seed: int) -> list[int]:
 
 
 def _lr(step: int, total: int, cfg: FullConfig) -> float:
-    warm = max(1, round(cfg.warmup * total))
-    if step < warm:
-        return cfg.lr * (step + 1) / warm
-    progress = (step - warm) / max(1, total - warm)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return warmup_cosine(step, total, cfg.lr, max(1, round(cfg.warmup * total)), floor=0.1)
 
 
 def _jsonable(cfg: FullConfig) -> dict[str, Any]:

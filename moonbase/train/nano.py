@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,6 +39,7 @@ from .args import TrainArgs
 from .batch import make_batch
 from .feed import prefetch
 from .losses import image_probe, losses, vision_losses
+from .schedule import warmup_cosine
 
 
 def corpus(n_examples: int, seed: int) -> Iterator[str]:
@@ -117,11 +117,7 @@ def lr_at(step: int, a: TrainArgs) -> float:
         peak, steps = a.vision_lr, a.vision_steps
     else:
         peak, steps, step = a.lr, a.steps, step - a.vision_steps
-    warmup = min(a.warmup, steps // 2)
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    return warmup_cosine(step, steps, peak, min(a.warmup, steps // 2), floor=0.05)
 
 
 def train(a: TrainArgs) -> Path:
