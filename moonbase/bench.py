@@ -29,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import simple
 from .api import VL
+from .atomic import write_text_atomic
 from .data.shapes import render_scene
 from .device import release_cpu_threads
 from .engine.engine import Engine, EngineConfig
@@ -274,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(result, indent=None if a.json else 2))
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomic(a.out, json.dumps(result, indent=2) + "\n")
     return 0
 
 
