@@ -11,31 +11,14 @@ import argparse
 import json
 import shutil
 import statistics
-import threading
-import time
-from contextlib import contextmanager
 
-import uvicorn
 from playwright.sync_api import sync_playwright
 
 import moonbase
 from moonbase.bench import machine
 from moonbase.server.app import create_app
 from moonbase.server.models import ServedModels
-from moonbase.server.run import free_port
-
-
-@contextmanager
-def serving(app, first_port: int):
-    port = free_port("127.0.0.1", first_port)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
+from moonbase.server.run import serving
 
 
 def main() -> None:

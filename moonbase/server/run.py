@@ -1,5 +1,5 @@
 """Start the server: pick the port (2020, or the next free one when the port was not given), serve with
-uvicorn, drain in-flight requests on shutdown."""
+uvicorn, drain in-flight requests on shutdown. Or serve an app from a background thread (tests, benchmarks)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,10 @@ import json
 import logging
 import socket
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import uvicorn
 
@@ -28,6 +32,24 @@ def free_port(host: str, start: int, tries: int = 50) -> int:
                 continue
             return port
     raise OSError(f"no free port in {start}..{start + tries - 1}")
+
+
+@contextmanager
+def serving(app, first_port: int, host: str = "127.0.0.1") -> Iterator[str]:
+    """`app` served from a background thread on the first free port from `first_port`: yields the base URL once
+    the server accepts connections, and stops it on exit."""
+    port = free_port(host, first_port)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True, name="moonbase-serving")
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 def serve(
