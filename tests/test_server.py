@@ -20,7 +20,7 @@ from moonbase.data.shapes import render_scene
 from moonbase.server.app import create_app
 from moonbase.server.models import ServedModels
 
-from .serving import serving
+from .serving import jpeg_roundtrip, serving
 
 GREEDY = {"temperature": 0.0, "max_tokens": 10}
 
@@ -37,17 +37,10 @@ def image():
     return render_scene(seed=11, max_objects=3).image
 
 
-def _jpeg_roundtrip(img: Image.Image) -> np.ndarray:
-    """What the server decodes: the client sends JPEG quality 95."""
-    buf = io.BytesIO()
-    img.convert("RGB").save(buf, format="JPEG", quality=95)
-    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
-
-
 def test_official_client_gets_the_in_process_answers(served, image):
     vl, base = served
     client = md.vl(endpoint=base + "/v1")
-    local = _jpeg_roundtrip(image)
+    local = jpeg_roundtrip(image)
     for length in ("short", "normal", "long"):
         want = vl.caption(local, length, settings=GREEDY)["caption"]
         assert client.caption(image, length, settings=GREEDY)["caption"] == want

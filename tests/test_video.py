@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw
 from moonbase.cli import main
 from moonbase.data.shapes import COLORS
 from moonbase.jobs.video import Sampling, Stats, run_video, sample_frames
+from moonbase.metrics import iou
 
 FPS, SECONDS, SIZE = 12, 2, 256
 DIAMETER = 0.22
@@ -44,13 +45,6 @@ def clip(tmp_path_factory) -> Path:
     return path
 
 
-def _iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
-
-
 def test_sampling_every_fps_and_keyframes(clip):
     assert [round(f.t, 3) for f in sample_frames(str(clip), Sampling(every=0.5))] == [0.0, 0.5, 1.0, 1.5]
     assert len(list(sample_frames(str(clip), Sampling(fps=4)))) == 8
@@ -67,7 +61,7 @@ def test_video_timeline_follows_the_circle_and_the_drawing_has_every_frame(clip,
     assert times == [0.25 * k for k in range(4 * SECONDS)]  # in order, one per sampled frame
     assert [r["frame"] for r in rows if r["task"] == "detect:circle"] == [3 * k for k in range(4 * SECONDS)]
     boxes = [r["result"]["objects"] for r in rows if r["task"] == "detect:circle"]
-    hits = [len(b) == 1 and _iou(tuple(b[0].values()), circle_box(t)) >= 0.5 for b, t in zip(boxes, times, strict=True)]
+    hits = [len(b) == 1 and iou(tuple(b[0].values()), circle_box(t)) >= 0.5 for b, t in zip(boxes, times, strict=True)]
     assert sum(hits) >= 0.75 * len(hits), boxes
     answers = [r["result"]["answer"] for r in rows if r["task"].startswith("query:")]
     assert answers.count("red") >= 0.75 * len(answers), answers
